@@ -1,0 +1,150 @@
+"""The `quest` command line: one subcommand per pipeline stage, plus the zoo listing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from quest.errors import QuestError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--preset", default=os.environ.get("QUEST_PRESET"),
+                   help="named preset from the params file's presets: section (env QUEST_PRESET)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set student.train.epochs=5 (repeatable)")
+    p.add_argument("--root", default=".", help="project root holding data/, models/, metrics/")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="quest",
+        description="QuEST knowledge distillation: quantized teacher features as student targets.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def stage(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_config_args(p)
+        return p
+
+    stage("prepare", "read the configured data source into data/prepared/")
+    stage("teacher", "import or train the teacher; evaluate it; write models/teacher/")
+    stage("features", "extract the teacher's spatial feature vectors into data/features/")
+    stage("codebook", "fit the k-means visual-word vocabulary into models/codebook/")
+    p = stage("student", "train a student with one method (ce, kd, quest, quest+kd)")
+    p.add_argument("--method", action="append", default=None,
+                   help="method to train (repeatable; default: every one in student.methods)")
+    stage("evaluate", "evaluate teacher and students into metrics/evaluation.json")
+    stage("run", "run the whole pipeline and print the accuracy table")
+    stage("config", "print the resolved, validated configuration as JSON")
+    p = sub.add_parser("models", help="list the model zoo, or a model's tappable layers",
+                       description="list the model zoo, or a model's tappable layers")
+    p.add_argument("--layers", metavar="ARCH", help="list the layers of ARCH with output shapes")
+    p.add_argument("--input-size", type=int, default=32, help="image side for --layers")
+    p.add_argument("--num-classes", type=int, default=100, help="classes for --layers")
+    return parser
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from quest.models.taps import list_layers
+    from quest.models.zoo import build_model, default_feature_layer, model_summary
+
+    if args.layers:
+        model = build_model(args.layers, args.num_classes)
+        default = default_feature_layer(args.layers)
+        print(f"{args.layers}: layers at input 3x{args.input_size}x{args.input_size} "
+              f"(* = default QuEST layer)")
+        for name, kind, shape in list_layers(model, (3, args.input_size, args.input_size)):
+            mark = "*" if name == default else " "
+            print(f"{mark} {name:<28} {kind:<18} {'x'.join(map(str, shape))}")
+        return
+    rows = model_summary()
+    print(f"{'model':<14} {'family':<14} {'params (10 cls)':>16} {'params (100 cls)':>17}")
+    for r in rows:
+        print(f"{r['name']!s:<14} {r['family']!s:<14} {r['params_10']:>16,} {r['params_100']:>17,}")
+
+
+def _run_stage(args: argparse.Namespace) -> None:
+    from quest.config import load_config
+    from quest.paths import Paths
+    from quest.progress import setup_logging
+
+    cfg = load_config(Path(args.root) / args.params if not Path(args.params).is_absolute()
+                      else args.params, args.preset, args.overrides)
+    if args.command == "config":
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return
+    paths = Paths(Path(args.root).resolve())
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    setup_logging(str(paths.logs / f"{args.command}-{stamp}.log"), args.debug)
+    if args.command == "prepare":
+        from quest.stages.prepare import run_prepare
+
+        run_prepare(cfg, paths)
+    elif args.command == "teacher":
+        from quest.stages.teacher import run_teacher
+
+        run_teacher(cfg, paths)
+    elif args.command == "features":
+        from quest.stages.features import run_features
+
+        run_features(cfg, paths)
+    elif args.command == "codebook":
+        from quest.stages.codebook import run_codebook
+
+        run_codebook(cfg, paths)
+    elif args.command == "student":
+        from quest.config import METHODS
+        from quest.stages.student import run_student
+
+        for method in args.method or cfg.student.methods:
+            if method not in METHODS:
+                raise QuestError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+            run_student(cfg, paths, method)
+    elif args.command == "evaluate":
+        from quest.stages.evaluate import format_table, run_evaluate
+
+        print(format_table(run_evaluate(cfg, paths)))
+    elif args.command == "run":
+        from quest.stages.evaluate import format_table
+        from quest.stages.pipeline import run_pipeline
+
+        t0 = time.perf_counter()
+        out = run_pipeline(cfg, paths)
+        print(format_table(out["evaluation"]))
+        print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in out["seconds"].items()))
+        print(f"total wall time: {time.perf_counter() - t0:.1f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a subcommand; QuestErrors become one line on stderr and exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "models":
+            _cmd_models(args)
+        else:
+            _run_stage(args)
+    except QuestError as exc:
+        if args.debug:
+            raise
+        print(f"quest: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quest: interrupted; completed epochs are checkpointed, rerun to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""Typed configuration: params.yaml sections as dataclasses, presets, overrides and validation."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quest.errors import QuestError
+
+METHODS = ("ce", "kd", "quest", "quest+kd")
+SCHEDULES = ("step", "cosine", "onecycle")
+
+
+@dataclass
+class SubsetConfig:
+    """A seeded, class-balanced slice of the data (for smoke runs and CPU-sized jobs)."""
+
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is turned into the prepared format."""
+
+    source: str = "image_folder"
+    location: str | None = "../shared/data/cifar10-jpeg.tar.gz"
+    image_size: int | None = None
+    channels: int = 3
+    on_corrupt: str = "skip"
+    download: bool = False
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    padding: int = 4
+    flip: bool = True
+    loader: str = "memory"
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
+
+
+@dataclass
+class OptimConfig:
+    """SGD recipe shared by teacher and student training."""
+
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    gamma: float = 0.1
+    warmup_fraction: float = 0.15
+    seed: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    """Teacher: an architecture, and either a checkpoint to import or a recipe to train it."""
+
+    arch: str = "resnet56"
+    checkpoint: str | None = None
+    train: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class FeaturesConfig:
+    """Which teacher layer to quantize and how many of its spatial vectors to keep."""
+
+    layer: str | None = None
+    max_vectors: int | None = None
+    dtype: str = "float32"
+    batch_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class CodebookConfig:
+    """k-means over the teacher's spatial vectors."""
+
+    k: int = 4096
+    iterations: int = 20
+    seed: int = 0
+    backend: str = "auto"
+    max_points_per_centroid: int = 256
+
+
+@dataclass
+class QuestConfig:
+    """QuEST loss settings (DESIGN.md defaults)."""
+
+    temperature: float = 5.0
+    weight: float = 1.0
+    init_scale: float = 3.0
+
+
+@dataclass
+class KDConfig:
+    """Hinton KD settings, RepDistiller's weighting."""
+
+    temperature: float = 4.0
+    ce_weight: float = 0.1
+    kd_weight: float = 0.9
+
+
+@dataclass
+class StudentConfig:
+    """Student architecture, the methods to train, and the training recipe."""
+
+    arch: str = "resnet20"
+    layer: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["ce", "kd", "quest"])
+    train: OptimConfig = field(default_factory=OptimConfig)
+    quest: QuestConfig = field(default_factory=QuestConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how computation runs."""
+
+    device: str = "auto"
+    threads: int | None = None
+    channels_last: bool = True
+    progress: str = "auto"
+
+
+@dataclass
+class Config:
+    """The whole pipeline configuration."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of all settings."""
+        return dataclasses.asdict(self)
+
+
+# Environment variables that point the pipeline at an offline mirror without editing params.yaml.
+ENV_OVERRIDES = {
+    "QUEST_DATA_LOCATION": "data.location",
+    "QUEST_TEACHER_CHECKPOINT": "teacher.checkpoint",
+    "QUEST_DEVICE": "runtime.device",
+}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except QuestError:
+                continue
+        raise QuestError(f"{key} must be {_type_name(tp)}, got {value!r}: fix it in params.yaml")
+    if origin is list:
+        if not isinstance(value, list):
+            raise QuestError(f"{key} must be a list, got {value!r}: fix it in params.yaml")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        raise QuestError(f"{key} must be {_type_name(tp)}, got {value!r}: fix it in params.yaml")
+    return float(value) if tp is float else value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise QuestError(f"{prefix or 'params'} must be a mapping, got {raw!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            raise QuestError(f"unknown setting '{full}'{hint}: remove or rename it in params.yaml")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge `over` into a copy of `base` (mappings merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise QuestError(f"cannot set '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.sub=value`` (value read as YAML) into a dotted key and a value."""
+    if "=" not in text:
+        raise QuestError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def read_params(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a params YAML file into a dict (empty file -> empty dict)."""
+    p = Path(path)
+    if not p.is_file():
+        raise QuestError(f"params file {p} does not exist: pass --params PATH or create it")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise QuestError(f"params file {p} is not valid YAML{where}: fix its syntax") from None
+    if not isinstance(raw, dict):
+        raise QuestError(f"params file {p} must hold a mapping of sections")
+    return raw
+
+
+def resolve_raw(
+    raw: dict[str, Any], preset: str | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
+    """Apply a named preset, then environment overrides, then ``key=value`` overrides."""
+    raw = copy.deepcopy(raw)
+    presets = raw.pop("presets", {}) or {}
+    if preset:
+        if preset not in presets:
+            choices = ", ".join(sorted(presets)) or "none defined"
+            raise QuestError(f"unknown preset '{preset}': choose one of {choices} (params.yaml)")
+        raw = deep_merge(raw, presets[preset])
+    for env, dotted in ENV_OVERRIDES.items():
+        if os.environ.get(env):
+            _set_dotted(raw, dotted, os.environ[env])
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(raw, key, value)
+    return raw
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    """Turn a resolved settings dict into a validated Config."""
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(
+    path: str | os.PathLike[str] = "params.yaml",
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Load params.yaml, apply a preset and overrides, and validate everything."""
+    return build_config(resolve_raw(read_params(path), preset, overrides))
+
+
+def _choice(value: Any, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise QuestError(f"{key} is '{value}': choose one of {', '.join(choices)}")
+
+
+def _positive(value: float | None, key: str) -> None:
+    if value is not None and value <= 0:
+        raise QuestError(f"{key} must be positive, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types alone do not: choices, ranges and architecture names."""
+    from quest.models.zoo import MODEL_NAMES
+
+    _choice(cfg.data.source, ("image_folder", "cifar10", "cifar100"), "data.source")
+    _choice(cfg.data.on_corrupt, ("skip", "fail"), "data.on_corrupt")
+    _choice(cfg.data.loader, ("memory", "dataloader"), "data.loader")
+    _choice(cfg.data.channels, (1, 3), "data.channels")  # type: ignore[arg-type]
+    for key, vec in (("data.mean", cfg.data.mean), ("data.std", cfg.data.std)):
+        if vec is not None and len(vec) != cfg.data.channels:
+            raise QuestError(f"{key} needs {cfg.data.channels} values, got {len(vec)}")
+    _choice(cfg.teacher.arch, MODEL_NAMES, "teacher.arch")
+    _choice(cfg.student.arch, MODEL_NAMES, "student.arch")
+    _choice(cfg.features.dtype, ("float32", "float16"), "features.dtype")
+    _choice(cfg.codebook.backend, ("auto", "faiss", "torch"), "codebook.backend")
+    _choice(cfg.runtime.progress, ("auto", "bar", "lines", "off"), "runtime.progress")
+    _positive(cfg.codebook.k, "codebook.k")
+    _positive(cfg.codebook.iterations, "codebook.iterations")
+    _positive(cfg.features.max_vectors, "features.max_vectors")
+    if not cfg.student.methods:
+        raise QuestError("student.methods is empty: list at least one of " + ", ".join(METHODS))
+    for m in cfg.student.methods:
+        _choice(m, METHODS, "student.methods entry")
+    for name, opt in (("teacher.train", cfg.teacher.train), ("student.train", cfg.student.train)):
+        _choice(opt.schedule, SCHEDULES, f"{name}.schedule")
+        _positive(opt.epochs, f"{name}.epochs")
+        _positive(opt.batch_size, f"{name}.batch_size")
+        _positive(opt.lr, f"{name}.lr")
+    from quest.models.taps import resolve_layer
+    from quest.models.zoo import build_model
+
+    for key, arch, layer in (
+        ("features.layer", cfg.teacher.arch, cfg.features.layer),
+        ("student.layer", cfg.student.arch, cfg.student.layer),
+    ):
+        if layer is not None:
+            try:
+                resolve_layer(build_model(arch, 10), layer)
+            except QuestError as exc:
+                raise QuestError(f"{key}: {exc}") from None
+    if cfg.runtime.device not in ("auto", "cpu") and not cfg.runtime.device.startswith("cuda"):
+        raise QuestError(f"runtime.device is '{cfg.runtime.device}': use auto, cpu or cuda[:N]")
+
+
+def config_hash(section: Any) -> str:
+    """A short stable hash of a config section (for cache keys and run provenance)."""
+    import hashlib
+    import json
+
+    data = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,181 @@
+"""Batch loaders: in-memory tensors with batched augmentation, and a torch DataLoader fallback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+
+def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Turn a uint8 batch ``[B,C,H,W]`` into normalised float32."""
+    return (images.float().div_(255.0) - mean) / std
+
+
+def random_crop_flip(
+    images: Tensor, padding: int, flip: bool, generator: torch.Generator
+) -> Tensor:
+    """Zero-pad, randomly crop back to size and randomly flip a whole batch with one gather."""
+    b, _, h, w = images.shape
+    out = images
+    if padding > 0:
+        padded = F.pad(images, (padding, padding, padding, padding))
+        off_y = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(images.device)
+        off_x = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(images.device)
+        rows = off_y[:, None] + torch.arange(h, device=images.device)[None, :]
+        cols = off_x[:, None] + torch.arange(w, device=images.device)[None, :]
+        bidx = torch.arange(b, device=images.device)[:, None, None]
+        # gather on a channels-last view: [B, Hp, Wp, C] -> [B, H, W, C]
+        nhwc = padded.permute(0, 2, 3, 1)
+        out = nhwc[bidx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if flip:
+        mask = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+        out = torch.where(mask[:, None, None, None], out.flip(3), out)
+    return out
+
+
+class InMemoryLoader:
+    """Iterate over uint8 tensors held in memory (CPU or GPU), augmenting whole batches at once.
+
+    Shuffling, crops and flips come from a CPU generator seeded with ``seed`` and the epoch, so an
+    epoch's batches are the same whether or not the run was interrupted and resumed.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray | Tensor,
+        labels: np.ndarray | Tensor,
+        *,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+        padding: int = 4,
+        flip: bool = True,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        drop_last: bool | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        self.device = torch.device(device)
+        self.images = torch.as_tensor(np.asarray(images)).to(self.device)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(self.device)
+        self.batch_size = int(batch_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.train = train
+        self.padding = padding if train else 0
+        self.flip = flip and train
+        self.seed = int(seed)
+        self.epoch = 0
+        self.drop_last = train if drop_last is None else drop_last
+        self.channels_last = channels_last
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffling and augmentation the next iteration reproduces."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        """Number of images the loader holds."""
+        return len(self.labels)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        n = len(self.labels)
+        order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
+        order = order.to(self.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            x = self.images.index_select(0, idx)
+            if self.train:
+                x = random_crop_flip(x, self.padding, self.flip, gen)
+            x = normalize(x, self.mean, self.std)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels.index_select(0, idx)
+
+
+class ArrayDataset(Dataset):
+    """Per-sample dataset over (possibly memory-mapped) uint8 arrays, for data too big for RAM."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+        padding: int = 4,
+        flip: bool = True,
+    ) -> None:
+        from torchvision.transforms import v2
+
+        self.images = images
+        self.labels = labels
+        steps: list[object] = []
+        if train:
+            if padding:
+                steps.append(v2.RandomCrop(images.shape[-1], padding=padding))
+            if flip:
+                steps.append(v2.RandomHorizontalFlip())
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        self.transform = v2.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        img = torch.from_numpy(np.array(self.images[i]))
+        return self.transform(img), int(self.labels[i])
+
+
+def make_dataloader(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool,
+    padding: int = 4,
+    flip: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A torch DataLoader with per-sample transforms, for datasets that do not fit in memory."""
+    ds = ArrayDataset(images, labels, mean, std, train, padding, flip)
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train,
+        num_workers=num_workers,
+        generator=gen,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 images scaled to [0, 1]."""
+    c = images.shape[1]
+    total = np.zeros(c, dtype=np.float64)
+    total_sq = np.zeros(c, dtype=np.float64)
+    count = 0
+    for start in range(0, len(images), chunk):
+        block = np.asarray(images[start : start + chunk], dtype=np.float64) / 255.0
+        total += block.sum(axis=(0, 2, 3))
+        total_sq += (block**2).sum(axis=(0, 2, 3))
+        count += block.shape[0] * block.shape[2] * block.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]

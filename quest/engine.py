@@ -1,0 +1,213 @@
+"""The training and evaluation loops, with per-epoch checkpoints and resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from quest.checkpoint import load_checkpoint, save_checkpoint
+from quest.config import OptimConfig
+from quest.distill import Distiller
+from quest.errors import QuestError
+from quest.progress import log, track
+
+
+def lr_at(opt: OptimConfig, epoch: float) -> float:
+    """Learning rate at a (fractional) epoch for the step, cosine or one-cycle schedule."""
+    if opt.schedule == "step":
+        drops = sum(1 for m in opt.milestones if epoch >= m)
+        return opt.lr * opt.gamma**drops
+    frac = min(max(epoch / opt.epochs, 0.0), 1.0)
+    if opt.schedule == "cosine":
+        return opt.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
+    # one-cycle: linear warm-up from lr/25, then cosine annealing to ~0
+    warm = opt.warmup_fraction
+    if frac < warm:
+        return opt.lr * (0.04 + 0.96 * frac / warm)
+    return opt.lr * 0.5 * (1.0 + math.cos(math.pi * (frac - warm) / max(1.0 - warm, 1e-8)))
+
+
+def make_optimizer(params: Iterable[nn.Parameter], opt: OptimConfig) -> torch.optim.SGD:
+    """SGD with momentum and weight decay as the recipe says."""
+    return torch.optim.SGD(
+        list(params),
+        lr=opt.lr,
+        momentum=opt.momentum,
+        nesterov=opt.nesterov and opt.momentum > 0,
+        weight_decay=opt.weight_decay,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    num_classes: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Top-1, top-5, mean loss and per-class accuracy of `model` over `loader`."""
+    was_training = model.training
+    model.eval()
+    correct1 = torch.zeros((), device=device)
+    correct5 = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)
+    per_class_hit = torch.zeros(num_classes, device=device)
+    per_class_n = torch.zeros(num_classes, device=device)
+    n = 0
+    with torch.inference_mode():
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            top = logits.topk(min(5, num_classes), dim=1).indices
+            hit1 = top[:, 0] == y
+            correct1 += hit1.sum()
+            correct5 += (top == y[:, None]).any(dim=1).sum()
+            per_class_hit.index_add_(0, y, hit1.float())
+            per_class_n.index_add_(0, y, torch.ones_like(y, dtype=torch.float))
+            n += len(y)
+    model.train(was_training)
+    if n == 0:
+        raise QuestError("evaluation set is empty: check the prepared test split")
+    per_class = (per_class_hit / per_class_n.clamp(min=1)).tolist()
+    return {
+        "top1": float(correct1) / n,
+        "top5": float(correct5) / n,
+        "loss": float(loss_sum) / n,
+        "per_class": per_class,
+        "num_images": n,
+    }
+
+
+class Trainer:
+    """Runs epochs of a distiller with SGD, checkpointing after every epoch and resuming."""
+
+    def __init__(
+        self,
+        distiller: Distiller,
+        opt: OptimConfig,
+        *,
+        checkpoint_path: str | os.PathLike[str],
+        fingerprint: str,
+        device: torch.device | str = "cpu",
+        num_classes: int,
+        progress: str = "auto",
+        desc: str = "train",
+    ) -> None:
+        self.distiller = distiller.to(device)
+        self.opt = opt
+        self.checkpoint_path = Path(checkpoint_path)
+        self.fingerprint = fingerprint
+        self.device = torch.device(device)
+        self.num_classes = num_classes
+        self.progress = progress
+        self.desc = desc
+        self.optimizer = make_optimizer(distiller.trainable_parameters(), opt)
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "epoch": epoch,
+            "distiller": {
+                k: v for k, v in self.distiller.state_dict().items() if not k.startswith("teacher.")
+            },
+            "optimizer": self.optimizer.state_dict(),
+            "history": self.history,
+        }
+
+    def resume(self) -> bool:
+        """Load the last checkpoint if it belongs to this very run configuration."""
+        if not self.checkpoint_path.is_file():
+            return False
+        state = load_checkpoint(self.checkpoint_path)
+        if state.get("fingerprint") != self.fingerprint:
+            log.info("%s: checkpoint %s is from other settings; starting afresh",
+                     self.desc, self.checkpoint_path)
+            return False
+        missing, unexpected = self.distiller.load_state_dict(state["distiller"], strict=False)
+        if unexpected or any(not k.startswith("teacher.") for k in missing):
+            raise QuestError(
+                f"checkpoint {self.checkpoint_path} does not fit this run: delete it to start over"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = list(state["history"])
+        self.start_epoch = int(state["epoch"])
+        log.info("%s: resuming after epoch %d from %s", self.desc, self.start_epoch,
+                 self.checkpoint_path)
+        return True
+
+    def fit(
+        self,
+        train_loader: Any,
+        test_loader: Any,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Train until `opt.epochs`, evaluating and checkpointing after each epoch."""
+        self.resume()
+        steps = len(train_loader)
+        if steps == 0:
+            raise QuestError(
+                f"{self.desc}: fewer training images than one batch: lower the batch_size"
+            )
+        for epoch in range(self.start_epoch, self.opt.epochs):
+            t0 = time.perf_counter()
+            self.distiller.train()
+            train_loader.set_epoch(epoch)
+            sums: dict[str, Tensor] = {}
+            correct = torch.zeros((), device=self.device)
+            seen = 0
+            batches = track(train_loader, steps, f"{self.desc} {epoch + 1}/{self.opt.epochs}",
+                            self.progress)
+            for i, (x, y) in enumerate(batches):
+                lr = lr_at(self.opt, epoch + i / steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                logits, losses = self.distiller.forward_train(x, y)
+                total = torch.stack(list(losses.values())).sum()
+                self.optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                self.optimizer.step()
+                bs = len(y)
+                seen += bs
+                # accumulate on device: no host sync inside the step
+                terms = {**losses, "loss": total, **self.distiller.monitors}
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach().float() * bs
+                correct += (logits.detach().argmax(dim=1) == y).sum()
+            record: dict[str, Any] = {"epoch": epoch + 1}
+            record.update({k: float(v) / seen for k, v in sums.items()})
+            if not math.isfinite(record["loss"]):
+                kept = f"epoch {epoch} is kept in {self.checkpoint_path}" if epoch else "nothing kept"
+                raise QuestError(
+                    f"{self.desc}: loss became {record['loss']} in epoch {epoch + 1} ({kept}): "
+                    "lower the learning rate (train.lr) and rerun"
+                )
+            record["lr"] = lr_at(self.opt, epoch + (steps - 1) / steps)
+            record["train_accuracy"] = float(correct) / seen
+            record["train_images_per_s"] = seen / (time.perf_counter() - t0)
+            ev = evaluate(self.distiller, test_loader, self.num_classes, self.device)
+            record["test_accuracy"] = ev["top1"]
+            record["test_top5"] = ev["top5"]
+            record["test_loss"] = ev["loss"]
+            record["seconds"] = time.perf_counter() - t0
+            self.history.append(record)
+            save_checkpoint(self.checkpoint_path, self._state(epoch + 1))
+            log.info(
+                "%s epoch %d/%d loss %.4f train %.4f test %.4f lr %.4g (%.1fs)",
+                self.desc, epoch + 1, self.opt.epochs, record["loss"],
+                record["train_accuracy"], record["test_accuracy"], record["lr"],
+                record["seconds"],
+            )
+            if on_epoch is not None:
+                on_epoch(record)
+        return self.history

@@ -1,0 +1,163 @@
+"""Loss functions: cross-entropy, Hinton KD and the QuEST visual-word objective."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from quest.errors import QuestError
+
+
+def soft_assign(features: Tensor, codebook: Tensor, temperature: float) -> Tensor:
+    """Soft-assign every spatial feature vector to the visual words of a codebook.
+
+    Returns probabilities ``[B, H, W, K]`` with ``p[b, h, w, k] = softmax_k(-T * ||f - c_k||^2)``.
+    The squared distance is expanded as ``||f||^2 + ||c||^2 - 2 f.c`` so that only one
+    ``(B*H*W) x K`` matrix product is formed, never a ``B*H*W*K*C`` tensor.
+
+    Example:
+        >>> f = torch.randn(2, 64, 8, 8); words = torch.randn(16, 64)
+        >>> p = soft_assign(f, words, temperature=5.0)
+        >>> p.shape, bool(torch.allclose(p.sum(-1), torch.ones(2, 8, 8)))
+        (torch.Size([2, 8, 8, 16]), True)
+    """
+    logits = assignment_logits(features, codebook, temperature)
+    return logits.softmax(dim=-1)
+
+
+def assignment_logits(features: Tensor, codebook: Tensor, temperature: float) -> Tensor:
+    """Return ``-T * ||f - c_k||^2`` for every position and word, shaped ``[B, H, W, K]``."""
+    if features.dim() != 4:
+        raise QuestError(f"features must be B x C x H x W, got shape {tuple(features.shape)}")
+    b, c, h, w = features.shape
+    if codebook.dim() != 2 or codebook.shape[1] != c:
+        raise QuestError(
+            f"codebook of shape {tuple(codebook.shape)} does not match {c}-channel features: "
+            "refit the codebook on this teacher layer"
+        )
+    flat = features.permute(0, 2, 3, 1).reshape(-1, c).to(codebook.dtype)
+    f_sq = flat.pow(2).sum(dim=1, keepdim=True)
+    c_sq = codebook.pow(2).sum(dim=1)
+    # one GEMM: ||f||^2 + ||c||^2 - 2 f.c, fused by addmm
+    dist = torch.addmm(f_sq + c_sq, flat, codebook.t(), beta=1.0, alpha=-2.0)
+    return (-temperature * dist).reshape(b, h, w, -1)
+
+
+class CosinePredictor(nn.Module):
+    """A 1x1 cosine-similarity convolution that scores every student position against K words.
+
+    Input vectors and weight rows are L2-normalised; their dot product is multiplied by a
+    learnable scalar scale. Weights are drawn from N(0, sqrt(2 / in_channels)); there is no bias.
+
+    Example:
+        >>> pred = CosinePredictor(in_channels=64, num_words=16)
+        >>> pred(torch.randn(2, 64, 8, 8)).shape
+        torch.Size([2, 16, 8, 8])
+    """
+
+    def __init__(self, in_channels: int, num_words: int, init_scale: float = 3.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_words, in_channels))
+        nn.init.normal_(self.weight, mean=0.0, std=math.sqrt(2.0 / in_channels))
+        self.scale = nn.Parameter(torch.tensor(float(init_scale)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return scores ``[B, K, H, W]`` = scale * cos(x_position, w_k)."""
+        x = F.normalize(x, p=2, dim=1)
+        w = F.normalize(self.weight, p=2, dim=1)
+        return self.scale * F.conv2d(x, w[:, :, None, None])
+
+
+def quest_kl(student_scores: Tensor, teacher_probs: Tensor) -> tuple[Tensor, Tensor]:
+    """KL(p_T || p_S) per position averaged over all positions, and the visual-word accuracy.
+
+    ``student_scores`` is ``[B, K, H, W]`` (predictor output, pre-softmax); ``teacher_probs`` is
+    ``[B, H, W, K]``. Positions with ``p_T = 0`` contribute nothing (0 log 0 = 0).
+    """
+    log_ps = student_scores.permute(0, 2, 3, 1).log_softmax(dim=-1)
+    p_t = teacher_probs.to(log_ps.dtype)
+    kl = (torch.xlogy(p_t, p_t) - p_t * log_ps).sum(dim=-1)
+    accuracy = (log_ps.argmax(dim=-1) == p_t.argmax(dim=-1)).float().mean()
+    return kl.mean(), accuracy.detach()
+
+
+def match_spatial(teacher: Tensor, student: Tensor) -> tuple[Tensor, Tensor]:
+    """Average-pool whichever feature map is spatially larger down to the other one's size."""
+    th, tw = teacher.shape[-2:]
+    sh, sw = student.shape[-2:]
+    if (th, tw) == (sh, sw):
+        return teacher, student
+    if th >= sh and tw >= sw:
+        return F.adaptive_avg_pool2d(teacher, (sh, sw)), student
+    if sh >= th and sw >= tw:
+        return teacher, F.adaptive_avg_pool2d(student, (th, tw))
+    raise QuestError(
+        f"teacher map {th}x{tw} and student map {sh}x{sw} cannot be pooled to one size: "
+        "choose layers whose maps nest (set features.layer / student.layer)"
+    )
+
+
+class QuestLoss(nn.Module):
+    """The QuEST objective: the student predicts the teacher's soft visual-word assignments.
+
+    Holds the frozen codebook (a buffer, never trained) and the trainable cosine predictor that
+    maps student channels to K words. ``forward`` returns ``(loss, word_accuracy)`` where the
+    loss is KL(p_T || p_S) averaged over all B*H*W positions.
+
+    Example:
+        >>> words = torch.randn(16, 64)
+        >>> crit = QuestLoss(words, student_channels=32, temperature=5.0)
+        >>> loss, acc = crit(torch.randn(2, 32, 8, 8), torch.randn(2, 64, 8, 8))
+        >>> loss.dim(), 0.0 <= float(acc) <= 1.0
+        (0, True)
+    """
+
+    def __init__(
+        self,
+        codebook: Tensor,
+        student_channels: int,
+        temperature: float = 5.0,
+        init_scale: float = 3.0,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("codebook", torch.as_tensor(codebook, dtype=torch.float32).clone())
+        self.temperature = float(temperature)
+        self.predictor = CosinePredictor(student_channels, self.codebook.shape[0], init_scale)
+
+    def targets(self, teacher_features: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """Teacher soft assignments ``[B, H, W, K]``, pooled to ``size`` first when given."""
+        with torch.no_grad():
+            feats = teacher_features.detach().float()
+            if size is not None and tuple(feats.shape[-2:]) != tuple(size):
+                feats = F.adaptive_avg_pool2d(feats, size)
+            return soft_assign(feats, self.codebook, self.temperature)
+
+    def from_targets(self, student_features: Tensor, teacher_probs: Tensor) -> tuple[Tensor, Tensor]:
+        """Loss and word accuracy of the student against precomputed teacher assignments."""
+        scores = self.predictor(student_features.float())
+        return quest_kl(scores, teacher_probs)
+
+    def forward(self, student_features: Tensor, teacher_features: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(loss, word_accuracy)`` for student and teacher feature maps."""
+        teacher_features, student_features = match_spatial(teacher_features, student_features)
+        return self.from_targets(student_features, self.targets(teacher_features))
+
+
+def assignment_stats(teacher_probs: Tensor) -> dict[str, Tensor]:
+    """Mean max assignment and perplexity of the mean word distribution (device tensors)."""
+    with torch.no_grad():
+        flat = teacher_probs.reshape(-1, teacher_probs.shape[-1]).float()
+        mean_max = flat.max(dim=-1).values.mean()
+        usage = flat.mean(dim=0)
+        perplexity = torch.exp(-(torch.xlogy(usage, usage)).sum())
+    return {"mean_max_assignment": mean_max, "teacher_perplexity": perplexity}
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
+    """Hinton KD: KL(softmax(t/T) || softmax(s/T)) * T^2, averaged over the batch."""
+    log_ps = F.log_softmax(student_logits / temperature, dim=1)
+    p_t = F.softmax(teacher_logits.detach() / temperature, dim=1)
+    return F.kl_div(log_ps, p_t, reduction="batchmean") * temperature**2

@@ -1,0 +1,133 @@
+"""Model registry: build by name, default feature layer, parameter and MAC counts."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torchvision import models as tvm
+
+from quest.errors import QuestError
+from quest.models.resnet_cifar import RESNET_CIFAR_SPECS, resnet_cifar
+from quest.models.taps import dummy_forward
+from quest.models.vgg import VGG_SPECS, vgg_bn
+from quest.models.wrn import WRN_SPECS, wide_resnet
+
+
+def _torchvision(name: str, num_classes: int) -> nn.Module:
+    """Build an untrained torchvision ImageNet model with `num_classes` outputs."""
+    factory: Callable[..., nn.Module] = getattr(tvm, name)
+    model = factory(weights=None, num_classes=num_classes)
+    # in-place activations would rewrite the outputs of the BN layers before them, which a
+    # feature tap may be holding; the results are identical either way
+    for m in model.modules():
+        if isinstance(m, nn.ReLU | nn.ReLU6):
+            m.inplace = False
+    return model
+
+
+_TORCHVISION_LAYERS = {
+    "resnet18": "layer4",
+    "resnet34": "layer4",
+    "resnet50": "layer4",
+    "mobilenet_v2": "features",
+}
+
+# name -> (family, builder, default feature layer)
+_REGISTRY: dict[str, tuple[str, Callable[[str, int], nn.Module], str]] = {
+    # RepDistiller's blocks end in a ReLU, so a stage's output is already post-activation
+    **{n: ("resnet_cifar", resnet_cifar, "layer3") for n in RESNET_CIFAR_SPECS},
+    # pre-activation WRN: the last stage is only activated by the final bn1 + relu
+    **{n: ("wrn", wide_resnet, "relu") for n in WRN_SPECS},
+    **{n: ("vgg", vgg_bn, "relu4") for n in VGG_SPECS},
+    **{n: ("torchvision", _torchvision, layer) for n, layer in _TORCHVISION_LAYERS.items()},
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def _lookup(name: str) -> tuple[str, Callable[[str, int], nn.Module], str]:
+    """Return the registry entry for `name` or raise a one-line QuestError."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), MODEL_NAMES, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise QuestError(
+            f"unknown architecture {name!r}{hint}: choose one of {', '.join(MODEL_NAMES)} "
+            "(check the arch setting)"
+        ) from None
+
+
+def model_family(name: str) -> str:
+    """Return the family of a zoo model: resnet_cifar, wrn, vgg or torchvision."""
+    return _lookup(name)[0]
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    """Build the zoo model `name` with freshly initialised weights and `num_classes` outputs."""
+    _, builder, _ = _lookup(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise QuestError(
+            f"num_classes must be a positive integer, got {num_classes!r} "
+            "(check the num_classes setting)"
+        )
+    model = builder(name, num_classes)
+    # lets error messages about layers name the architecture; not part of the state_dict
+    model.quest_arch = name
+    return model
+
+
+def default_feature_layer(name: str) -> str:
+    """Return the module whose output is the model's last conv stage after its activation."""
+    return _lookup(name)[2]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Return the number of parameters (trainable or not), counting shared ones once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, int, int]) -> int:
+    """Return multiply-accumulates per image of all Conv2d and Linear layers (bias excluded)."""
+    total = 0
+
+    def conv_hook(m: nn.Module, _inp: tuple[Tensor, ...], out: Tensor) -> None:
+        nonlocal total
+        assert isinstance(m, nn.Conv2d)
+        k = m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups)
+        total += out[0].numel() * k
+
+    def linear_hook(m: nn.Module, _inp: tuple[Tensor, ...], out: Tensor) -> None:
+        nonlocal total
+        assert isinstance(m, nn.Linear)
+        total += out[0].numel() * m.in_features
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    try:
+        dummy_forward(model, input_size)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def model_summary() -> list[dict[str, object]]:
+    """Return one row per zoo model: name, family, feature_layer, params_10, params_100."""
+    rows: list[dict[str, object]] = []
+    for name in MODEL_NAMES:
+        family, builder, layer = _REGISTRY[name]
+        row: dict[str, object] = {"name": name, "family": family, "feature_layer": layer}
+        for classes in (10, 100):
+            # meta tensors: shapes only, no memory or init cost, so listing the zoo is instant
+            with torch.device("meta"):
+                row[f"params_{classes}"] = count_parameters(builder(name, classes))
+        rows.append(row)
+    return rows

@@ -1,0 +1,79 @@
+"""Where every stage reads and writes, relative to the project root."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def method_slug(method: str) -> str:
+    """File-name form of a method name (quest+kd -> quest_kd)."""
+    return method.replace("+", "_")
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The project's file layout: data/ and models/ (DVC outs), metrics/ and plots/."""
+
+    root: Path
+
+    @property
+    def prepared(self) -> Path:
+        """Prepared dataset directory."""
+        return self.root / "data" / "prepared"
+
+    @property
+    def features(self) -> Path:
+        """Teacher spatial feature vectors (.npy, memory-mappable)."""
+        return self.root / "data" / "features" / "teacher_features.npy"
+
+    @property
+    def features_meta(self) -> Path:
+        """Metadata of the extracted features."""
+        return self.root / "data" / "features" / "teacher_features.json"
+
+    @property
+    def teacher_model(self) -> Path:
+        """The teacher's model file."""
+        return self.root / "models" / "teacher" / "teacher.pt"
+
+    @property
+    def codebook(self) -> Path:
+        """The visual-word vocabulary (K x C .npy)."""
+        return self.root / "models" / "codebook" / "codebook.npy"
+
+    @property
+    def codebook_meta(self) -> Path:
+        """Metadata of the codebook."""
+        return self.root / "models" / "codebook" / "codebook.json"
+
+    def student_model(self, method: str) -> Path:
+        """A trained student's model file (the plain architecture)."""
+        return self.root / "models" / "students" / f"{method_slug(method)}.pt"
+
+    @property
+    def metrics(self) -> Path:
+        """Metrics directory (small JSON files DVC shows)."""
+        return self.root / "metrics"
+
+    def student_metrics(self, method: str) -> Path:
+        """Per-epoch history and final numbers of one student."""
+        return self.metrics / "students" / f"{method_slug(method)}.json"
+
+    def student_curve(self, method: str) -> Path:
+        """Per-epoch CSV of one student, for plots."""
+        return self.root / "plots" / "students" / f"{method_slug(method)}.csv"
+
+    @property
+    def plots(self) -> Path:
+        """Plots directory (CSV curves)."""
+        return self.root / "plots"
+
+    def checkpoint(self, name: str) -> Path:
+        """Resumable training checkpoint (kept outside DVC outs so repro does not delete it)."""
+        return self.root / ".quest" / "checkpoints" / f"{method_slug(name)}.pt"
+
+    @property
+    def logs(self) -> Path:
+        """Per-run log files."""
+        return self.root / "logs"

@@ -1,0 +1,88 @@
+"""Feature stage: run the frozen teacher over the un-augmented training split, keep a layer's vectors."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from quest.data.loader import InMemoryLoader
+from quest.io_utils import atomic_path, file_sha256, write_json_atomic
+from quest.models.taps import FeatureTap
+from quest.models.zoo import default_feature_layer
+from quest.paths import Paths
+from quest.progress import log, track
+from quest.stages.common import load_data, load_model_file, norm_stats, resolve_device, to_device
+from quest.config import Config
+
+
+def teacher_layer(cfg: Config, arch: str) -> str:
+    """The teacher layer to quantize: the configured one, or the architecture's default."""
+    return cfg.features.layer or default_feature_layer(arch)
+
+
+def run_features(cfg: Config, paths: Paths) -> dict[str, Any]:
+    """Write data/features/teacher_features.npy (vectors x C) and its metadata."""
+    device = resolve_device(cfg)
+    ds = load_data(paths, mmap=True)
+    mean, std = norm_stats(ds)
+    model, meta = load_model_file(paths.teacher_model, "teacher model")
+    model = to_device(model, device, cfg.runtime.channels_last).eval()
+    layer = teacher_layer(cfg, str(meta["arch"]))
+    f = cfg.features
+    loader = InMemoryLoader(ds.train.images, ds.train.labels, batch_size=f.batch_size,
+                            mean=mean, std=std, train=False, device=device,
+                            channels_last=cfg.runtime.channels_last)
+    n_images = loader.num_samples
+    dtype = np.float16 if f.dtype == "float16" else np.float32
+    t0 = time.perf_counter()
+    with FeatureTap(model, [layer]) as tap, torch.inference_mode():
+        # one image tells the map shape, so the output can be preallocated
+        first, _ = next(iter(loader))
+        model(first[:1])
+        c, h, w = tap.outputs[layer].shape[1:]
+        per_image = h * w
+        total = n_images * per_image
+        keep = total if f.max_vectors is None else min(f.max_vectors, total)
+        chosen = None
+        if keep < total:
+            rng = np.random.default_rng(f.seed)
+            chosen = np.sort(rng.choice(total, size=keep, replace=False))
+        with atomic_path(paths.features) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(keep, c))
+            written = 0
+            start = 0
+            for x, _ in track(loader, len(loader), "features", cfg.runtime.progress):
+                model(x)
+                vecs = tap.outputs[layer].float().permute(0, 2, 3, 1).reshape(-1, c)
+                end = start + vecs.shape[0]
+                if chosen is None:
+                    rows = vecs
+                else:
+                    lo, hi = np.searchsorted(chosen, [start, end])
+                    rows = vecs[torch.as_tensor(chosen[lo:hi] - start, device=vecs.device)]
+                out[written : written + rows.shape[0]] = rows.cpu().numpy().astype(dtype)
+                written += rows.shape[0]
+                start = end
+            out.flush()
+            del out
+    seconds = time.perf_counter() - t0
+    info = {
+        "teacher_sha256": file_sha256(paths.teacher_model),
+        "teacher_arch": meta["arch"],
+        "layer": layer,
+        "map_shape": [int(c), int(h), int(w)],
+        "images": int(n_images),
+        "positions": int(total),
+        "vectors": int(keep),
+        "sampled": chosen is not None,
+        "seed": f.seed,
+        "dtype": f.dtype,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(n_images / seconds, 1),
+    }
+    write_json_atomic(paths.features_meta, info)
+    log.info("features: %d vectors of %s (%dx%dx%d) in %.1fs", keep, layer, c, h, w, seconds)
+    return info

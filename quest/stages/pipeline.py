@@ -1,0 +1,39 @@
+"""The whole chain in one process: prepare -> teacher -> features -> codebook -> students -> evaluate."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from quest.config import Config
+from quest.paths import Paths
+from quest.progress import log
+from quest.stages.codebook import run_codebook
+from quest.stages.evaluate import run_evaluate
+from quest.stages.features import run_features
+from quest.stages.prepare import run_prepare
+from quest.stages.student import run_student
+from quest.stages.teacher import run_teacher
+
+
+def run_pipeline(cfg: Config, paths: Paths) -> dict[str, Any]:
+    """Run every stage in order and return the evaluation plus the wall time per stage."""
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        log.info("stage %s done in %.1fs", name, timings[name])
+        return out
+
+    timed("prepare", run_prepare, cfg, paths)
+    timed("teacher", run_teacher, cfg, paths)
+    needs_codebook = any(m.startswith("quest") for m in cfg.student.methods)
+    if needs_codebook:
+        timed("features", run_features, cfg, paths)
+        timed("codebook", run_codebook, cfg, paths)
+    for method in cfg.student.methods:
+        timed(f"student[{method}]", run_student, cfg, paths, method)
+    evaluation = timed("evaluate", run_evaluate, cfg, paths)
+    return {"evaluation": evaluation, "seconds": timings}

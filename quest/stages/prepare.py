@@ -1,0 +1,54 @@
+"""Prepare stage: read the configured source into the prepared uint8 format under data/."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quest.config import Config
+from quest.data.loader import channel_stats
+from quest.data.prepared import save_prepared
+from quest.data.sources import prepare_dataset, smoke_subset
+from quest.paths import Paths
+from quest.progress import bars_enabled, log
+from quest.stages.common import resolve_location
+
+
+def run_prepare(cfg: Config, paths: Paths) -> dict[str, Any]:
+    """Read, optionally subset, compute normalisation stats and write data/prepared/."""
+    d = cfg.data
+    ds = prepare_dataset(
+        d.source,
+        resolve_location(d.location, paths.root),
+        image_size=d.image_size,
+        channels=d.channels,
+        on_corrupt=d.on_corrupt,
+        download=d.download,
+        progress=bars_enabled(cfg.runtime.progress),
+    )
+    if d.subset.train_per_class or d.subset.test_per_class:
+        full = {"train": len(ds.train.labels), "test": len(ds.test.labels)}
+        ds = smoke_subset(
+            ds,
+            train_per_class=d.subset.train_per_class or len(ds.train.labels),
+            test_per_class=d.subset.test_per_class or len(ds.test.labels),
+            seed=d.subset.seed,
+        )
+        ds.meta["subset_of"] = full
+    if d.mean is not None and d.std is not None:
+        mean, std = list(d.mean), list(d.std)
+    else:
+        mean, std = channel_stats(ds.train.images)
+    ds.meta.update({"mean": mean, "std": std})
+    save_prepared(ds, paths.prepared)
+    summary = {
+        "train": int(len(ds.train.labels)),
+        "test": int(len(ds.test.labels)),
+        "classes": len(ds.classes),
+        "image_shape": list(ds.train.images.shape[1:]),
+        "mean": mean,
+        "std": std,
+    }
+    log.info("prepared %s: %d train, %d test, %d classes, images %s",
+             d.source, summary["train"], summary["test"], summary["classes"],
+             "x".join(map(str, summary["image_shape"])))
+    return summary

@@ -1,0 +1,127 @@
+"""Student stage: train one student with one method (ce, kd, quest, quest+kd) and save it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from quest.checkpoint import save_model_file
+from quest.config import Config, config_hash
+from quest.data.prepared import data_hash
+from quest.distill import build_distiller
+from quest.engine import Trainer
+from quest.errors import QuestError
+from quest.io_utils import file_sha256, read_json, write_json_atomic
+from quest.models.taps import FeatureTap
+from quest.models.zoo import build_model, count_parameters, default_feature_layer
+from quest.paths import Paths
+from quest.progress import log
+from quest.stages.common import (
+    load_data,
+    load_model_file,
+    make_loaders,
+    norm_stats,
+    resolve_device,
+    to_device,
+    write_csv_atomic,
+)
+
+
+def student_channels(model: torch.nn.Module, layer: str, image_shape: tuple[int, ...]) -> int:
+    """Channel count of a student's tapped layer, found with one dummy forward pass."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with FeatureTap(model, [layer]) as tap, torch.no_grad():
+        model(torch.zeros(1, *image_shape, device=device))
+        channels = int(tap.outputs[layer].shape[1])
+    model.train(was_training)
+    return channels
+
+
+def run_student(cfg: Config, paths: Paths, method: str) -> dict[str, Any]:
+    """Train the configured student with `method`; write model, metrics and per-epoch curves."""
+    s = cfg.student
+    device = resolve_device(cfg)
+    ds = load_data(paths)
+    mean, std = norm_stats(ds)
+    num_classes = len(ds.classes)
+    image_shape = tuple(int(v) for v in ds.train.images.shape[1:])
+    provenance: dict[str, Any] = {"data_sha256": data_hash(paths.prepared)}
+    teacher = None
+    extra: dict[str, Any] = {}
+    if method != "ce":
+        teacher, _ = load_model_file(paths.teacher_model, "teacher model")
+        teacher = to_device(teacher, device, cfg.runtime.channels_last)
+        provenance["teacher_sha256"] = file_sha256(paths.teacher_model)
+    torch.manual_seed(s.train.seed)
+    student = to_device(build_model(s.arch, num_classes), device, cfg.runtime.channels_last)
+    if method.startswith("quest"):
+        if not paths.codebook.is_file():
+            raise QuestError(f"{paths.codebook} does not exist: run `quest codebook` first")
+        cb_meta = read_json(paths.codebook_meta)
+        provenance["codebook_sha256"] = cb_meta["codebook_sha256"]
+        s_layer = s.layer or default_feature_layer(s.arch)
+        extra = {
+            "codebook": torch.from_numpy(np.load(paths.codebook)).to(device),
+            "teacher_layer": cb_meta["layer"],
+            "student_layer": s_layer,
+            "student_channels": student_channels(student, s_layer, image_shape),
+            "quest_temperature": s.quest.temperature,
+            "quest_weight": s.quest.weight,
+            "init_scale": s.quest.init_scale,
+        }
+    distiller = build_distiller(
+        method,
+        student,
+        teacher,
+        kd_temperature=s.kd.temperature,
+        kd_ce_weight=s.kd.ce_weight,
+        kd_weight=s.kd.kd_weight,
+        **extra,
+    )
+    train_loader, test_loader = make_loaders(ds, cfg, s.train, device)
+    fingerprint = config_hash({"method": method, "student": config_hash(s), **provenance})
+    trainer = Trainer(
+        distiller,
+        s.train,
+        checkpoint_path=paths.checkpoint(f"student-{method}"),
+        fingerprint=fingerprint,
+        device=device,
+        num_classes=num_classes,
+        progress=cfg.runtime.progress,
+        desc=f"student[{method}]",
+    )
+    history = trainer.fit(train_loader, test_loader)
+    final = history[-1]
+    # the predictor trains alongside but is not exported: the saved student is the plain net
+    save_model_file(
+        paths.student_model(method),
+        distiller.export_student(),
+        arch=s.arch,
+        num_classes=num_classes,
+        classes=list(ds.classes),
+        mean=mean,
+        std=std,
+        method=method,
+        **provenance,
+    )
+    metrics = {
+        "method": method,
+        "arch": s.arch,
+        "params": count_parameters(distiller.export_student()),
+        "epochs": s.train.epochs,
+        "top1": final["test_accuracy"],
+        "top5": final["test_top5"],
+        "train_accuracy": final["train_accuracy"],
+        "seconds": round(sum(r["seconds"] for r in history), 1),
+        **provenance,
+        "history": history,
+    }
+    write_json_atomic(paths.student_metrics(method), metrics)
+    write_csv_atomic(paths.student_curve(method), history)
+    log.info("student[%s] %s: top-1 %.4f after %d epochs", method, s.arch, final["test_accuracy"],
+             s.train.epochs)
+    return {k: v for k, v in metrics.items() if k != "history"}

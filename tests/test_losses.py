@@ -1,0 +1,219 @@
+"""QuEST objective against a slow loop reference, stored golden values, KL direction, gradients."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quest import CosinePredictor, QuestLoss, soft_assign
+from quest.distill import FrozenTeacher, build_distiller
+from quest.errors import QuestError
+from quest.losses import kd_loss, quest_kl
+
+GOLDEN = Path(__file__).parent / "golden" / "quest_loss.json"
+
+
+def ref_soft_assign(f: torch.Tensor, c: torch.Tensor, t: float) -> torch.Tensor:
+    """Obviously-correct reference: explicit loops over positions and words, float64."""
+    b, ch, h, w = f.shape
+    out = torch.zeros(b, h, w, c.shape[0], dtype=torch.float64)
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                d = [sum((float(f[i, j, y, x]) - float(c[k, j])) ** 2 for j in range(ch))
+                     for k in range(c.shape[0])]
+                m = max(-t * v for v in d)
+                e = [math.exp(-t * v - m) for v in d]
+                s = sum(e)
+                for k in range(c.shape[0]):
+                    out[i, y, x, k] = e[k] / s
+    return out
+
+
+def ref_quest_loss(scores: torch.Tensor, p_t: torch.Tensor) -> tuple[float, float]:
+    """Reference KL(p_T || p_S) averaged over positions, and word accuracy, with loops."""
+    b, k, h, w = scores.shape
+    total, hits = 0.0, 0
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                s = [float(scores[i, j, y, x]) for j in range(k)]
+                m = max(s)
+                lse = m + math.log(sum(math.exp(v - m) for v in s))
+                log_ps = [v - lse for v in s]
+                pt = [float(p_t[i, y, x, j]) for j in range(k)]
+                total += sum(p * (math.log(p) - lq) for p, lq in zip(pt, log_ps, strict=True)
+                             if p > 0)
+                hits += int(max(range(k), key=lambda j: s[j]) == max(range(k), key=lambda j: pt[j]))
+    n = b * h * w
+    return total / n, hits / n
+
+
+def ref_cosine_scores(x: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+    """Reference cosine predictor: per position, scale * cos(x, w_k)."""
+    b, c, h, w = x.shape
+    k = weight.shape[0]
+    out = torch.zeros(b, k, h, w, dtype=torch.float64)
+    for i in range(b):
+        for y in range(h):
+            for xx in range(w):
+                v = x[i, :, y, xx].double()
+                for j in range(k):
+                    wr = weight[j].double()
+                    out[i, j, y, xx] = scale * (v @ wr) / (v.norm() * wr.norm())
+    return out
+
+
+@pytest.fixture
+def small() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "f": torch.randn(2, 5, 3, 3, generator=g),
+        "c": torch.randn(7, 5, generator=g),
+        "s": torch.randn(2, 4, 3, 3, generator=g),
+    }
+
+
+def test_soft_assign_matches_loop_reference(small: dict[str, torch.Tensor]) -> None:
+    for t in (0.1, 1.0, 5.0):
+        got = soft_assign(small["f"], small["c"], t).double()
+        torch.testing.assert_close(got, ref_soft_assign(small["f"], small["c"], t),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_cosine_predictor_matches_reference(small: dict[str, torch.Tensor]) -> None:
+    pred = CosinePredictor(4, 7, init_scale=3.0)
+    assert pred.scale.item() == 3.0
+    got = pred(small["s"]).double()
+    ref = ref_cosine_scores(small["s"], pred.weight.detach(), 3.0)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert not any("bias" in n for n, _ in pred.named_parameters())
+
+
+def test_cosine_predictor_init_std() -> None:
+    torch.manual_seed(0)
+    pred = CosinePredictor(256, 4096)
+    assert abs(pred.weight.std().item() - math.sqrt(2 / 256)) < 0.002
+    assert abs(pred.weight.mean().item()) < 0.002
+
+
+def test_quest_loss_matches_loop_reference(small: dict[str, torch.Tensor]) -> None:
+    torch.manual_seed(1)
+    crit = QuestLoss(small["c"], student_channels=4, temperature=5.0)
+    loss, acc = crit(small["s"], small["f"])
+    p_t = ref_soft_assign(small["f"], small["c"], 5.0)
+    scores = ref_cosine_scores(small["s"], crit.predictor.weight.detach(), 3.0)
+    ref_loss, ref_acc = ref_quest_loss(scores, p_t)
+    assert abs(loss.item() - ref_loss) < 1e-5
+    assert abs(acc.item() - ref_acc) < 1e-6
+
+
+def test_teacher_map_is_pooled_to_student_size() -> None:
+    torch.manual_seed(2)
+    c = torch.randn(6, 4)
+    crit = QuestLoss(c, student_channels=3, temperature=1.0)
+    teacher = torch.randn(2, 4, 8, 8)
+    student = torch.randn(2, 3, 4, 4)
+    loss, _ = crit(student, teacher)
+    ref, _ = crit(student, F.avg_pool2d(teacher, 2))
+    assert torch.allclose(loss, ref)
+
+
+def test_golden_values() -> None:
+    golden = json.loads(GOLDEN.read_text())
+    g = torch.Generator().manual_seed(golden["seed"])
+    f = torch.randn(2, 8, 4, 4, generator=g)
+    c = torch.randn(16, 8, generator=g)
+    s = torch.randn(2, 6, 4, 4, generator=g)
+    torch.manual_seed(golden["seed"])
+    crit = QuestLoss(c, student_channels=6, temperature=golden["temperature"])
+    loss, acc = crit(s, f)
+    p = soft_assign(f, c, golden["temperature"])
+    assert loss.item() == pytest.approx(golden["loss"], abs=1e-6)
+    assert acc.item() == pytest.approx(golden["word_accuracy"], abs=1e-9)
+    assert p[0, 0, 0, :4].tolist() == pytest.approx(golden["p_first4"], abs=1e-6)
+    kd = kd_loss(s.flatten(1)[:, :10], f.flatten(1)[:, :10], temperature=4.0)
+    assert kd.item() == pytest.approx(golden["kd_T4"], abs=1e-5)
+
+
+def test_kl_direction_matters() -> None:
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 5, 3, 3, generator=g)
+    b = torch.randn(2, 5, 3, 3, generator=g) * 3
+    p_a = a.permute(0, 2, 3, 1).softmax(-1)
+    p_b = b.permute(0, 2, 3, 1).softmax(-1)
+    forward, _ = quest_kl(b, p_a)  # KL(p_a || p_b)
+    backward, _ = quest_kl(a, p_b)  # KL(p_b || p_a)
+    assert abs(forward.item() - backward.item()) > 1e-3
+    expected = (p_a * (p_a.log() - p_b.log())).sum(-1).mean()
+    assert forward.item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_kl_is_zero_when_student_matches_teacher() -> None:
+    scores = torch.randn(1, 4, 2, 2)
+    loss, acc = quest_kl(scores, scores.permute(0, 2, 3, 1).softmax(-1))
+    assert abs(loss.item()) < 1e-6 and acc.item() == 1.0
+
+
+def test_gradients_reach_student_and_predictor_only() -> None:
+    from quest.models.zoo import build_model
+
+    torch.manual_seed(0)
+    teacher = build_model("resnet8", 10)
+    student = build_model("resnet8", 10)
+    codebook = torch.randn(32, 64)
+    d = build_distiller("quest", student, teacher, codebook=codebook, teacher_layer="layer3",
+                        student_layer="layer3", student_channels=64)
+    d.train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    _, losses = d.forward_train(x, y)
+    assert set(losses) == {"ce", "quest"}
+    sum(losses.values()).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert d.criterion.codebook.grad is None and not d.criterion.codebook.requires_grad
+    assert d.criterion.predictor.weight.grad is not None
+    assert d.criterion.predictor.scale.grad is not None
+    assert all(p.grad is not None for p in student.parameters())
+    # the teacher stays in eval mode however the distiller is switched
+    assert not d.teacher.training and not any(m.training for m in teacher.modules())
+    trainable = {id(p) for p in d.trainable_parameters()}
+    assert not trainable & {id(p) for p in teacher.parameters()}
+
+
+def test_quest_kd_has_three_terms_and_kd_weights() -> None:
+    from quest.models.zoo import build_model
+
+    torch.manual_seed(0)
+    t, s = build_model("resnet8", 10), build_model("resnet8", 10)
+    d = build_distiller("quest+kd", s, t, codebook=torch.randn(8, 64), teacher_layer="layer3",
+                        student_layer="layer3", student_channels=64)
+    _, losses = d.forward_train(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
+    assert set(losses) == {"ce", "kd", "quest"}
+    kd = build_distiller("kd", s, t)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    logits, losses = kd.forward_train(x, y)
+    with torch.no_grad():
+        t_logits = t(x)
+    expected = 0.9 * kd_loss(logits, t_logits, 4.0)
+    assert losses["kd"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert losses["ce"].item() == pytest.approx(0.1 * F.cross_entropy(logits, y).item(), rel=1e-5)
+
+
+def test_frozen_teacher_ignores_train_mode() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ft = FrozenTeacher(net)
+    ft.train()
+    assert not net[1].training
+    before = net[1].running_mean.clone()
+    ft(torch.randn(2, 3, 8, 8) + 5)
+    assert torch.equal(before, net[1].running_mean)
+
+
+def test_soft_assign_rejects_mismatched_codebook() -> None:
+    with pytest.raises(QuestError, match="does not match"):
+        soft_assign(torch.randn(1, 4, 2, 2), torch.randn(3, 5), 1.0)
