@@ -62,7 +62,10 @@ class InMemoryLoader:
         channels_last: bool = False,
     ) -> None:
         self.device = torch.device(device)
-        self.images = torch.as_tensor(np.asarray(images)).to(self.device)
+        arr = images if isinstance(images, Tensor) else np.asarray(images)
+        if isinstance(arr, np.ndarray) and not arr.flags.writeable:
+            arr = np.array(arr)  # memory-mapped input: copy into RAM once
+        self.images = torch.as_tensor(arr).to(self.device)
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(self.device)
         self.batch_size = int(batch_size)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)

@@ -158,8 +158,9 @@ class ArchiveReader:
             elif stat.S_ISLNK(info.external_attr >> 16):
                 # A zip symlink stores its target path as the member's content.
                 target = zf.read(info).decode("utf-8", "replace")
-                self._links[name] = safe_link_target(name, target, self.path, hard=False)
+                resolved = safe_link_target(name, target, self.path, hard=False)
                 self._add(name, False)
+                self._links[name] = resolved
                 self._files.pop(name, None)
             else:
                 self._add(name, False)

@@ -29,7 +29,8 @@ from quest.errors import QuestError
 log = logging.getLogger(__name__)
 
 SOURCES = ("cifar10", "cifar100", "image_folder")
-DATA_DIR_ENV = "QUEST_DATA_DIR"
+# The same variable quest.config maps onto data.location; read here too for direct API use.
+DATA_LOCATION_ENV = "QUEST_DATA_LOCATION"
 _MAX_LISTED = 20  # skipped file names kept in meta and warned about one by one
 _IGNORED_TOP = {"__MACOSX"}  # macOS zip resource-fork folder
 
@@ -67,11 +68,12 @@ def prepare_dataset(
         raise QuestError(
             f"data.on_corrupt must be 'skip' or 'fail', got {on_corrupt!r} (set data.on_corrupt)"
         )
+    location = location or os.environ.get(DATA_LOCATION_ENV) or None
     if source == "image_folder":
         if not location:
             raise QuestError(
-                "image_folder needs a location: set data.location to a folder or a "
-                f"{'/'.join(ARCHIVE_SUFFIXES)} archive holding train/ and test/"
+                f"image_folder needs a location: set data.location (or {DATA_LOCATION_ENV}) to "
+                f"a folder or a {'/'.join(ARCHIVE_SUFFIXES)} archive holding train/ and test/"
             )
         return _prepare_image_folder(
             Path(location).expanduser(), image_size, channels, on_corrupt, progress
@@ -237,7 +239,7 @@ def _download_cifar(root: Path, spec: _CifarSpec) -> None:
         raise QuestError(
             f"could not download {spec.pretty} into {root} ({type(err).__name__}: "
             f"{one_line(err)}): without a network, extract {spec.tarball} so that "
-            f"{root / spec.folder} exists, or point data.location or {DATA_DIR_ENV} at a "
+            f"{root / spec.folder} exists, or point data.location or {DATA_LOCATION_ENV} at a "
             f"folder holding {spec.folder}/"
         ) from err
 
@@ -250,11 +252,11 @@ def _prepare_cifar(
     download: bool,
 ) -> PreparedDataset:
     """Read torchvision's CIFAR layout under `location` (downloading first if allowed)."""
-    where = location or os.environ.get(DATA_DIR_ENV)
+    where = location
     if not where:
         raise QuestError(
             f"no location for {spec.pretty}: set data.location (or the environment variable "
-            f"{DATA_DIR_ENV}) to a folder holding {spec.folder}/"
+            f"{DATA_LOCATION_ENV}) to a folder holding {spec.folder}/"
         )
     root = Path(where).expanduser()
     folder = _find_cifar_dir(root, spec)
@@ -265,7 +267,7 @@ def _prepare_cifar(
         raise QuestError(
             f"{spec.pretty} not found: expected {root / spec.folder}/ containing "
             f"{', '.join(spec.all_files)} (torchvision's layout); extract {spec.tarball} there, "
-            f"point data.location or {DATA_DIR_ENV} at it, or set data.download: true"
+            f"point data.location or {DATA_LOCATION_ENV} at it, or set data.download: true"
         )
 
     meta_obj = _str_keys(restricted_load(folder / spec.meta_file), folder / spec.meta_file)
@@ -302,7 +304,7 @@ def _prepare_cifar(
             else "RGB converted to luma, L = 0.299 R + 0.587 G + 0.114 B (as Pillow convert('L'))"
         ),
         "input_modes": {"RGB": len(train) + len(test)},
-        "labels": "fine" if spec.kind == "cifar100" else "labels",
+        "label_key": spec.labels_key,
         **count_meta(train, test, classes),
         "skipped": {"count": 0, "files": []},
         "ignored": {"count": 0, "files": []},
@@ -386,9 +388,11 @@ def _find_root(entries: list[Entry], where: str) -> str:
         prefix = None
     missing = [s for s in ("train", "test") if prefix is None or f"{prefix}{s}" not in dirs]
     if missing:
-        what = " and ".join(f"{s}/" for s in missing)
+        what = " and ".join(f"{s}/" for s in missing) + (
+            " folders" if len(missing) > 1 else " folder"
+        )
         raise QuestError(
-            f"{where} has no {what} folder: expected train/<class>/<image> and "
+            f"{where} has no {what}: expected train/<class>/<image> and "
             "test/<class>/<image>, optionally inside one top-level folder"
         )
     assert prefix is not None
@@ -489,8 +493,9 @@ class _Decoder:
                     f"images have different sizes ({w0}x{h0} and {w1}x{h1}, e.g. "
                     f"{self.size_from} and {name}): set data.image_size to resize them"
                 )
-            arr = np.asarray(conv)
-        return arr[:, :, None] if arr.ndim == 2 else arr
+            # frombuffer(tobytes()) is measurably faster than asarray() for tiny images.
+            w, h = conv.size
+            return np.frombuffer(conv.tobytes(), np.uint8).reshape(h, w, len(self.mode))
 
 
 _FORMAT_HINTS = {
@@ -555,19 +560,11 @@ def _decode_all(
                     log.warning("skipping unreadable file %s (%s)", display(name), one_line(err))
                 continue
             if split not in buffers:
-                # Preallocate from the first image's shape: stacking 60k arrays would double
-                # peak memory and time.
-                h, w, c = arr.shape
-                buffers[split] = np.empty((capacity[split], c, h, w), np.uint8)
-            buf = buffers[split]
-            if buf.shape[2:] != arr.shape[:2]:
-                # Only reachable when the other split fixed the shape first.
-                raise QuestError(
-                    f"images have different sizes ({buf.shape[3]}x{buf.shape[2]} and "
-                    f"{arr.shape[1]}x{arr.shape[0]}, e.g. {display(name)}): set data.image_size "
-                    "to resize them"
-                )
-            buf[len(keys[split])] = arr.transpose(2, 0, 1)
+                # Preallocate from the first image's shape (the decoder holds every image to
+                # it): stacking 60k small arrays would double peak memory and time. Rows stay
+                # H x W x C here, a plain copy; one transpose at the end is cheaper.
+                buffers[split] = np.empty((capacity[split], *arr.shape), np.uint8)
+            buffers[split][len(keys[split])] = arr
             keys[split].append((label, name))
     finally:
         bar.close()
@@ -590,7 +587,8 @@ def _decode_all(
         # Sort by (label, path) so that a folder and its archive give identical arrays,
         # whatever order the archive stores members in (as torchvision's ImageFolder orders).
         order = sorted(range(len(found)), key=found.__getitem__)
-        images = buffers[split][np.asarray(order, dtype=np.int64)]
+        images = buffers[split][np.asarray(order, dtype=np.int64)].transpose(0, 3, 1, 2)
+        images = np.ascontiguousarray(images)
         labels = np.asarray([found[i][0] for i in order], dtype=np.int64)
         splits[split] = Split(images, labels)
     return splits, skipped
@@ -668,15 +666,18 @@ def _prepare_image_folder(
 
 
 def smoke_subset(
-    ds: PreparedDataset, train_per_class: int, test_per_class: int, seed: int
+    ds: PreparedDataset, train_per_class: int | None, test_per_class: int | None, seed: int
 ) -> PreparedDataset:
-    """A seeded, class-balanced subset with exactly n images per class in each split."""
+    """A seeded, class-balanced subset with exactly n images per class (None: split kept whole)."""
     rng = np.random.default_rng(seed)
     splits: dict[str, Split] = {}
     for split_name, split, per_class in (
         ("train", ds.train, train_per_class),
         ("test", ds.test, test_per_class),
     ):
+        if per_class is None:
+            splits[split_name] = Split(split.images, np.asarray(split.labels, dtype=np.int64))
+            continue
         if per_class < 1:
             raise QuestError(f"{split_name}_per_class must be at least 1, got {per_class}")
         labels = np.asarray(split.labels)

@@ -1,0 +1,60 @@
+"""Shared fixtures: the offline data and teacher in ../shared, and a prepared smoke slice."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from quest.errors import QuestError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    """../shared beside the repository (QUEST_SHARED_DIR overrides)."""
+    return Path(os.environ.get("QUEST_SHARED_DIR", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    path = shared_dir()
+    if not (path / "data" / "cifar10-jpeg.tar.gz").is_file():
+        raise QuestError(f"offline data not found under {path}: set QUEST_SHARED_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cifar_archive(shared: Path) -> Path:
+    return shared / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(shared: Path) -> Path:
+    return shared / "models" / "resnet56-cifar10-jpeg.pth"
+
+
+@pytest.fixture(scope="session")
+def smoke_prepared(tmp_path_factory: pytest.TempPathFactory, cifar_archive: Path) -> Path:
+    """data/prepared/ of the smoke preset (30 train / 10 test per class), made once per session."""
+    from quest.config import load_config
+    from quest.paths import Paths
+    from quest.stages.prepare import run_prepare
+
+    root = tmp_path_factory.mktemp("smoke-prepared")
+    cfg = load_config(REPO / "params.yaml", "smoke", [f"data.location={cifar_archive}"])
+    run_prepare(cfg, Paths(root))
+    return root / "data" / "prepared"
+
+
+@pytest.fixture
+def smoke_root(tmp_path: Path, smoke_prepared: Path, cifar_archive: Path,
+               teacher_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh project root holding params.yaml and the prepared smoke data."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copytree(smoke_prepared, tmp_path / "data" / "prepared")
+    monkeypatch.setenv("QUEST_DATA_LOCATION", str(cifar_archive))
+    monkeypatch.setenv("QUEST_TEACHER_CHECKPOINT", str(teacher_checkpoint))
+    return tmp_path

@@ -1,0 +1,115 @@
+"""The whole chain on the smoke preset through the CLI, and the CLI's error handling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quest.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(root: Path, *args: str) -> int:
+    return main([*args[:1], "--root", str(root), "--preset", "smoke", *args[1:]])
+
+
+def test_smoke_chain_end_to_end(smoke_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # prepare is covered by the session fixture; run the remaining stages through the CLI
+    for stage in ("teacher", "features", "codebook", "student", "evaluate"):
+        assert run_cli(smoke_root, stage) == 0, stage
+    out = capsys.readouterr().out
+    for name in ("teacher", "ce", "kd", "quest", "quest_kd"):
+        assert name in out
+    ev = json.loads((smoke_root / "metrics" / "evaluation.json").read_text())
+    assert set(ev["models"]) == {"teacher", "ce", "kd", "quest", "quest_kd"}
+    assert ev["models"]["teacher"]["top1"] > 0.7
+    assert ev["models"]["ce"]["params"] == 272_474
+    assert ev["models"]["ce"]["macs"] > 40_000_000
+    feats = np.load(smoke_root / "data" / "features" / "teacher_features.npy", mmap_mode="r")
+    meta = json.loads((smoke_root / "data" / "features" / "teacher_features.json").read_text())
+    assert feats.shape == (300 * 64, 64) and meta["map_shape"] == [64, 8, 8]
+    assert meta["layer"] == "layer3" and feats.min() >= 0  # post-ReLU
+    cb = np.load(smoke_root / "models" / "codebook" / "codebook.npy")
+    assert cb.shape == (64, 64)
+    quest = json.loads((smoke_root / "metrics" / "students" / "quest.json").read_text())
+    last = quest["history"][-1]
+    for key in ("ce", "quest", "loss", "lr", "train_accuracy", "test_accuracy",
+                "word_accuracy", "teacher_perplexity", "mean_max_assignment"):
+        assert key in last, key
+    assert 0 < last["teacher_perplexity"] <= 64
+    curve = (smoke_root / "plots" / "students" / "quest_kd.csv").read_text().splitlines()
+    assert curve[0].startswith("epoch") and "kd" in curve[0] and len(curve) == 3
+    # the exported student is the plain architecture: no predictor weights inside
+    import torch
+
+    saved = torch.load(smoke_root / "models" / "students" / "quest.pt", weights_only=True)
+    assert not any("predictor" in k for k in saved["model"])
+    per_class = json.loads((smoke_root / "metrics" / "per_class.json").read_text())
+    assert len(per_class["ce"]) == 10
+
+
+def test_codebook_larger_than_data_is_one_line_error(smoke_root: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(smoke_root, "teacher") == 0
+    assert run_cli(smoke_root, "features", "--set", "features.max_vectors=50") == 0
+    assert run_cli(smoke_root, "codebook") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("quest: error: codebook size K=64 is larger than the 50")
+    assert not (smoke_root / "models" / "codebook" / "codebook.npy").exists()
+
+
+def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    cases = {
+        ("--set", "teacher.arch=resnet21"): "teacher.arch is 'resnet21'",
+        ("--set", "student.train.epoch=3"): "did you mean 'student.train.epochs'",
+        ("--set", "features.layer=layer9"): "unknown layer 'layer9'",
+        ("--preset", "nope"): "unknown preset 'nope'",
+    }
+    for args, expected in cases.items():
+        proc = subprocess.run(
+            [sys.executable, "-m", "quest.cli", "config", "--root", str(tmp_path), *args],
+            capture_output=True, text=True, check=False,
+        )
+        assert proc.returncode == 2, args
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+def test_missing_data_path_is_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    proc = subprocess.run(
+        [sys.executable, "-m", "quest.cli", "prepare", "--root", str(tmp_path),
+         "--set", f"data.location={tmp_path / 'nowhere.tar.gz'}"],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
+
+
+def test_help_lists_every_command() -> None:
+    proc = subprocess.run([sys.executable, "-m", "quest.cli", "--help"], capture_output=True,
+                          text=True, check=True)
+    for cmd in ("prepare", "teacher", "features", "codebook", "student", "evaluate", "run",
+                "models", "config"):
+        assert cmd in proc.stdout
+    for cmd in ("prepare", "student", "models"):
+        sub = subprocess.run([sys.executable, "-m", "quest.cli", cmd, "--help"],
+                             capture_output=True, text=True, check=True)
+        assert "usage: quest" in sub.stdout
+
+
+def test_models_listing_shows_counts_and_layers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for count in ("278,324", "861,620", "1,233,540", "7,433,860", "703,284", "2,255,156"):
+        assert count in out
+    assert main(["models", "--layers", "resnet20"]) == 0
+    out = capsys.readouterr().out
+    assert "* layer3" in out and "64x8x8" in out
