@@ -7,8 +7,8 @@ from pathlib import Path
 
 
 def method_slug(method: str) -> str:
-    """File-name form of a method name (quest+kd -> quest_kd)."""
-    return method.replace("+", "_")
+    """File-name form of a method name (kept as is, so DVC foreach paths match)."""
+    return method
 
 
 @dataclass(frozen=True)

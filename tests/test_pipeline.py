@@ -24,10 +24,10 @@ def test_smoke_chain_end_to_end(smoke_root: Path, capsys: pytest.CaptureFixture[
     for stage in ("teacher", "features", "codebook", "student", "evaluate"):
         assert run_cli(smoke_root, stage) == 0, stage
     out = capsys.readouterr().out
-    for name in ("teacher", "ce", "kd", "quest", "quest_kd"):
+    for name in ("teacher", "ce", "kd", "quest", "quest+kd"):
         assert name in out
     ev = json.loads((smoke_root / "metrics" / "evaluation.json").read_text())
-    assert set(ev["models"]) == {"teacher", "ce", "kd", "quest", "quest_kd"}
+    assert set(ev["models"]) == {"teacher", "ce", "kd", "quest", "quest+kd"}
     assert ev["models"]["teacher"]["top1"] > 0.7
     assert ev["models"]["ce"]["params"] == 272_474
     assert ev["models"]["ce"]["macs"] > 40_000_000
@@ -43,7 +43,7 @@ def test_smoke_chain_end_to_end(smoke_root: Path, capsys: pytest.CaptureFixture[
                 "word_accuracy", "teacher_perplexity", "mean_max_assignment"):
         assert key in last, key
     assert 0 < last["teacher_perplexity"] <= 64
-    curve = (smoke_root / "plots" / "students" / "quest_kd.csv").read_text().splitlines()
+    curve = (smoke_root / "plots" / "students" / "quest+kd.csv").read_text().splitlines()
     assert curve[0].startswith("epoch") and "kd" in curve[0] and len(curve) == 3
     # the exported student is the plain architecture: no predictor weights inside
     import torch

@@ -29,8 +29,8 @@ def run_prepare(cfg: Config, paths: Paths) -> dict[str, Any]:
         full = {"train": len(ds.train.labels), "test": len(ds.test.labels)}
         ds = smoke_subset(
             ds,
-            train_per_class=d.subset.train_per_class or len(ds.train.labels),
-            test_per_class=d.subset.test_per_class or len(ds.test.labels),
+            train_per_class=d.subset.train_per_class,
+            test_per_class=d.subset.test_per_class,
             seed=d.subset.seed,
         )
         ds.meta["subset_of"] = full
