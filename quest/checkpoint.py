@@ -44,7 +44,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def extract_state_dict(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Return the state_dict of a bare state_dict or of a dict holding one (RepDistiller's 'model')."""
+    """The state_dict of a bare state_dict or of a dict holding one (RepDistiller: 'model')."""
     for key in ("model", "state_dict", "net"):
         inner = obj.get(key)
         if isinstance(inner, dict) and inner and all(

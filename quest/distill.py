@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quest.losses import QuestLoss, assignment_stats, kd_loss, match_spatial
+from quest.losses import QuestLoss, kd_loss
 from quest.models.taps import FeatureTap
 
 
@@ -121,9 +121,7 @@ class Quest(Distiller):
         t_feat = self._t_tap.outputs[self.teacher_layer]
         logits = self.student(x)
         s_feat = self._s_tap.outputs[self.student_layer]
-        t_feat, s_feat = match_spatial(t_feat, s_feat)
-        p_t = self.criterion.targets(t_feat)
-        q_loss, word_acc = self.criterion.from_targets(s_feat, p_t)
+        terms = self.criterion.terms(s_feat, t_feat)
         ce = F.cross_entropy(logits, y)
         losses: dict[str, Tensor]
         if self.kd_settings is None:
@@ -131,8 +129,8 @@ class Quest(Distiller):
         else:
             temp, ce_w, kd_w = self.kd_settings
             losses = {"ce": ce_w * ce, "kd": kd_w * kd_loss(logits, t_logits, temp)}
-        losses["quest"] = self.weight * q_loss
-        self.monitors = {"word_accuracy": word_acc, **assignment_stats(p_t)}
+        losses["quest"] = self.weight * terms.pop("loss")
+        self.monitors = terms
         return logits, losses
 
 

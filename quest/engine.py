@@ -187,7 +187,7 @@ class Trainer:
             record: dict[str, Any] = {"epoch": epoch + 1}
             record.update({k: float(v) / seen for k, v in sums.items()})
             if not math.isfinite(record["loss"]):
-                kept = f"epoch {epoch} is kept in {self.checkpoint_path}" if epoch else "nothing kept"
+                kept = f"epoch {epoch} kept in {self.checkpoint_path}" if epoch else "none kept"
                 raise QuestError(
                     f"{self.desc}: loss became {record['loss']} in epoch {epoch + 1} ({kept}): "
                     "lower the learning rate (train.lr) and rerun"

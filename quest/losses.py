@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quest.errors import QuestError
+from quest.fused_quest import fused_quest_kl
 
 
 def soft_assign(features: Tensor, codebook: Tensor, temperature: float) -> Tensor:
@@ -41,9 +42,10 @@ def assignment_logits(features: Tensor, codebook: Tensor, temperature: float) ->
     flat = features.permute(0, 2, 3, 1).reshape(-1, c).to(codebook.dtype)
     f_sq = flat.pow(2).sum(dim=1, keepdim=True)
     c_sq = codebook.pow(2).sum(dim=1)
-    # one GEMM: ||f||^2 + ||c||^2 - 2 f.c, fused by addmm
-    dist = torch.addmm(f_sq + c_sq, flat, codebook.t(), beta=1.0, alpha=-2.0)
-    return (-temperature * dist).reshape(b, h, w, -1)
+    # one GEMM gives -T * (||f||^2 + ||c||^2 - 2 f.c) directly (addmm: beta*input + alpha*f.c)
+    logits = torch.addmm((f_sq + c_sq).mul_(-temperature), flat, codebook.t(),
+                         beta=1.0, alpha=2.0 * temperature)
+    return logits.reshape(b, h, w, -1)
 
 
 class CosinePredictor(nn.Module):
@@ -66,9 +68,13 @@ class CosinePredictor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Return scores ``[B, K, H, W]`` = scale * cos(x_position, w_k)."""
-        x = F.normalize(x, p=2, dim=1)
-        w = F.normalize(self.weight, p=2, dim=1)
-        return self.scale * F.conv2d(x, w[:, :, None, None])
+        b, c, h, w = x.shape
+        flat = F.normalize(x.permute(0, 2, 3, 1).reshape(-1, c), p=2, dim=1)
+        # the scale folds into the small K x C weight, so the scores come from a single GEMM
+        weight = self.scale * F.normalize(self.weight, p=2, dim=1)
+        scores = flat @ weight.t()
+        # a [B, K, H, W] view of position-major memory: per-position softmaxes stay contiguous
+        return scores.view(b, h, w, -1).permute(0, 3, 1, 2)
 
 
 def quest_kl(student_scores: Tensor, teacher_probs: Tensor) -> tuple[Tensor, Tensor]:
@@ -77,11 +83,16 @@ def quest_kl(student_scores: Tensor, teacher_probs: Tensor) -> tuple[Tensor, Ten
     ``student_scores`` is ``[B, K, H, W]`` (predictor output, pre-softmax); ``teacher_probs`` is
     ``[B, H, W, K]``. Positions with ``p_T = 0`` contribute nothing (0 log 0 = 0).
     """
-    log_ps = student_scores.permute(0, 2, 3, 1).log_softmax(dim=-1)
-    p_t = teacher_probs.to(log_ps.dtype)
-    kl = (torch.xlogy(p_t, p_t) - p_t * log_ps).sum(dim=-1)
-    accuracy = (log_ps.argmax(dim=-1) == p_t.argmax(dim=-1)).float().mean()
-    return kl.mean(), accuracy.detach()
+    k = student_scores.shape[1]
+    scores = student_scores.permute(0, 2, 3, 1).reshape(-1, k)
+    p_t = teacher_probs.reshape(-1, k).to(scores.dtype)
+    with torch.no_grad():
+        neg_entropy = torch.xlogy(p_t, p_t).sum(dim=-1)
+        accuracy = (scores.argmax(dim=-1) == p_t.argmax(dim=-1)).float().mean()
+    # KL = sum p_T log p_T - sum p_T s + logsumexp(s): fewer passes over the N x K scores than
+    # materialising log p_S, and the same value
+    kl = neg_entropy - (p_t * scores).sum(dim=-1) + torch.logsumexp(scores, dim=-1)
+    return kl.mean(), accuracy
 
 
 def match_spatial(teacher: Tensor, student: Tensor) -> tuple[Tensor, Tensor]:
@@ -130,20 +141,44 @@ class QuestLoss(nn.Module):
     def targets(self, teacher_features: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         """Teacher soft assignments ``[B, H, W, K]``, pooled to ``size`` first when given."""
         with torch.no_grad():
-            feats = teacher_features.detach().float()
+            feats = teacher_features.detach().to(self.codebook.dtype)
             if size is not None and tuple(feats.shape[-2:]) != tuple(size):
                 feats = F.adaptive_avg_pool2d(feats, size)
             return soft_assign(feats, self.codebook, self.temperature)
 
-    def from_targets(self, student_features: Tensor, teacher_probs: Tensor) -> tuple[Tensor, Tensor]:
+    def from_targets(
+        self, student_features: Tensor, teacher_probs: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Loss and word accuracy of the student against precomputed teacher assignments."""
-        scores = self.predictor(student_features.float())
+        scores = self.predictor(student_features.to(self.codebook.dtype))
         return quest_kl(scores, teacher_probs)
+
+    def terms(self, student_features: Tensor, teacher_features: Tensor) -> dict[str, Tensor]:
+        """Loss, word accuracy and teacher assignment statistics, by the fused chunked path."""
+        teacher_features, student_features = match_spatial(teacher_features, student_features)
+        c_s, c_t = student_features.shape[1], teacher_features.shape[1]
+        if self.codebook.shape[1] != c_t:
+            raise QuestError(
+                f"codebook has {self.codebook.shape[1]} channels but the teacher layer has {c_t}: "
+                "refit the codebook on this teacher layer"
+            )
+        dtype = self.codebook.dtype  # float32 even under autocast: the softmaxes need it
+        student = F.normalize(
+            student_features.to(dtype).permute(0, 2, 3, 1).reshape(-1, c_s), p=2, dim=1)
+        teacher = teacher_features.detach().to(dtype).permute(0, 2, 3, 1).reshape(-1, c_t)
+        pred = self.predictor
+        weight = pred.scale * F.normalize(pred.weight, p=2, dim=1)
+        loss, acc, mean_max, usage = fused_quest_kl(
+            student, weight, teacher, self.codebook, self.temperature)
+        with torch.no_grad():
+            perplexity = torch.exp(-torch.xlogy(usage, usage).sum())
+        return {"loss": loss, "word_accuracy": acc, "mean_max_assignment": mean_max,
+                "teacher_perplexity": perplexity}
 
     def forward(self, student_features: Tensor, teacher_features: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(loss, word_accuracy)`` for student and teacher feature maps."""
-        teacher_features, student_features = match_spatial(teacher_features, student_features)
-        return self.from_targets(student_features, self.targets(teacher_features))
+        out = self.terms(student_features, teacher_features)
+        return out["loss"], out["word_accuracy"]
 
 
 def assignment_stats(teacher_probs: Tensor) -> dict[str, Tensor]:

@@ -1,1 +1,1 @@
-"""Pipeline stages: one function per step, taking a Config and Paths, writing files, returning metrics."""
+"""Pipeline stages: one function per step: Config and Paths in, files and metrics out."""

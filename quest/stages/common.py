@@ -28,7 +28,9 @@ def resolve_device(cfg: Config) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise QuestError("runtime.device asks for CUDA but no GPU is visible: set runtime.device: cpu")
+        raise QuestError(
+            "runtime.device asks for CUDA but no GPU is visible: set runtime.device: cpu"
+        )
     return torch.device(name)
 
 
@@ -50,7 +52,7 @@ def norm_stats(ds: PreparedDataset) -> tuple[list[float], list[float]]:
     try:
         return list(ds.meta["mean"]), list(ds.meta["std"])
     except KeyError:
-        raise QuestError("prepared data has no normalisation stats: rerun `quest prepare`") from None
+        raise QuestError("prepared data has no normalisation stats: rerun quest prepare") from None
 
 
 def make_loaders(

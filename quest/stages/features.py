@@ -1,4 +1,4 @@
-"""Feature stage: run the frozen teacher over the un-augmented training split, keep a layer's vectors."""
+"""Feature stage: the frozen teacher's layer vectors over the un-augmented training split."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from quest.config import Config
 from quest.data.loader import InMemoryLoader
 from quest.io_utils import atomic_path, file_sha256, write_json_atomic
 from quest.models.taps import FeatureTap
@@ -15,7 +16,6 @@ from quest.models.zoo import default_feature_layer
 from quest.paths import Paths
 from quest.progress import log, track
 from quest.stages.common import load_data, load_model_file, norm_stats, resolve_device, to_device
-from quest.config import Config
 
 
 def teacher_layer(cfg: Config, arch: str) -> str:

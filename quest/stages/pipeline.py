@@ -1,4 +1,4 @@
-"""The whole chain in one process: prepare -> teacher -> features -> codebook -> students -> evaluate."""
+"""The whole chain in one process: prepare, teacher, features, codebook, students, evaluate."""
 
 from __future__ import annotations
 

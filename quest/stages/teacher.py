@@ -42,7 +42,8 @@ def import_teacher(
     ck_arch = obj.get("arch")
     if isinstance(ck_arch, str) and ck_arch != arch:
         raise QuestError(
-            f"teacher checkpoint {checkpoint} is a {ck_arch}, not a {arch}: set teacher.arch: {ck_arch}"
+            f"teacher checkpoint {checkpoint} is a {ck_arch}, not a {arch}: "
+            f"set teacher.arch: {ck_arch}"
         )
     model = build_model(arch, num_classes)
     load_state_strict(model, extract_state_dict(obj), f"teacher checkpoint {checkpoint}")
