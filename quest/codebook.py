@@ -256,8 +256,9 @@ def fit_kmeans(
             "or extract more features (features.max_vectors)"
         )
     if iterations < 1:
-        raise QuestError(f"k-means needs at least 1 iteration, got {iterations}: set "
-                         "codebook.iterations >= 1")
+        raise QuestError(
+            f"k-means needs at least 1 iteration, got {iterations}: set codebook.iterations >= 1"
+        )
     if max_points_per_centroid < 1:
         raise QuestError(
             f"max_points_per_centroid={max_points_per_centroid} must be >= 1: "

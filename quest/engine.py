@@ -211,3 +211,7 @@ class Trainer:
             if on_epoch is not None:
                 on_epoch(record)
         return self.history
+
+    def finish(self) -> None:
+        """Drop the resume checkpoint once the final outputs are safely written."""
+        self.checkpoint_path.unlink(missing_ok=True)

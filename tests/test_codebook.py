@@ -86,10 +86,9 @@ def test_input_errors(mixture: np.ndarray) -> None:
         cb.fit_kmeans(mixture.reshape(4000, 4, 4), 8)
     with pytest.raises(QuestError, match="at least 2"):
         cb.fit_kmeans(mixture, 1)
-    with pytest.raises(QuestError, match="unknown k-means backend 'sklearn'"):
+    with pytest.raises(QuestError, match="unknown k-means backend 'sklearn'") as info:
         cb.fit_kmeans(mixture, 8, backend="sklearn")
-    for err in (QuestError("x"),):
-        assert "\n" not in str(err)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])

@@ -49,8 +49,13 @@ def prepare_dataset(
     on_corrupt: str = "skip",
     download: bool = False,
     progress: bool = True,
+    subset: tuple[int | None, int | None, int] | None = None,
 ) -> PreparedDataset:
-    """Read a cifar10/cifar100 root or an image folder/archive into a PreparedDataset."""
+    """Read a cifar10/cifar100 root or an image folder/archive into a PreparedDataset.
+
+    ``subset`` = (train_per_class, test_per_class, seed) keeps a seeded, class-balanced slice;
+    image folders pick it from the file names before decoding, so a small slice is fast.
+    """
     if source not in SOURCES:
         raise QuestError(
             f"unknown data source '{source}': choose one of {', '.join(SOURCES)} (set data.source)"
@@ -76,9 +81,10 @@ def prepare_dataset(
                 f"a folder or a {'/'.join(ARCHIVE_SUFFIXES)} archive holding train/ and test/"
             )
         return _prepare_image_folder(
-            Path(location).expanduser(), image_size, channels, on_corrupt, progress
+            Path(location).expanduser(), image_size, channels, on_corrupt, progress, subset
         )
-    return _prepare_cifar(_CIFAR[source], location, image_size, channels, download)
+    ds = _prepare_cifar(_CIFAR[source], location, image_size, channels, download)
+    return ds if subset is None else smoke_subset(ds, *subset)
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,8 +607,36 @@ def _in_storage_order(entries: list[Entry], wanted: dict[str, Any]) -> Iterator[
             yield e.name
 
 
+def _subset_plan(plan: _Plan, subset: tuple[int | None, int | None, int]) -> _Plan:
+    """Keep a seeded, class-balanced choice of files per split (None keeps a split whole)."""
+    rng = np.random.default_rng(subset[2])
+    files: dict[str, list[tuple[str, int]]] = {}
+    for split, per_class in (("train", subset[0]), ("test", subset[1])):
+        if per_class is None:
+            files[split] = plan.files[split]
+            continue
+        if per_class < 1:
+            raise QuestError(f"data.subset.{split}_per_class must be at least 1, got {per_class}")
+        keep: set[str] = set()
+        for label, cls in enumerate(plan.classes):
+            names = sorted(n for n, lab in plan.files[split] if lab == label)
+            if len(names) < per_class:
+                raise QuestError(
+                    f"class '{cls}' has only {len(names)} {split} images, fewer than the "
+                    f"{per_class} per class asked for: lower data.subset.{split}_per_class"
+                )
+            keep.update(names[i] for i in rng.choice(len(names), size=per_class, replace=False))
+        files[split] = [(n, lab) for n, lab in plan.files[split] if n in keep]
+    return _Plan(plan.classes, files, plan.ignored)
+
+
 def _prepare_image_folder(
-    location: Path, image_size: int | None, channels: int, on_corrupt: str, progress: bool
+    location: Path,
+    image_size: int | None,
+    channels: int,
+    on_corrupt: str,
+    progress: bool,
+    subset: tuple[int | None, int | None, int] | None = None,
 ) -> PreparedDataset:
     """Read a folder or archive holding train/<class>/* and test/<class>/*."""
     if not location.exists():
@@ -631,6 +665,8 @@ def _prepare_image_folder(
     try:
         prefix = _find_root(reader.entries, str(location))
         plan = _plan(reader.entries, prefix, str(location))
+        if subset is not None:
+            plan = _subset_plan(plan, subset)
         decoder = _Decoder(channels, image_size)
         splits, skipped = _decode_all(reader, plan, decoder, display, on_corrupt, progress)
     finally:
@@ -657,6 +693,9 @@ def _prepare_image_folder(
         "skipped": {"count": len(skipped), "files": skipped[:_MAX_LISTED]},
         "ignored": {"count": len(plan.ignored), "files": plan.ignored[:_MAX_LISTED]},
     }
+    if subset is not None:
+        meta["subset"] = dict(zip(("train_per_class", "test_per_class", "seed"), subset,
+                                  strict=True))
     return PreparedDataset(train, test, plan.classes, meta)
 
 

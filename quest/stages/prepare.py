@@ -7,7 +7,7 @@ from typing import Any
 from quest.config import Config
 from quest.data.loader import channel_stats
 from quest.data.prepared import save_prepared
-from quest.data.sources import prepare_dataset, smoke_subset
+from quest.data.sources import prepare_dataset
 from quest.paths import Paths
 from quest.progress import bars_enabled, log
 from quest.stages.common import resolve_location
@@ -16,6 +16,8 @@ from quest.stages.common import resolve_location
 def run_prepare(cfg: Config, paths: Paths) -> dict[str, Any]:
     """Read, optionally subset, compute normalisation stats and write data/prepared/."""
     d = cfg.data
+    sub = d.subset
+    wants_subset = sub.train_per_class is not None or sub.test_per_class is not None
     ds = prepare_dataset(
         d.source,
         resolve_location(d.location, paths.root),
@@ -24,16 +26,8 @@ def run_prepare(cfg: Config, paths: Paths) -> dict[str, Any]:
         on_corrupt=d.on_corrupt,
         download=d.download,
         progress=bars_enabled(cfg.runtime.progress),
+        subset=(sub.train_per_class, sub.test_per_class, sub.seed) if wants_subset else None,
     )
-    if d.subset.train_per_class or d.subset.test_per_class:
-        full = {"train": len(ds.train.labels), "test": len(ds.test.labels)}
-        ds = smoke_subset(
-            ds,
-            train_per_class=d.subset.train_per_class,
-            test_per_class=d.subset.test_per_class,
-            seed=d.subset.seed,
-        )
-        ds.meta["subset_of"] = full
     if d.mean is not None and d.std is not None:
         mean, std = list(d.mean), list(d.std)
     else:

@@ -122,6 +122,7 @@ def run_student(cfg: Config, paths: Paths, method: str) -> dict[str, Any]:
     }
     write_json_atomic(paths.student_metrics(method), metrics)
     write_csv_atomic(paths.student_curve(method), history)
+    trainer.finish()
     log.info("student[%s] %s: top-1 %.4f after %d epochs", method, s.arch, final["test_accuracy"],
              s.train.epochs)
     return {k: v for k, v in metrics.items() if k != "history"}

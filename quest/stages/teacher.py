@@ -58,6 +58,7 @@ def run_teacher(cfg: Config, paths: Paths) -> dict[str, Any]:
     num_classes = len(ds.classes)
     t = cfg.teacher
     history: list[dict[str, Any]] = []
+    trainer: Trainer | None = None
     if t.checkpoint:
         ckpt = resolve_location(t.checkpoint, paths.root)
         assert ckpt is not None
@@ -104,5 +105,7 @@ def run_teacher(cfg: Config, paths: Paths) -> dict[str, Any]:
         top1=ev["top1"],
     )
     write_json_atomic(paths.metrics / "teacher.json", {**metrics, "history": history})
+    if trainer is not None:
+        trainer.finish()
     log.info("teacher %s: top-1 %.4f top-5 %.4f", t.arch, ev["top1"], ev["top5"])
     return metrics
