@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method to train (repeatable; default: every one in student.methods)")
     stage("evaluate", "evaluate teacher and students into metrics/evaluation.json")
     stage("run", "run the whole pipeline and print the accuracy table")
-    stage("config", "print the resolved, validated configuration as JSON")
+    p = stage("config", "print the resolved, validated configuration (JSON or YAML)")
+    # YAML output is a complete params file: `quest config --preset tiny --format yaml`
+    p.add_argument("--format", choices=("json", "yaml"), default="json",
+                   help="output format (yaml: a resolved params.yaml, e.g. for DVC)")
     p = sub.add_parser("models", help="list the model zoo, or a model's tappable layers",
                        description="list the model zoo, or a model's tappable layers")
     p.add_argument("--layers", metavar="ARCH", help="list the layers of ARCH with output shapes")
@@ -80,7 +83,13 @@ def _run_stage(args: argparse.Namespace) -> None:
     cfg = load_config(Path(args.root) / args.params if not Path(args.params).is_absolute()
                       else args.params, args.preset, args.overrides)
     if args.command == "config":
-        print(json.dumps(cfg.to_dict(), indent=2))
+        if args.format == "yaml":
+            import yaml
+
+            # block style, keys in definition order: readable and diff-friendly for DVC params
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False), end="")
+        else:
+            print(json.dumps(cfg.to_dict(), indent=2))
         return
     paths = Paths(Path(args.root).resolve())
     stamp = time.strftime("%Y%m%d-%H%M%S")
