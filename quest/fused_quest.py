@@ -45,15 +45,24 @@ class _FusedQuestKL(torch.autograd.Function):
             f_sq = f.pow(2).sum(dim=1, keepdim=True)
             t_logits = torch.addmm((f_sq + c_sq).mul_(-temperature), f, ct,
                                    beta=1.0, alpha=2.0 * temperature)
-            p_t = torch.softmax(t_logits, dim=1)
             scores = student[start : start + block] @ wt
-            p_s = torch.softmax(scores, dim=1)
-            # KL = sum p_T (log p_T - log p_S); both logs are logits minus their logsumexp
-            log_ratio = (t_logits - t_logits.logsumexp(dim=1, keepdim=True)) - (
-                scores - scores.logsumexp(dim=1, keepdim=True))
-            kl_sum += (p_t * log_ratio).sum()
-            hits += (scores.argmax(dim=1) == t_logits.argmax(dim=1)).sum()
-            max_sum += p_t.max(dim=1).values.sum()
+            # one max (with its index) and one exp pass per side; the max entry of each
+            # softmax is exp(0) / sum, so the mean max assignment comes for free
+            t_max, t_arg = t_logits.max(dim=1, keepdim=True)
+            s_max, s_arg = scores.max(dim=1, keepdim=True)
+            p_t = (t_logits - t_max).exp_()
+            t_sum = p_t.sum(dim=1, keepdim=True)
+            p_t.div_(t_sum)
+            p_s = (scores - s_max).exp_()
+            s_sum = p_s.sum(dim=1, keepdim=True)
+            p_s.div_(s_sum)
+            lse_t = t_max + t_sum.log()
+            lse_s = s_max + s_sum.log()
+            # KL = sum_k p_T (t_k - s_k) - lse_t + lse_s, as sum_k p_T = 1
+            cross = (p_t * (t_logits - scores)).sum()
+            kl_sum += cross - lse_t.sum() + lse_s.sum()
+            hits += (s_arg == t_arg).sum()
+            max_sum += t_sum.reciprocal().sum()
             usage += p_t.sum(dim=0)
             grad_scores[start : start + block] = p_s.sub_(p_t)
         ctx.save_for_backward(student, weight, grad_scores)

@@ -134,7 +134,7 @@ def test_golden_values() -> None:
     crit = QuestLoss(c, student_channels=6, temperature=golden["temperature"])
     loss, acc = crit(s, f)
     p = soft_assign(f, c, golden["temperature"])
-    assert loss.item() == pytest.approx(golden["loss"], abs=1e-6)
+    assert loss.item() == pytest.approx(golden["loss"], rel=1e-5)
     assert acc.item() == pytest.approx(golden["word_accuracy"], abs=1e-9)
     assert p[0, 0, 0, :4].tolist() == pytest.approx(golden["p_first4"], abs=1e-6)
     kd = kd_loss(s.flatten(1)[:, :10], f.flatten(1)[:, :10], temperature=4.0)
