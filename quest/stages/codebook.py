@@ -72,10 +72,12 @@ def run_codebook(cfg: Config, paths: Paths) -> dict[str, Any]:
         paths.plots / "codebook_objective.csv",
         [{"iteration": i + 1, "objective": v} for i, v in enumerate(result.objective)],
     )
-    ranked = np.sort(np.asarray(stats["usage"]))[::-1]
+    usage = np.asarray(stats["usage"])
+    order = np.argsort(-usage, kind="stable")
+    # the word-usage histogram, most used first (rank for plotting, word for lookup)
     write_csv_atomic(
         paths.plots / "codebook_usage.csv",
-        [{"rank": i + 1, "count": int(v)} for i, v in enumerate(ranked)],
+        [{"rank": r + 1, "word": int(w), "count": int(usage[w])} for r, w in enumerate(order)],
     )
     log.info("codebook: perplexity %.1f of K=%d, %d dead words, %d re-seeded, %.1fs",
              stats["perplexity"], c.k, stats["dead_words"], result.reseeded, result.seconds)

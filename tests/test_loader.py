@@ -1,0 +1,86 @@
+"""In-memory batched augmentation and the DataLoader path: shapes, determinism, semantics."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from quest.data.loader import InMemoryLoader, channel_stats, make_dataloader, random_crop_flip
+
+
+def data(n: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8), np.arange(n) % 10
+
+
+def loader(seed: int = 0, train: bool = True) -> InMemoryLoader:
+    x, y = data()
+    return InMemoryLoader(x, y, batch_size=32, mean=[0.5] * 3, std=[0.25] * 3, train=train,
+                          seed=seed)
+
+
+def test_shapes_and_batch_count() -> None:
+    train, test = loader(), loader(train=False)
+    batches = list(train)
+    assert len(batches) == len(train) == 3  # drop_last for training
+    assert all(x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 for x, _ in batches)
+    assert len(list(test)) == 4 and sum(len(y) for _, y in test) == 100
+
+
+def test_same_seed_same_batches_other_seed_or_epoch_differs() -> None:
+    a, b, c = loader(0), loader(0), loader(1)
+    xa, ya = next(iter(a))
+    xb, yb = next(iter(b))
+    xc, _ = next(iter(c))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(xa, xc)
+    a.set_epoch(1)
+    assert not torch.equal(next(iter(a))[0], xa)
+    a.set_epoch(0)
+    assert torch.equal(next(iter(a))[0], xa)
+
+
+def test_eval_loader_is_plain_normalisation_in_order() -> None:
+    x, y = data()
+    test = loader(train=False)
+    xb, yb = next(iter(test))
+    expected = (torch.from_numpy(x[:32]).float() / 255 - 0.5) / 0.25
+    torch.testing.assert_close(xb, expected)
+    assert yb.tolist() == y[:32].tolist()
+
+
+def test_crop_is_a_shifted_window_of_the_zero_padded_image() -> None:
+    img = torch.arange(2 * 3 * 8 * 8, dtype=torch.uint8).reshape(2, 3, 8, 8)
+    gen = torch.Generator().manual_seed(3)
+    out = random_crop_flip(img, padding=2, flip=False, generator=gen)
+    padded = torch.nn.functional.pad(img, (2, 2, 2, 2))
+    for i in range(2):
+        windows = [padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], w) for w in windows)
+
+
+def test_flip_only_mirrors() -> None:
+    img = torch.arange(64 * 3 * 4 * 4, dtype=torch.uint8).reshape(64, 3, 4, 4)
+    out = random_crop_flip(img, padding=0, flip=True, generator=torch.Generator().manual_seed(0))
+    flipped = [torch.equal(o, i.flip(2)) for o, i in zip(out, img, strict=True)]
+    same = [torch.equal(o, i) for o, i in zip(out, img, strict=True)]
+    assert all(f or s for f, s in zip(flipped, same, strict=True))
+    assert 10 < sum(flipped) < 54  # about half
+
+
+def test_dataloader_path_shapes_and_normalisation() -> None:
+    x, y = data()
+    dl = make_dataloader(x, y, batch_size=16, mean=[0.5] * 3, std=[0.25] * 3, train=False)
+    xb, yb = next(iter(dl))
+    assert xb.shape == (16, 3, 32, 32)
+    torch.testing.assert_close(xb, (torch.from_numpy(x[:16]).float() / 255 - 0.5) / 0.25)
+    train = make_dataloader(x, y, batch_size=16, mean=[0.5] * 3, std=[0.25] * 3, train=True)
+    assert next(iter(train))[0].shape == (16, 3, 32, 32)
+
+
+def test_channel_stats() -> None:
+    x = np.zeros((4, 3, 2, 2), dtype=np.uint8)
+    x[:, 1] = 255
+    x[:2, 2] = 255
+    mean, std = channel_stats(x)
+    assert mean == [0.0, 1.0, 0.5] and std == [0.0, 0.0, 0.5]
