@@ -21,6 +21,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", default=".", help="project root holding data/, models/, metrics/")
 
 
+def _add_tracking_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI, e.g. a team server http://host:5000 (default: env "
+                        "MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -45,9 +51,32 @@ def build_parser() -> argparse.ArgumentParser:
     stage("evaluate", "evaluate teacher and students into metrics/evaluation.json")
     stage("run", "run the whole pipeline and print the accuracy table")
     p = stage("config", "print the resolved, validated configuration (JSON or YAML)")
-    # YAML output is a complete params file: `quest config --preset tiny --format yaml`
+    # YAML output is a complete, preset-free params file for DVC; redirect it to a new file: a
+    # shell truncates `> params.yaml` before quest reads it
     p.add_argument("--format", choices=("json", "yaml"), default="json",
-                   help="output format (yaml: a resolved params.yaml, e.g. for DVC)")
+                   help="output format; yaml is a resolved params file, e.g. "
+                        "`quest config --preset tiny --format yaml > tiny.yaml && "
+                        "mv tiny.yaml params.yaml`")
+    p = stage("track", "log the finished pipeline to MLflow (parent run + a child run per stage) "
+                       "and register the teacher and students")
+    _add_tracking_args(p)
+    p.add_argument("--experiment", default="quest", help="MLflow experiment name (default: quest)")
+    p.add_argument("--no-register", action="store_true",
+                   help="log runs, metrics and artifacts only; do not register models")
+    p = sub.add_parser(
+        "promote", help="move the 'champion' alias to a candidate student if it is better",
+        description="Gated promotion: point quest-student@champion at the candidate (default: "
+                    "the @challenger set by `quest track`) only if its test_top1 tag beats the "
+                    "current champion's and clears --min-top1; otherwise change nothing and say "
+                    "why.")
+    p.add_argument("--root", default=".", help="project root (holds the default mlflow.db)")
+    _add_tracking_args(p)
+    p.add_argument("--min-top1", type=float, default=0.0,
+                   help="minimum test top-1 (0..1) a candidate must reach (default: 0.0)")
+    p.add_argument("--model-name", default="quest-student",
+                   help="registered model (default: quest-student)")
+    p.add_argument("--version", type=int, default=None,
+                   help="candidate version (default: the one with the 'challenger' alias)")
     p = sub.add_parser("models", help="list the model zoo, or a model's tappable layers",
                        description="list the model zoo, or a model's tappable layers")
     p.add_argument("--layers", metavar="ARCH", help="list the layers of ARCH with output shapes")
@@ -131,6 +160,25 @@ def _run_stage(args: argparse.Namespace) -> None:
         print(format_table(out["evaluation"]))
         print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in out["seconds"].items()))
         print(f"total wall time: {time.perf_counter() - t0:.1f}s")
+    elif args.command == "track":
+        from quest.tracking import track_pipeline
+
+        out = track_pipeline(cfg, paths, args.tracking_uri, args.experiment,
+                             register=not args.no_register)
+        print(f"MLflow run {out['parent_run_id']} ({len(out['child_run_ids'])} stage runs) "
+              f"in experiment '{out['experiment']}' at {out['tracking_uri']}")
+        if "challenger" in out:
+            versions = ", ".join(f"{m} v{v}" for m, v in out["student_versions"].items())
+            print(f"registered quest-teacher v{out['teacher_version']}; quest-student {versions}; "
+                  f"challenger: {out['challenger']['method']} v{out['challenger']['version']}")
+
+
+def _cmd_promote(args: argparse.Namespace) -> None:
+    from quest.tracking import promote, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(Path(args.root).resolve(), args.tracking_uri)
+    out = promote(uri, args.min_top1, args.model_name, args.version)
+    print(("promoted: " if out["promoted"] else "not promoted: ") + out["reason"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "models":
             _cmd_models(args)
+        elif args.command == "promote":
+            _cmd_promote(args)
         else:
             _run_stage(args)
     except QuestError as exc:

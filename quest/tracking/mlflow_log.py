@@ -1,0 +1,310 @@
+"""Log a finished pipeline run to MLflow: one parent run, a child run per stage, the registry.
+
+Everything is read from the files the stages wrote (metrics/, plots/, models/), so tracking can run
+after `quest run`, after `dvc repro`, or from a Prefect flow, and never changes the results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from quest.config import Config
+from quest.errors import QuestError
+from quest.io_utils import file_sha256, read_json, write_json_atomic
+from quest.paths import Paths, method_slug
+
+RUN_FILE = "mlflow_run.json"
+# MLflow's log_batch limits per request
+_MAX_METRICS, _MAX_PARAMS = 1000, 100
+
+
+def default_tracking_uri(root: Path) -> str:
+    """sqlite:///<root>/mlflow.db: a registry-capable store inside the project."""
+    return f"sqlite:///{(Path(root).resolve() / 'mlflow.db').as_posix()}"
+
+
+def resolve_tracking_uri(root: Path, tracking_uri: str | None = None) -> str:
+    """The tracking URI: the argument, else $MLFLOW_TRACKING_URI, else the project SQLite."""
+    return tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+
+
+@contextlib.contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at `uri` for the block, then restore what was there before."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI; undo both so callers see no change
+    before_global = getattr(tracking_utils, "_tracking_uri", None)
+    before_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before_global)
+        if before_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before_env
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (None for other stores)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {dotted.key: value} (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(flatten(value, full))
+        else:
+            out[full] = value
+    return out
+
+
+def git_commit(root: Path) -> str:
+    """HEAD of the git repository holding `root`, or 'unknown'."""
+    try:
+        res = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
+
+
+def _need(path: Path, fix: str) -> Any:
+    if not path.is_file():
+        raise QuestError(f"{path} does not exist: {fix}")
+    return read_json(path)
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    """Get or create the experiment; local stores keep artifacts beside the database."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise QuestError(f"MLflow experiment '{name}' is deleted: restore it or pass "
+                             "--experiment with another name")
+        return str(exp.experiment_id)
+    location = None
+    db = sqlite_path(uri)
+    if db is not None:
+        # without this MLflow would put artifacts in ./mlruns of whatever the working directory is
+        folder = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        location = (db.parent / "mlruns" / folder).resolve().as_uri()
+    return str(client.create_experiment(name, artifact_location=location))
+
+
+def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), _MAX_PARAMS):
+        client.log_batch(run_id, params=items[i : i + _MAX_PARAMS])
+
+
+def _log_metrics(client: Any, run_id: str, rows: list[tuple[str, float, int]]) -> None:
+    """Log (name, value, step) triples in batches: one transaction each, not one per value."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, int(s)) for k, v, s in rows]
+    for i in range(0, len(items), _MAX_METRICS):
+        client.log_batch(run_id, metrics=items[i : i + _MAX_METRICS])
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def history_metrics(history: list[dict[str, Any]]) -> list[tuple[str, float, int]]:
+    """Every numeric per-epoch value (losses, lr, accuracies, word accuracy...) with step=epoch."""
+    rows = []
+    for record in history:
+        epoch = int(record["epoch"])
+        rows += [(k, v, epoch) for k, v in record.items() if k != "epoch" and _numeric(v)]
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _log_files(pattern_dirs: list[tuple[Path, str, str]]) -> None:
+    """Log files matching a glob under each directory, keeping their relative layout."""
+    import mlflow
+
+    for base, pattern, dest in pattern_dirs:
+        for f in sorted(base.glob(pattern)) if base.is_dir() else []:
+            if f.is_file() and f.name != RUN_FILE and not f.name.startswith("."):
+                rel = f.parent.relative_to(base).as_posix()
+                mlflow.log_artifact(str(f), dest if rel == "." else f"{dest}/{rel}")
+
+
+def track_pipeline(
+    cfg: Config,
+    paths: Paths,
+    tracking_uri: str | None = None,
+    experiment: str = "quest",
+    register: bool = True,
+) -> dict[str, Any]:
+    """Log the finished pipeline to MLflow (parent + child runs), register its models."""
+    import mlflow
+
+    from quest.tracking import registry
+
+    root = paths.root
+    teacher_metrics = _need(paths.metrics / "teacher.json", "run `quest teacher` first")
+    evaluation = _need(paths.metrics / "evaluation.json", "run `quest evaluate` first")
+    students = {
+        m: _need(paths.student_metrics(m), f"run `quest student --method {m}` first")
+        for m in cfg.student.methods
+    }
+    codebook_metrics = None
+    if (paths.metrics / "codebook.json").is_file() and paths.codebook_meta.is_file():
+        codebook_metrics = read_json(paths.metrics / "codebook.json")
+    codebook_meta = read_json(paths.codebook_meta) if paths.codebook_meta.is_file() else {}
+    commit = git_commit(root)
+    uri = resolve_tracking_uri(root, tracking_uri)
+    params = flatten(cfg.to_dict())
+    result: dict[str, Any] = {"tracking_uri": uri, "experiment": experiment, "git_commit": commit}
+    example = registry.example_images(paths.prepared) if register else None
+    data_sha = next((s["data_sha256"] for s in students.values() if "data_sha256" in s), None)
+
+    with using_tracking_uri(uri):
+        client = mlflow.MlflowClient()
+        exp_id = _experiment_id(client, experiment, uri)
+        result["experiment_id"] = exp_id
+        children: dict[str, str] = {}
+        base_tags = {"quest.git_commit": commit, "quest.root": str(root)}
+        with mlflow.start_run(experiment_id=exp_id, run_name="pipeline",
+                              tags={**base_tags, "quest.stage": "pipeline"}) as parent:
+            pid = parent.info.run_id
+            result["parent_run_id"] = pid
+            _log_params(client, pid, params)
+            _log_metrics(client, pid, [
+                (f"{name}.{key}", r[key], 0)
+                for name, r in evaluation["models"].items()
+                for key in ("top1", "top5", "params", "macs") if _numeric(r.get(key))
+            ])
+            _log_files([(paths.metrics, "**/*.json", "metrics"),
+                               (paths.plots, "**/*.csv", "plots")])
+            if paths.codebook_meta.is_file():
+                mlflow.log_artifact(str(paths.codebook_meta), "models/codebook")
+
+            def child(stage: str, **tags: str) -> Any:
+                return mlflow.start_run(experiment_id=exp_id, run_name=stage, nested=True,
+                                        tags={**base_tags, "quest.stage": stage, **tags})
+
+            # teacher
+            with child("teacher") as run:
+                rid = children["teacher"] = run.info.run_id
+                _log_params(client, rid, flatten({"teacher": cfg.to_dict()["teacher"]}))
+                _log_metrics(client, rid, [
+                    (k, teacher_metrics[k], 0) for k in ("top1", "top5", "params", "macs")
+                    if _numeric(teacher_metrics.get(k))
+                ] + history_metrics(teacher_metrics.get("history") or []))
+                if register:
+                    assert example is not None
+                    teacher_top1 = evaluation["models"]["teacher"]["top1"]
+                    tv = registry.log_and_register(
+                        paths.teacher_model, registry.TEACHER_MODEL, example,
+                        _num_classes(paths.teacher_model), {
+                            "role": "teacher",
+                            "arch": teacher_metrics["arch"],
+                            "test_top1": teacher_top1,
+                            "data_sha256": data_sha or "unknown",
+                            "git_commit": commit,
+                            "model_sha256": file_sha256(paths.teacher_model),
+                        })
+                    result["teacher_version"] = tv
+            # codebook
+            if codebook_metrics is not None:
+                with child("codebook") as run:
+                    rid = children["codebook"] = run.info.run_id
+                    _log_params(client, rid, flatten({"codebook": cfg.to_dict()["codebook"]}))
+                    rows = [(k, v, 0) for k, v in codebook_metrics.items() if _numeric(v)]
+                    curve = paths.plots / "codebook_objective.csv"
+                    if curve.is_file():
+                        rows += [("objective", float(r["objective"]), int(r["iteration"]))
+                                 for r in _read_csv(curve)]
+                    _log_metrics(client, rid, rows)
+                    mlflow.set_tag("codebook_sha256", codebook_meta.get("codebook_sha256", ""))
+                    mlflow.log_artifact(str(paths.codebook_meta), "models/codebook")
+            # students
+            student_versions: dict[str, int] = {}
+            for method, sm in students.items():
+                with child(f"student[{method}]", **{"quest.method": method}) as run:
+                    rid = children[f"student[{method}]"] = run.info.run_id
+                    _log_params(client, rid, {"method": method, **flatten(
+                        {"student": cfg.to_dict()["student"]})})
+                    _log_metrics(client, rid, [
+                        # final numbers under names the per-epoch history does not use
+                        (k, sm[k], 0) for k in ("top1", "top5", "params", "seconds")
+                        if _numeric(sm.get(k))
+                    ] + history_metrics(sm.get("history") or []))
+                    for f in (paths.student_metrics(method), paths.student_curve(method)):
+                        if f.is_file():
+                            mlflow.log_artifact(str(f), f"students/{method_slug(method)}")
+                    if register:
+                        assert example is not None
+                        top1 = evaluation["models"].get(method_slug(method), {}).get(
+                            "top1", sm["top1"])
+                        student_versions[method] = registry.log_and_register(
+                            paths.student_model(method), registry.STUDENT_MODEL, example,
+                            _num_classes(paths.student_model(method)), {
+                                "role": "student",
+                                "method": method,
+                                "arch": sm["arch"],
+                                "teacher_version": result.get("teacher_version", "unknown"),
+                                "codebook_sha256": sm.get("codebook_sha256")
+                                or codebook_meta.get("codebook_sha256", "none"),
+                                "data_sha256": sm.get("data_sha256", "unknown"),
+                                "git_commit": commit,
+                                "test_top1": top1,
+                                "model_sha256": file_sha256(paths.student_model(method)),
+                            })
+            # evaluate
+            with child("evaluate") as run:
+                rid = children["evaluate"] = run.info.run_id
+                _log_metrics(client, rid, [
+                    (f"{name}.{key}", r[key], 0)
+                    for name, r in evaluation["models"].items()
+                    for key in ("top1", "top5", "params", "macs") if _numeric(r.get(key))
+                ])
+                _log_files([(paths.metrics, "evaluation.json", "metrics"),
+                                   (paths.metrics, "per_class.json", "metrics")])
+        result["child_run_ids"] = children
+        if register and student_versions:
+            # challenger: the best of the students just registered (first listed wins a tie)
+            best = max(students, key=lambda m: _tag_top1(client, student_versions[m]))
+            registry.set_alias(client, registry.STUDENT_MODEL, registry.CHALLENGER,
+                               student_versions[best])
+            result["student_versions"] = student_versions
+            result["challenger"] = {"method": best, "version": student_versions[best]}
+    write_json_atomic(paths.metrics / RUN_FILE, result)
+    return result
+
+
+def _num_classes(model_file: Path) -> int:
+    from quest.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(model_file)["num_classes"])
+
+
+def _tag_top1(client: Any, version: int) -> float:
+    from quest.tracking.registry import STUDENT_MODEL, version_tags
+
+    return float(version_tags(client, STUDENT_MODEL, version)["test_top1"])
