@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torchvision import models as tvm
 
 from quest.errors import QuestError
 from quest.models.resnet_cifar import RESNET_CIFAR_SPECS, resnet_cifar
@@ -18,6 +17,9 @@ from quest.models.wrn import WRN_SPECS, wide_resnet
 
 def _torchvision(name: str, num_classes: int) -> nn.Module:
     """Build an untrained torchvision ImageNet model with `num_classes` outputs."""
+    # imported here: torchvision costs ~1.7 s at start-up, and every pipeline stage is a process
+    from torchvision import models as tvm
+
     factory: Callable[..., nn.Module] = getattr(tvm, name)
     model = factory(weights=None, num_classes=num_classes)
     # in-place activations would rewrite the outputs of the BN layers before them, which a

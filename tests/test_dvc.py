@@ -1,0 +1,351 @@
+"""The DVC pipeline (dvc.yaml) run for real on the tiny preset in a temporary git + DVC project.
+
+One module-scoped project is reproduced once; the tests then check what reruns after each kind of
+change, metrics and plots, an experiment, and push / clone / pull through a local remote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from quest.cli import main as quest_main
+from quest.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: `quest` and `dvc` live here
+# The project trains one student, quest+kd (a '+' in stage names and file paths, and the code
+# path that needs teacher and codebook): every stage process costs ~4 s of imports, so each extra
+# student costs ~6 s per repro. The graph of all four methods is checked statically instead
+# (test_dag_of_all_methods).
+METHODS = ["quest+kd"]
+ALL_METHODS = ["ce", "kd", "quest", "quest+kd"]
+STUDENTS = {f"student@{m}" for m in METHODS}
+ALL_STAGES = {"prepare", "teacher", "features", "codebook", *STUDENTS, "evaluate"}
+# settings dvc.yaml deliberately leaves out of every stage's params (see its header)
+UNTRACKED = {"runtime.device", "runtime.threads", "runtime.channels_last", "runtime.progress",
+             "data.download", "features.batch_size"}
+TIMINGS: dict[str, float] = {}
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # params.yaml must be the whole truth: no environment overrides of data or teacher paths
+    for key in ("QUEST_DATA_LOCATION", "QUEST_TEACHER_CHECKPOINT", "QUEST_PRESET", "QUEST_DEVICE"):
+        env.pop(key, None)
+    env.update({
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        "DVC_NO_ANALYTICS": "1",
+        "DVC_STUDIO_OFFLINE": "true",
+        "DO_NOT_TRACK": "true",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # keep DVC's global/system config and its site cache out of the user's directories
+        "DVC_GLOBAL_CONFIG_DIR": str(tmp / "dvc-global"),
+        "DVC_SYSTEM_CONFIG_DIR": str(tmp / "dvc-system"),
+        "DVC_SITE_CACHE_DIR": str(tmp / "dvc-site-cache"),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "HOME": str(tmp / "home"),
+        "DVC_PAGER": "cat",
+    })
+    return env
+
+
+class Project:
+    """A temporary copy of the repository with its own git history, DVC cache and remote."""
+
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root, self.env = root, env
+        self.dag_dot = ""  # `dvc dag --dot` with all four methods
+        self.full_output = ""  # output of the first, full `dvc repro`
+
+    def run(self, *args: str, cwd: Path | None = None, label: str | None = None) -> str:
+        """Run a command in the project; fail the test with its output if it fails."""
+        t0 = time.perf_counter()
+        proc = subprocess.run(args, cwd=cwd or self.root, env=self.env, capture_output=True,
+                              text=True, timeout=600)
+        if label:
+            TIMINGS[label] = round(time.perf_counter() - t0, 1)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{out}"
+        return out
+
+    def dvc(self, *args: str, **kw: Any) -> str:
+        """Run `dvc ARGS`."""
+        return self.run(str(BIN / "dvc"), *args, **kw)
+
+    def git(self, *args: str, **kw: Any) -> str:
+        """Run `git ARGS`."""
+        return self.run("git", *args, **kw)
+
+    def commit(self, message: str) -> None:
+        """Commit everything (params.yaml, dvc.lock) so the next step starts clean."""
+        self.git("add", "-A")
+        self.git("commit", "-q", "--allow-empty", "-m", message)
+
+    def params(self) -> dict[str, Any]:
+        """The project's params.yaml."""
+        return yaml.safe_load((self.root / "params.yaml").read_text())
+
+    def set_param(self, dotted: str, value: Any) -> None:
+        """Edit one setting in params.yaml."""
+        raw = self.params()
+        node = raw
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+        (self.root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def ran_stages(output: str) -> set[str]:
+    """Stages DVC executed (or restored from its run cache) according to its output."""
+    ran = set(re.findall(r"Running stage '([^']+)'", output))
+    return ran | set(re.findall(r"Stage '([^']+)' is cached", output))
+
+
+def project_files() -> list[str]:
+    """What a clone of the repository holds: tracked files plus untracked, non-ignored ones."""
+    listed = set()
+    for extra in ([], ["--others", "--exclude-standard"]):
+        out = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", *extra],
+                             capture_output=True, text=True, check=True).stdout
+        listed.update(p for p in out.split("\0") if p)
+    return sorted(p for p in listed if (REPO / p).is_file())
+
+
+def tiny_params(cifar_archive: Path, teacher_checkpoint: Path, methods: list[str]) -> str:
+    """params.yaml for the test: `quest config --preset tiny --format yaml` with shared paths."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = quest_main([
+            "config", "--params", str(REPO / "params.yaml"), "--preset", "tiny",
+            "--format", "yaml",
+            "--set", f"data.location={cifar_archive}",
+            "--set", f"teacher.checkpoint={teacher_checkpoint}",
+            "--set", f"student.methods=[{', '.join(methods)}]",
+            # one intra-op thread: tiny batches gain nothing from two, and on a shared 2-core
+            # machine spinning OpenMP workers slow every stage down (runtime.* is not a DVC param)
+            "--set", "runtime.threads=1",
+        ])
+    assert rc == 0
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, cifar_archive: Path,
+            teacher_checkpoint: Path) -> Iterator[Project]:
+    """A git + DVC project, reproduced once, committed and clean."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("QUEST_DATA_LOCATION", "QUEST_TEACHER_CHECKPOINT", "QUEST_DEVICE"):
+            mp.delenv(key, raising=False)
+        for key, value in (("DVC_NO_ANALYTICS", "1"), ("DO_NOT_TRACK", "true"),
+                           ("MLFLOW_DISABLE_TELEMETRY", "true"),
+                           ("PREFECT_SERVER_ANALYTICS_ENABLED", "false")):
+            mp.setenv(key, value)
+        yield from _make_project(tmp_path_factory, cifar_archive, teacher_checkpoint)
+
+
+def _make_project(tmp_path_factory: pytest.TempPathFactory, cifar_archive: Path,
+                  teacher_checkpoint: Path) -> Iterator[Project]:
+    tmp = tmp_path_factory.mktemp("dvc")
+    root = tmp / "project"
+    for rel in project_files():
+        dest = root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dest)
+    (tmp / "home").mkdir()
+    proj = Project(root, _env(tmp))
+    proj.git("init", "-q")
+    proj.git("config", "user.name", "quest test")
+    proj.git("config", "user.email", "quest-test@example.invalid")
+    if not (root / ".dvc" / "config").is_file():
+        proj.dvc("init", "-q")
+    # the committed default remote lies outside the project; the test's one lives in tmp
+    proj.dvc("remote", "add", "-d", "-f", "storage", str(tmp / "remote"))
+    # the stage graph with all four methods (static: nothing runs)
+    (root / "params.yaml").write_text(tiny_params(cifar_archive, teacher_checkpoint, ALL_METHODS))
+    proj.dag_dot = proj.dvc("dag", "--dot")
+    text = tiny_params(cifar_archive, teacher_checkpoint, METHODS)
+    (root / "params.yaml").write_text(text)
+    assert yaml.safe_load(text)["student"]["methods"] == METHODS
+    proj.commit("tiny project")
+    proj.full_output = proj.dvc("repro", label="repro: full")
+    proj.commit("reproduced")
+    yield proj
+    print("\nDVC timings (s):", json.dumps(TIMINGS))
+
+
+def status_clean(proj: Project, cwd: Path | None = None) -> bool:
+    """Whether `dvc status` reports nothing to do."""
+    return "Data and pipelines are up to date" in proj.dvc("status", cwd=cwd)
+
+
+def stage_params(dvc_yaml: dict[str, Any]) -> dict[str, list[str]]:
+    """The params each stage (template) of dvc.yaml lists."""
+    out = {}
+    for name, stage in dvc_yaml["stages"].items():
+        body = stage.get("do", stage)
+        out[name] = [p for p in body.get("params", []) if isinstance(p, str)]
+    return out
+
+
+def leaves(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    """Dotted keys of every leaf setting (lists count as leaves)."""
+    keys = set()
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        keys |= leaves(value, dotted + ".") if isinstance(value, dict) else {dotted}
+    return keys
+
+
+def test_dvc_yaml_params_cover_every_setting() -> None:
+    # a setting missing from every stage's params would change results without any rerun
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    listed = {p for ps in stage_params(spec).values() for p in ps}
+    settings = leaves(Config().to_dict())
+    assert listed <= settings, f"unknown params in dvc.yaml: {sorted(listed - settings)}"
+    assert UNTRACKED <= settings
+    missing = settings - listed - UNTRACKED - {"student.methods"}
+    assert not missing, f"settings no stage tracks: {sorted(missing)}"
+    # DVC fails on a listed param absent from params.yaml, so the repo's file must spell them all
+    repo_params = yaml.safe_load((REPO / "params.yaml").read_text())
+    repo_params.pop("presets", None)
+    absent = listed - leaves(repo_params)
+    assert not absent, f"params.yaml lacks {sorted(absent)}"
+    # the methods list drives the foreach and is what evaluate reads
+    assert spec["stages"]["student"]["foreach"] == "${student.methods}"
+    assert "student.methods" in stage_params(spec)["evaluate"]
+
+
+def test_config_yaml_is_a_resolved_params_file(tmp_path: Path, cifar_archive: Path,
+                                               teacher_checkpoint: Path) -> None:
+    from quest.config import load_config
+
+    text = tiny_params(cifar_archive, teacher_checkpoint, ALL_METHODS)
+    assert "presets" not in yaml.safe_load(text)
+    (tmp_path / "params.yaml").write_text(text)
+    expected = load_config(REPO / "params.yaml", "tiny", [
+        f"data.location={cifar_archive}", f"teacher.checkpoint={teacher_checkpoint}",
+        "student.methods=[ce, kd, quest, quest+kd]", "runtime.threads=1"]).to_dict()
+    assert load_config(tmp_path / "params.yaml").to_dict() == expected
+
+
+def test_dag_of_all_methods(project: Project) -> None:
+    dot = project.dag_dot
+    edges = set(re.findall(r'"([^"]+)" -> "([^"]+)"', dot))
+    nodes = set(re.findall(r'^"([^"]+)";$', dot, re.M))
+    students = {f"student@{m}" for m in ALL_METHODS}
+    assert nodes == {"prepare", "teacher", "features", "codebook", "evaluate", *students}
+    for student in students:
+        # evaluate's directory dependency (models/students) links it to every student stage
+        assert (student, "evaluate") in edges
+        assert {("codebook", student), ("teacher", student), ("prepare", student)} <= edges
+    assert {("prepare", "teacher"), ("teacher", "features"), ("features", "codebook"),
+            ("prepare", "evaluate"), ("teacher", "evaluate")} <= edges
+    assert ("codebook", "evaluate") not in edges
+
+
+def test_full_repro_runs_every_stage(project: Project) -> None:
+    assert ran_stages(project.full_output) == ALL_STAGES
+    ev = json.loads((project.root / "metrics" / "evaluation.json").read_text())
+    assert set(ev["models"]) == {"teacher", *METHODS}
+    assert ev["models"]["teacher"]["top1"] > 0.5
+    for method in METHODS:
+        assert (project.root / "models" / "students" / f"{method}.pt").is_file()
+        assert (project.root / "plots" / "students" / f"{method}.csv").is_file()
+    lock = yaml.safe_load((project.root / "dvc.lock").read_text())
+    assert set(lock["stages"]) == ALL_STAGES
+
+
+def test_second_repro_does_nothing(project: Project) -> None:
+    out = project.dvc("repro", label="repro: no-op")
+    assert ran_stages(out) == set()
+    for stage in ALL_STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in out
+    # bytecode inside a code dependency directory is .dvcignore'd: it must not trigger reruns
+    pyc = project.root / "quest" / "models" / "__pycache__" / "zoo.cpython-311.pyc"
+    pyc.parent.mkdir(exist_ok=True)
+    pyc.write_bytes(b"not source")
+    try:
+        assert status_clean(project)
+    finally:
+        shutil.rmtree(pyc.parent)
+
+
+def test_metrics_and_plots_show(project: Project) -> None:
+    shown = json.loads(project.dvc("metrics", "show", "--json"))
+    data = shown[""]["data"]
+    models = data["metrics/evaluation.json"]["data"]["models"]
+    assert set(models) == {"teacher", *METHODS}
+    assert all(0 <= models[m]["top1"] <= 1 for m in models)
+    teacher_top1 = data["metrics/teacher.json"]["data"]["top1"]
+    assert teacher_top1 == pytest.approx(models["teacher"]["top1"], abs=1e-6)
+    assert data["metrics/codebook.json"]["data"]["k"] == 32
+    plots = json.loads(project.dvc("plots", "show", "--json"))["data"]
+    codebook = ["plots/codebook_objective.csv", "plots/codebook_usage.csv"]
+    for name in [f"plots/students/{m}.csv" for m in METHODS] + codebook:
+        assert name in plots, sorted(plots)
+    curve = plots[f"plots/students/{METHODS[0]}.csv"][0]["content"]
+    assert curve["encoding"]["x"]["field"] == "epoch"
+    fields = {row["field"] for row in curve["data"]["values"]}
+    assert {"test_accuracy", "train_accuracy"} <= fields
+
+
+def test_student_param_experiment_reruns_students_and_evaluate(project: Project) -> None:
+    # each test that changes the project commits and checks `dvc status` at its end
+    out = project.dvc("exp", "run", "-S", "student.train.lr=0.02", label="exp run: student lr")
+    assert ran_stages(out) == {*STUDENTS, "evaluate"}
+    assert project.params()["student"]["train"]["lr"] == 0.02
+    exps = json.loads(project.dvc("exp", "show", "--json"))
+    found = []
+    for row in exps:
+        for exp in row.get("experiments") or []:
+            for rev in exp["revs"]:
+                params = rev["data"]["params"]["params.yaml"]["data"]
+                metrics = rev["data"]["metrics"]["metrics/evaluation.json"]["data"]
+                found.append((params["student"]["train"]["lr"], sorted(metrics["models"])))
+    assert found == [(0.02, sorted(["teacher", *METHODS]))]
+    project.commit("student lr 0.02")
+    assert status_clean(project)
+
+
+def test_codebook_k_reruns_codebook_students_and_evaluate(project: Project) -> None:
+    project.set_param("codebook.k", 16)
+    out = project.dvc("repro", label="repro: codebook.k")
+    assert ran_stages(out) == {"codebook", *STUDENTS, "evaluate"}
+    assert json.loads((project.root / "metrics" / "codebook.json").read_text())["k"] == 16
+    project.commit("codebook k 16")
+    assert status_clean(project)
+
+
+def test_push_then_pull_in_a_fresh_clone(project: Project, tmp_path: Path) -> None:
+    project.dvc("push", label="push")
+    clone = tmp_path / "clone"
+    project.git("clone", "-q", str(project.root), str(clone))
+    assert not (clone / "models" / "students" / "quest+kd.pt").exists()
+    project.dvc("pull", cwd=clone, label="pull")
+    for rel in ("data/prepared", "data/features", "models/codebook/codebook.npy",
+                "models/teacher/teacher.pt", "models/students/quest+kd.pt",
+                "metrics/evaluation.json", "plots/students/quest+kd.csv"):
+        assert (clone / rel).exists(), rel
+    assert status_clean(project, cwd=clone)
+    out = project.dvc("repro", cwd=clone, label="repro: clone no-op")
+    assert ran_stages(out) == set()
+    same = ("metrics/evaluation.json", "models/students/quest+kd.pt",
+            "models/codebook/codebook.npy")
+    for rel in same:
+        assert (clone / rel).read_bytes() == (project.root / rel).read_bytes(), rel
