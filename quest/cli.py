@@ -69,12 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "the @challenger set by `quest track`) only if its test_top1 tag beats the "
                     "current champion's and clears --min-top1; otherwise change nothing and say "
                     "why.")
-    p.add_argument("--root", default=".", help="project root (holds the default mlflow.db)")
+    _add_config_args(p)
     _add_tracking_args(p)
-    p.add_argument("--min-top1", type=float, default=0.0,
-                   help="minimum test top-1 (0..1) a candidate must reach (default: 0.0)")
-    p.add_argument("--model-name", default="quest-student",
-                   help="registered model (default: quest-student)")
+    p.add_argument("--min-top1", type=float, default=None,
+                   help="minimum test top-1 (0..1) a candidate must reach "
+                        "(default: promotion.min_top1 in params.yaml)")
+    p.add_argument("--model-name", default=None,
+                   help="registered model (default: promotion.model_name, quest-student)")
     p.add_argument("--version", type=int, default=None,
                    help="candidate version (default: the one with the 'challenger' alias)")
     p = sub.add_parser("models", help="list the model zoo, or a model's tappable layers",
@@ -174,10 +175,15 @@ def _run_stage(args: argparse.Namespace) -> None:
 
 
 def _cmd_promote(args: argparse.Namespace) -> None:
+    from quest.config import load_config
     from quest.tracking import promote, resolve_tracking_uri
 
-    uri = resolve_tracking_uri(Path(args.root).resolve(), args.tracking_uri)
-    out = promote(uri, args.min_top1, args.model_name, args.version)
+    root = Path(args.root)
+    cfg = load_config(root / args.params if not Path(args.params).is_absolute() else args.params,
+                      args.preset, args.overrides)
+    uri = resolve_tracking_uri(root.resolve(), args.tracking_uri)
+    min_top1 = cfg.promotion.min_top1 if args.min_top1 is None else args.min_top1
+    out = promote(uri, min_top1, args.model_name or cfg.promotion.model_name, args.version)
     print(("promoted: " if out["promoted"] else "not promoted: ") + out["reason"])
 
 

@@ -136,6 +136,14 @@ class RuntimeConfig:
 
 
 @dataclass
+class PromotionConfig:
+    """Gates for moving the registry's champion alias to a new student."""
+
+    min_top1: float = 0.0
+    model_name: str = "quest-student"
+
+
+@dataclass
 class Config:
     """The whole pipeline configuration."""
 
@@ -145,6 +153,7 @@ class Config:
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of all settings."""
@@ -353,6 +362,8 @@ def validate(cfg: Config) -> None:
                 resolve_layer(build_model(arch, 10), layer)
             except QuestError as exc:
                 raise QuestError(f"{key}: {exc}") from None
+    if not 0.0 <= cfg.promotion.min_top1 <= 1.0:
+        raise QuestError(f"promotion.min_top1 is {cfg.promotion.min_top1}: use a value in [0, 1]")
     if cfg.runtime.device not in ("auto", "cpu") and not cfg.runtime.device.startswith("cuda"):
         raise QuestError(f"runtime.device is '{cfg.runtime.device}': use auto, cpu or cuda[:N]")
 

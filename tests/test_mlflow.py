@@ -239,8 +239,8 @@ def test_promotion_gate(
     # the better candidate through the CLI, which prints one line
     root, uri = tracked["root"], tracked["uri"]
     better = gated["better_version"]
-    assert main(["promote", "--root", str(root), "--tracking-uri", uri, "--version",
-                 str(better)]) == 0
+    assert main(["promote", "--root", str(root), "--preset", "tiny", "--tracking-uri", uri,
+                 "--version", str(better)]) == 0
     out = capsys.readouterr().out.strip()
     assert out.startswith("promoted: ") and "\n" not in out
     now = client.get_model_version_by_alias("quest-student", "champion")
@@ -252,9 +252,9 @@ def test_promotion_gate(
     assert again["promoted"] is False and "already the champion" in again["reason"]
     assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///somewhere-else.db"
     # the default candidate is the challenger; it no longer beats the new champion
-    assert main(["promote", "--root", str(root), "--tracking-uri", uri]) == 0
+    assert main(["promote", "--root", str(root), "--preset", "tiny", "--tracking-uri", uri]) == 0
     assert capsys.readouterr().out.startswith("not promoted: ")
-    assert main(["promote", "--root", str(root), "--tracking-uri", uri,
+    assert main(["promote", "--root", str(root), "--preset", "tiny", "--tracking-uri", uri,
                  "--model-name", "no-such-model"]) == 2
     assert "run `quest track` first" in capsys.readouterr().err
 
