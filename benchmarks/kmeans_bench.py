@@ -39,6 +39,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU jiffies of the whole machine from /proc/stat, or None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:9]
+    except OSError:
+        return None
+    vals = [int(v) for v in fields]
+    idle = vals[3] + vals[4]  # idle + iowait
+    return sum(vals) - idle, sum(vals)
+
+
+def _others_busy(before: tuple[int, int] | None, own_cpu_s: float) -> float | None:
+    """Fraction of all cores busy with other processes since `before` (shared-machine noise)."""
+    after = _cpu_jiffies()
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = (after[0] - before[0]) / tick
+    total = (after[1] - before[1]) / tick
+    return max(0.0, (busy - own_cpu_s) / total)
+
+
 def machine_info(device: str) -> dict[str, Any]:
     """Platform, CPU and library versions, so numbers can be compared across machines."""
     import torch
@@ -103,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         order = backends if rep % 2 == 0 else list(reversed(backends))
         for backend in order:
             cpu0 = time.process_time()
+            jiffies0 = _cpu_jiffies()
             res = codebook.fit_kmeans(
                 x,
                 args.k,
@@ -112,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
                 max_points_per_centroid=mppc,
                 device=args.device,
             )
+            cpu_s = time.process_time() - cpu0
             runs[backend].append(
                 {
                     "seconds": res.seconds,
-                    "cpu_seconds": time.process_time() - cpu0,
+                    "cpu_seconds": cpu_s,
+                    "others_busy": _others_busy(jiffies0, cpu_s),
                     "final_objective": res.objective[-1],
                     "first_objective": res.objective[0],
                     "reseeded": res.reseeded,
@@ -123,9 +148,11 @@ def main(argv: list[str] | None = None) -> int:
                     "device": res.device,
                 }
             )
+            busy = runs[backend][-1]["others_busy"]
             print(
                 f"[{rep + 1}/{args.repeats}] {backend:5s} {res.seconds:7.2f} s  "
-                f"objective {res.objective[-1]:.6g}",
+                f"objective {res.objective[-1]:.6g}  "
+                f"others busy {'n/a' if busy is None else f'{busy:.0%}'}",
                 flush=True,
             )
     load_after = os.getloadavg()
@@ -138,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_median": statistics.median(secs),
             "seconds_all": secs,
             "cpu_seconds_all": [r["cpu_seconds"] for r in rs],
+            # Share of the machine's cores used by other processes during each fit: the
+            # timings are only comparable where this is near 0.
+            "others_busy_all": [r["others_busy"] for r in rs],
             "final_objective": rs[0]["final_objective"],
             "final_objective_mean_per_vector": rs[0]["final_objective"] / rs[0]["n_train"],
             "first_objective": rs[0]["first_objective"],
