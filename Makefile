@@ -19,6 +19,8 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/quest run
+	$(BIN)/quest track
+	$(BIN)/quest promote
 
 smoke: $(STAMP)
 	$(BIN)/quest run --preset smoke

@@ -16,8 +16,10 @@ from quest.io_utils import atomic_path
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """Save a checkpoint dict atomically (temporary file, then rename)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # saved through a file handle: torch names the archive's records after a path it is given,
+    # and the temporary name is random, which would make identical weights hash differently
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

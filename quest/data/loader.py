@@ -66,7 +66,7 @@ class InMemoryLoader:
         if isinstance(arr, np.ndarray) and not arr.flags.writeable:
             arr = np.array(arr)  # memory-mapped input: copy into RAM once
         self.images = torch.as_tensor(arr).to(self.device)
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(self.device)
+        self.labels = torch.as_tensor(np.array(labels), dtype=torch.long).to(self.device)
         self.batch_size = int(batch_size)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,10 @@ def student_channels(model: torch.nn.Module, layer: str, image_shape: tuple[int,
     return channels
 
 
+# Students may be built in parallel threads (the Prefect flow); the global RNG must not interleave.
+_INIT_LOCK = threading.Lock()
+
+
 def run_student(cfg: Config, paths: Paths, method: str) -> dict[str, Any]:
     """Train the configured student with `method`; write model, metrics and per-epoch curves."""
     s = cfg.student
@@ -56,32 +61,34 @@ def run_student(cfg: Config, paths: Paths, method: str) -> dict[str, Any]:
         teacher, _ = load_model_file(paths.teacher_model, "teacher model")
         teacher = to_device(teacher, device, cfg.runtime.channels_last)
         provenance["teacher_sha256"] = file_sha256(paths.teacher_model)
-    torch.manual_seed(s.train.seed)
-    student = to_device(build_model(s.arch, num_classes), device, cfg.runtime.channels_last)
-    if method.startswith("quest"):
-        if not paths.codebook.is_file():
-            raise QuestError(f"{paths.codebook} does not exist: run `quest codebook` first")
-        cb_meta = read_json(paths.codebook_meta)
-        provenance["codebook_sha256"] = cb_meta["codebook_sha256"]
-        s_layer = s.layer or default_feature_layer(s.arch)
-        extra = {
-            "codebook": torch.from_numpy(np.load(paths.codebook)).to(device),
-            "teacher_layer": cb_meta["layer"],
-            "student_layer": s_layer,
-            "student_channels": student_channels(student, s_layer, image_shape),
-            "quest_temperature": s.quest.temperature,
-            "quest_weight": s.quest.weight,
-            "init_scale": s.quest.init_scale,
-        }
-    distiller = build_distiller(
-        method,
-        student,
-        teacher,
-        kd_temperature=s.kd.temperature,
-        kd_ce_weight=s.kd.ce_weight,
-        kd_weight=s.kd.kd_weight,
-        **extra,
-    )
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        # the student's and the predictor's initial weights depend on the seed alone
+        torch.manual_seed(s.train.seed)
+        student = to_device(build_model(s.arch, num_classes), device, cfg.runtime.channels_last)
+        if method.startswith("quest"):
+            if not paths.codebook.is_file():
+                raise QuestError(f"{paths.codebook} does not exist: run `quest codebook` first")
+            cb_meta = read_json(paths.codebook_meta)
+            provenance["codebook_sha256"] = cb_meta["codebook_sha256"]
+            s_layer = s.layer or default_feature_layer(s.arch)
+            extra = {
+                "codebook": torch.from_numpy(np.load(paths.codebook)).to(device),
+                "teacher_layer": cb_meta["layer"],
+                "student_layer": s_layer,
+                "student_channels": student_channels(student, s_layer, image_shape),
+                "quest_temperature": s.quest.temperature,
+                "quest_weight": s.quest.weight,
+                "init_scale": s.quest.init_scale,
+            }
+        distiller = build_distiller(
+            method,
+            student,
+            teacher,
+            kd_temperature=s.kd.temperature,
+            kd_ce_weight=s.kd.ce_weight,
+            kd_weight=s.kd.kd_weight,
+            **extra,
+        )
     train_loader, test_loader = make_loaders(ds, cfg, s.train, device)
     fingerprint = config_hash({"method": method, "student": config_hash(s), **provenance})
     trainer = Trainer(

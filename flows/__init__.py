@@ -1,0 +1,1 @@
+"""Prefect orchestration of the quest pipeline: cached stage tasks, promotion, deployments."""

@@ -1,0 +1,306 @@
+"""The QuEST pipeline as a Prefect flow: the CLI's stage functions as cached, retried tasks.
+
+Each task calls the same ``quest.stages`` function as ``quest <stage>`` and ``dvc repro``, and
+passes only the project root, the resolved config (a small dict) and, for students, the method:
+tensors never travel between tasks, files on disk do. Cache keys come from flows/cache.py
+(input file hashes + config sections + code version), results are persisted as JSON under
+``<root>/.quest/prefect/results``, so a second run with nothing changed is all ``Cached``.
+
+Students are submitted together and run concurrently on the flow's task runner, the default
+``ThreadPoolTaskRunner``. To spread them over a Dask cluster instead, install ``prefect-dask``
+(``pip install prefect-dask==0.3.7``) and swap the runner; the root and the result storage must
+then be on a filesystem every Dask worker sees::
+
+    from prefect_dask import DaskTaskRunner
+    from flows.pipeline import quest_pipeline
+
+    quest_pipeline.with_options(
+        task_runner=DaskTaskRunner(address="tcp://scheduler-host:8786")
+    )(root="/shared/quest", preset="tiny")
+
+Run it once from a shell (a temporary local Prefect server starts when PREFECT_API_URL is unset)::
+
+    python -m flows.pipeline --root . --preset tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.filesystems import LocalFileSystem
+from prefect.futures import PrefectFuture
+from prefect.states import State
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.cache import cache_key_fn, output_digests, outputs_match, outputs_present
+from quest.config import Config, build_config, load_config, read_params
+from quest.errors import QuestError
+from quest.paths import Paths
+
+
+def retry_unless_quest_error(task: Any, task_run: Any, state: State) -> bool:
+    """Prefect retry condition: retry transient failures, never a QuestError (bad input)."""
+    try:
+        state.result()
+    except QuestError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+# Every stage task: persisted JSON results (caching needs them), retries for transient failures
+# (a worker killed mid-epoch resumes from the trainer's checkpoint), none for bad input.
+_TASK_OPTIONS: dict[str, Any] = {
+    "persist_result": True,
+    "result_serializer": "json",
+    "retries": 2,
+    "retry_delay_seconds": 2,
+    "retry_condition_fn": retry_unless_quest_error,
+}
+
+
+def _stage_result(stage: str, root: str, summary: Any, method: str | None = None) -> dict[str, Any]:
+    """What a task returns: the stage's summary plus the hashes of the files it wrote."""
+    paths = Paths(Path(root).resolve())
+    return {"stage": stage, "method": method, "summary": summary,
+            "outputs": output_digests(stage, paths, method)}
+
+
+def _cfg_paths(root: str, config: dict[str, Any]) -> tuple[Config, Paths]:
+    return build_config(config), Paths(Path(root).resolve())
+
+
+@task(name="prepare", cache_key_fn=cache_key_fn("prepare"), **_TASK_OPTIONS)
+def prepare_task(root: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Read the data source into data/prepared/ (quest prepare)."""
+    from quest.stages.prepare import run_prepare
+
+    return _stage_result("prepare", root, run_prepare(*_cfg_paths(root, config)))
+
+
+@task(name="teacher", cache_key_fn=cache_key_fn("teacher"), **_TASK_OPTIONS)
+def teacher_task(root: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Import or train the teacher into models/teacher/ (quest teacher)."""
+    from quest.stages.teacher import run_teacher
+
+    return _stage_result("teacher", root, run_teacher(*_cfg_paths(root, config)))
+
+
+@task(name="features", cache_key_fn=cache_key_fn("features"), **_TASK_OPTIONS)
+def features_task(root: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Extract the teacher's spatial feature vectors into data/features/ (quest features)."""
+    from quest.stages.features import run_features
+
+    return _stage_result("features", root, run_features(*_cfg_paths(root, config)))
+
+
+@task(name="codebook", cache_key_fn=cache_key_fn("codebook"), **_TASK_OPTIONS)
+def codebook_task(root: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Fit the k-means vocabulary into models/codebook/ (quest codebook)."""
+    from quest.stages.codebook import run_codebook
+
+    return _stage_result("codebook", root, run_codebook(*_cfg_paths(root, config)))
+
+
+@task(name="student", task_run_name="student[{method}]", cache_key_fn=cache_key_fn("student"),
+      **_TASK_OPTIONS)
+def student_task(root: str, config: dict[str, Any], method: str) -> dict[str, Any]:
+    """Train one student with one method into models/students/ (quest student --method M)."""
+    from quest.stages.student import run_student
+
+    cfg, paths = _cfg_paths(root, config)
+    return _stage_result("student", root, run_student(cfg, paths, method), method)
+
+
+@task(name="evaluate", cache_key_fn=cache_key_fn("evaluate"), **_TASK_OPTIONS)
+def evaluate_task(root: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate teacher and students into metrics/evaluation.json (quest evaluate)."""
+    from quest.stages.evaluate import run_evaluate
+
+    return _stage_result("evaluate", root, run_evaluate(*_cfg_paths(root, config)))
+
+
+def result_storage(root: Path) -> LocalFileSystem:
+    """The project's result storage block, <root>/.quest/prefect/results, saved server-side."""
+    # Project-local results: a worker with another PREFECT_HOME finds the same cache, and
+    # `rm -rf .quest` resets it. Prefect only accepts saved blocks as task result storage.
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    storage = LocalFileSystem(basepath=str(root / ".quest" / "prefect" / "results"))
+    storage.save(f"quest-results-{digest}", overwrite=True)
+    return storage
+
+
+def _label(stage: str, method: str | None) -> str:
+    return f"{stage}[{method}]" if method else stage
+
+
+class _Runner:
+    """Runs stage tasks with the project's result storage, and reruns stale cache hits."""
+
+    def __init__(self, root: Path, config: dict[str, Any]) -> None:
+        self.paths = Paths(root)
+        self.config = config
+        self.storage = result_storage(root)
+        self.states: dict[str, str] = {}
+        self.logger = get_run_logger()
+
+    def _missing(self, stage: str, method: str | None) -> bool:
+        if outputs_present(stage, self.paths, method):
+            return False
+        self.logger.info("%s: output files missing, (re)computing without a cache lookup",
+                         _label(stage, method))
+        return True
+
+    def _task(self, task_obj: Any, refresh: bool) -> Any:
+        opts: dict[str, Any] = {"result_storage": self.storage}
+        if refresh:
+            # overwrite the cache record: the key is right but the files it describes are gone
+            opts["refresh_cache"] = True
+        return task_obj.with_options(**opts)
+
+    def _kwargs(self, method: str | None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"root": str(self.paths.root), "config": self.config}
+        if method is not None:
+            kwargs["method"] = method
+        return kwargs
+
+    def _stale(self, stage: str, method: str | None, state: State, result: Any) -> bool:
+        if state.name != "Cached" or outputs_match(result, self.paths):
+            return False
+        self.logger.warning("%s: cache hit, but its output files are missing or differ on disk; "
+                            "recomputing", _label(stage, method))
+        return True
+
+    def run(self, task_obj: Any, stage: str, method: str | None = None) -> Any:
+        """Run one stage task now and return its result."""
+        refresh = self._missing(stage, method)
+        state = self._task(task_obj, refresh)(**self._kwargs(method), return_state=True)
+        result = state.result()
+        if self._stale(stage, method, state, result):
+            state = self._task(task_obj, True)(**self._kwargs(method), return_state=True)
+            result = state.result()
+        self.states[_label(stage, method)] = str(state.name)
+        return result
+
+    def run_many(self, task_obj: Any, stage: str, methods: list[str]) -> dict[str, Any]:
+        """Submit one task per method so they run concurrently; return results by method."""
+        todo = list(methods)
+        results: dict[str, Any] = {}
+        first = True
+        while todo:
+            futures: dict[str, PrefectFuture[Any]] = {}
+            for m in todo:
+                refresh = not first or self._missing(stage, m)
+                futures[m] = self._task(task_obj, refresh).submit(**self._kwargs(m))
+            for f in futures.values():
+                f.wait()  # let every student finish before the first failure is raised
+            todo = []
+            for m, f in futures.items():
+                state = f.state
+                results[m] = state.result()
+                if first and self._stale(stage, m, state, results[m]):
+                    todo.append(m)
+                self.states[_label(stage, m)] = str(state.name)
+            first = False
+        return results
+
+
+def config_for(root: str | os.PathLike[str], params: str = "params.yaml",
+               preset: str | None = None, overrides: list[str] | None = None) -> Config:
+    """The flow's configuration: params file (relative to root), preset, env and overrides."""
+    p = Path(params)
+    return load_config(p if p.is_absolute() else Path(root) / p, preset, overrides)
+
+
+def dvc_commit(root: Path, cfg: Config) -> str:
+    """Record the flow's outputs in dvc.lock (`dvc commit --force`) when root is a DVC repo."""
+    if not (root / ".dvc").is_dir():
+        return "not a DVC repo"
+    # dvc.lock describes outputs by params.yaml: committing outputs made with other settings
+    # (a preset, --set overrides, env overrides) would make DVC vouch for the wrong params
+    params_file = root / "params.yaml"
+    plain = read_params(params_file) if params_file.is_file() else None
+    if plain is not None:
+        plain.pop("presets", None)
+    if plain is None or build_config(plain).to_dict() != cfg.to_dict():
+        return "skipped: the flow's config differs from params.yaml, so dvc.lock was left alone"
+    # DVC stage commands call `quest`: put this interpreter's bin dir first on PATH
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    dvc = shutil.which("dvc", path=env["PATH"])
+    if dvc is None:
+        raise QuestError(f"{root} is a DVC repo but dvc is not installed: pip install dvc")
+    proc = subprocess.run([dvc, "commit", "--force", "--quiet"], cwd=root, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise QuestError(f"dvc commit failed in {root}: {lines[-1] if lines else proc.returncode}"
+                         ": fix it and rerun the flow (finished stages stay cached)")
+    return "committed"
+
+
+@flow(name="quest-pipeline", task_runner=ThreadPoolTaskRunner())
+def quest_pipeline(
+    root: str = ".",
+    params: str = "params.yaml",
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run prepare, teacher, features, codebook, the students and evaluate as cached tasks."""
+    logger = get_run_logger()
+    # the stages log through the "quest" logger; INFO lines reach Prefect's log when
+    # PREFECT_LOGGING_EXTRA_LOGGERS=quest is set
+    logging.getLogger("quest").setLevel(logging.INFO)
+    root_path = Path(root).resolve()
+    cfg = config_for(root_path, params, preset, overrides)
+    config = cfg.to_dict()
+    run = _Runner(root_path, config)
+    run.run(prepare_task, "prepare")
+    run.run(teacher_task, "teacher")
+    methods = list(cfg.student.methods)
+    # dvc.yaml always has features and codebook; without a QuEST student only DVC needs them
+    if any(m.startswith("quest") for m in methods) or (root_path / ".dvc").is_dir():
+        run.run(features_task, "features")
+        run.run(codebook_task, "codebook")
+    run.run_many(student_task, "student", methods)
+    evaluation = run.run(evaluate_task, "evaluate")
+    dvc = dvc_commit(root_path, cfg)
+    logger.info("task states: %s; dvc: %s",
+                ", ".join(f"{k}={v}" for k, v in run.states.items()), dvc)
+    return {"states": run.states, "evaluation": evaluation["summary"], "dvc": dvc}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: run the flow once, print the task states and the accuracy table."""
+    ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__)
+    ap.add_argument("--root", default=".")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args(argv)
+    from quest.stages.evaluate import format_table
+
+    try:
+        out = quest_pipeline(args.root, args.params, args.preset, args.overrides or None)
+    except QuestError as exc:
+        print(f"quest: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(out["evaluation"]))
+    print("tasks: " + ", ".join(f"{k}={v}" for k, v in out["states"].items()))
+    print(f"dvc: {out['dvc']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
