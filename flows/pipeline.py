@@ -130,6 +130,16 @@ def evaluate_task(root: str, config: dict[str, Any]) -> dict[str, Any]:
     return _stage_result("evaluate", root, run_evaluate(*_cfg_paths(root, config)))
 
 
+@task(name="track", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_quest_error)
+def track_task(root: str, config: dict[str, Any], tracking_uri: str | None) -> dict[str, Any]:
+    """Log the finished pipeline to MLflow and register its models (never cached)."""
+    from quest.tracking import track_pipeline
+
+    cfg, paths = _cfg_paths(root, config)
+    out = track_pipeline(cfg, paths, tracking_uri)
+    return {k: v for k, v in out.items() if isinstance(v, str | int | float | dict)}
+
+
 def result_storage(root: Path) -> LocalFileSystem:
     """The project's result storage block, <root>/.quest/prefect/results, saved server-side."""
     # Project-local results: a worker with another PREFECT_HOME finds the same cache, and
@@ -256,8 +266,15 @@ def quest_pipeline(
     params: str = "params.yaml",
     preset: str | None = None,
     overrides: list[str] | None = None,
+    track: bool = False,
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
-    """Run prepare, teacher, features, codebook, the students and evaluate as cached tasks."""
+    """Run prepare, teacher, features, codebook, the students and evaluate as cached tasks.
+
+    With ``track``, a run that recomputed anything is logged to MLflow as one parent run with a
+    child run per stage, and its teacher and students are registered (an all-cached run is not
+    logged again, so the registry gets no duplicate versions).
+    """
     logger = get_run_logger()
     # the stages log through the "quest" logger; INFO lines reach Prefect's log when
     # PREFECT_LOGGING_EXTRA_LOGGERS=quest is set
@@ -276,9 +293,16 @@ def quest_pipeline(
     run.run_many(student_task, "student", methods)
     evaluation = run.run(evaluate_task, "evaluate")
     dvc = dvc_commit(root_path, cfg)
+    recomputed = [k for k, v in run.states.items() if v != "Cached"]
+    tracked = None
+    if track and recomputed:
+        tracked = track_task(str(root_path), config, tracking_uri)
+    elif track:
+        logger.info("every task was cached: nothing new to log to MLflow")
     logger.info("task states: %s; dvc: %s",
                 ", ".join(f"{k}={v}" for k, v in run.states.items()), dvc)
-    return {"states": run.states, "evaluation": evaluation["summary"], "dvc": dvc}
+    return {"states": run.states, "evaluation": evaluation["summary"], "dvc": dvc,
+            "mlflow": tracked}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,7 @@ def build_deployments(
     pipeline = quest_pipeline.to_deployment(
         name=PIPELINE_DEPLOYMENT,
         schedules=[Cron(PIPELINE_CRON, timezone=TIMEZONE)],
-        parameters={"root": root, "params": "params.yaml", "preset": preset},
+        parameters={"root": root, "params": "params.yaml", "preset": preset, "track": True},
         concurrency_limit=1,  # two runs must not write the same root at once
         description="The QuEST pipeline, nightly; unchanged stages are cache hits.",
         tags=["quest"],
