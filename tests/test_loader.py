@@ -84,3 +84,24 @@ def test_channel_stats() -> None:
     x[:2, 2] = 255
     mean, std = channel_stats(x)
     assert mean == [0.0, 1.0, 0.5] and std == [0.0, 0.0, 0.5]
+
+
+def test_dataloader_path_through_the_stage_helpers_is_epoch_deterministic(smoke_prepared) -> None:
+    from quest.config import Config
+    from quest.data.prepared import load_prepared
+    from quest.stages.common import make_loaders
+
+    cfg = Config()
+    cfg.data.loader = "dataloader"
+    ds = load_prepared(smoke_prepared)
+    cfg.student.train.batch_size = 50
+    train, test = make_loaders(ds, cfg, cfg.student.train, torch.device("cpu"))
+
+    def first_labels(epoch: int) -> list[int]:
+        train.set_epoch(epoch)
+        return next(iter(train))[1].tolist()
+
+    a, b, a_again = first_labels(3), first_labels(4), first_labels(3)
+    assert a == a_again and a != b
+    x, _ = next(iter(test))
+    assert x.shape == (len(ds.test.labels), 3, 32, 32)  # 100 test images, one batch of 256

@@ -81,11 +81,13 @@ class _EpochAware:
 
     def __init__(self, loader: Any, device: torch.device, channels_last: bool) -> None:
         self.loader, self.device, self.channels_last = loader, device, channels_last
+        gen = loader.generator
+        self.base_seed = gen.initial_seed() if gen is not None else 0
 
     def set_epoch(self, epoch: int) -> None:
-        gen = self.loader.generator
-        if gen is not None:
-            gen.manual_seed(gen.initial_seed() + epoch)
+        """Reseed the shuffling so that an epoch's order does not depend on earlier epochs."""
+        if self.loader.generator is not None:
+            self.loader.generator.manual_seed(self.base_seed * 1_000_003 + epoch)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -153,6 +153,15 @@ def _log_files(pattern_dirs: list[tuple[Path, str, str]]) -> None:
                 mlflow.log_artifact(str(f), dest if rel == "." else f"{dest}/{rel}")
 
 
+def _evaluation_metrics(evaluation: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """(name, value, step) for every model's top1, top5, params and MACs."""
+    return [
+        (f"{name}.{key}", r[key], 0)
+        for name, r in evaluation["models"].items()
+        for key in ("top1", "top5", "params", "macs") if _numeric(r.get(key))
+    ]
+
+
 def track_pipeline(
     cfg: Config,
     paths: Paths,
@@ -194,13 +203,9 @@ def track_pipeline(
             pid = parent.info.run_id
             result["parent_run_id"] = pid
             _log_params(client, pid, params)
-            _log_metrics(client, pid, [
-                (f"{name}.{key}", r[key], 0)
-                for name, r in evaluation["models"].items()
-                for key in ("top1", "top5", "params", "macs") if _numeric(r.get(key))
-            ])
+            _log_metrics(client, pid, _evaluation_metrics(evaluation))
             _log_files([(paths.metrics, "**/*.json", "metrics"),
-                               (paths.plots, "**/*.csv", "plots")])
+                        (paths.plots, "**/*.csv", "plots")])
             if paths.codebook_meta.is_file():
                 mlflow.log_artifact(str(paths.codebook_meta), "models/codebook")
 
@@ -279,13 +284,9 @@ def track_pipeline(
             # evaluate
             with child("evaluate") as run:
                 rid = children["evaluate"] = run.info.run_id
-                _log_metrics(client, rid, [
-                    (f"{name}.{key}", r[key], 0)
-                    for name, r in evaluation["models"].items()
-                    for key in ("top1", "top5", "params", "macs") if _numeric(r.get(key))
-                ])
+                _log_metrics(client, rid, _evaluation_metrics(evaluation))
                 _log_files([(paths.metrics, "evaluation.json", "metrics"),
-                                   (paths.metrics, "per_class.json", "metrics")])
+                            (paths.metrics, "per_class.json", "metrics")])
         result["child_run_ids"] = children
         if register and student_versions:
             # challenger: the best of the students just registered (first listed wins a tie)
