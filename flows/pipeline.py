@@ -45,6 +45,7 @@ from flows.cache import cache_key_fn, output_digests, outputs_match, outputs_pre
 from quest.config import Config, build_config, load_config, read_params
 from quest.errors import QuestError
 from quest.paths import Paths
+from quest.runlock import run_lock
 
 
 def retry_unless_quest_error(task: Any, task_run: Any, state: State) -> bool:
@@ -281,6 +282,14 @@ def quest_pipeline(
     logging.getLogger("quest").setLevel(logging.INFO)
     root_path = Path(root).resolve()
     cfg = config_for(root_path, params, preset, overrides)
+    # the same project lock as the CLI: a flow and a `quest`/`dvc repro` run never interleave
+    with run_lock(root_path, "prefect flow quest-pipeline"):
+        return _pipeline_body(root_path, cfg, track, tracking_uri, logger)
+
+
+def _pipeline_body(root_path: Path, cfg: Config, track: bool, tracking_uri: str | None,
+                   logger: Any) -> dict[str, Any]:
+    """The flow's work, run while it holds the project's run lock."""
     config = cfg.to_dict()
     run = _Runner(root_path, config)
     run.run(prepare_task, "prepare")

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from quest.errors import QuestError
 
@@ -124,6 +125,14 @@ def _run_stage(args: argparse.Namespace) -> None:
     paths = Paths(Path(args.root).resolve())
     stamp = time.strftime("%Y%m%d-%H%M%S")
     setup_logging(str(paths.logs / f"{args.command}-{stamp}.log"), args.debug)
+    from quest.runlock import run_lock
+
+    with run_lock(paths.root, f"quest {args.command}"):
+        _dispatch(args, cfg, paths)
+
+
+def _dispatch(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
+    """Run one stage command (the caller holds the project's run lock)."""
     if args.command == "prepare":
         from quest.stages.prepare import run_prepare
 

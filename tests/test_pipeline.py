@@ -113,3 +113,44 @@ def test_models_listing_shows_counts_and_layers(capsys: pytest.CaptureFixture[st
     assert main(["models", "--layers", "resnet20"]) == 0
     out = capsys.readouterr().out
     assert "* layer3" in out and "64x8x8" in out
+
+
+def test_concurrent_runs_on_one_project_refuse_with_one_line(tmp_path: Path) -> None:
+    from quest.runlock import run_lock
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    cmd = [sys.executable, "-m", "quest.cli", "features", "--root", str(tmp_path)]
+    with run_lock(tmp_path, "a test holding the lock"):
+        busy = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert busy.returncode == 2
+    lines = busy.stderr.strip().splitlines()
+    assert len(lines) == 1 and "another quest run is using" in lines[0]
+    assert "a test holding the lock" in lines[0]
+    # once released, the command gets past the lock (and fails on what is really missing)
+    free = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert free.returncode == 2 and "run `quest prepare` first" in free.stderr
+
+
+def test_lock_of_a_killed_run_does_not_block_the_next(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from quest.runlock import run_lock\n"
+         f"with run_lock({str(tmp_path)!r}, 'doomed'):\n"
+         "    print('locked', flush=True); time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    from quest.errors import QuestError
+    from quest.runlock import run_lock
+
+    with pytest.raises(QuestError, match="doomed"), run_lock(tmp_path, "second"):
+        pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    time.sleep(0.1)
+    with run_lock(tmp_path, "after the kill"):
+        assert "after the kill" in (tmp_path / ".quest" / "run.lock").read_text()
