@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -196,10 +198,18 @@ def _cmd_promote(args: argparse.Namespace) -> None:
     print(("promoted: " if out["promoted"] else "not promoted: ") + out["reason"])
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; QuestErrors become one line on stderr and exit code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # a scheduler's SIGTERM ends the run like Ctrl-C: temporary files are removed and the last
+    # epoch checkpoint stays for the next run to resume from
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "models":
             _cmd_models(args)

@@ -154,3 +154,39 @@ def test_lock_of_a_killed_run_does_not_block_the_next(tmp_path: Path) -> None:
     time.sleep(0.1)
     with run_lock(tmp_path, "after the kill"):
         assert "after the kill" in (tmp_path / ".quest" / "run.lock").read_text()
+
+
+def test_sigterm_stops_training_cleanly_and_the_rerun_resumes(smoke_root: Path) -> None:
+    import signal
+    import time
+
+    assert run_cli(smoke_root, "teacher") == 0
+    cmd = [sys.executable, "-m", "quest.cli", "student", "--root", str(smoke_root), "--preset",
+           "smoke", "--method", "ce", "--set", "student.train.epochs=40"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    ckpt = smoke_root / ".quest" / "checkpoints" / "student-ce.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert ckpt.exists(), "no epoch finished in time"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1].startswith("quest: interrupted")
+    assert list(smoke_root.rglob("*.tmp")) == []
+    assert not (smoke_root / "models" / "students" / "ce.pt").exists()
+    import torch
+
+    done = torch.load(ckpt, weights_only=True)["epoch"]
+    assert 1 <= done < 40
+    # the rerun picks up from that checkpoint (stop it again once it says so)
+    rerun = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    assert rerun.stderr is not None
+    resumed = ""
+    for line in rerun.stderr:
+        if "resuming after epoch" in line:
+            resumed = line
+            break
+    rerun.send_signal(signal.SIGTERM)
+    rerun.communicate(timeout=60)
+    assert f"resuming after epoch {done}" in resumed
