@@ -323,7 +323,8 @@ def _assign_with_distances(
         rows = min(chunk, _block_rows(c.shape[0], dev))
         # Chunks are moved to the device one at a time so x itself may exceed device memory.
         for start in range(0, x.shape[0], chunk):
-            xb = torch.from_numpy(x[start : start + chunk]).to(dev)
+            # a copy: x may be a read-only memory map, which torch cannot wrap safely
+            xb = torch.tensor(x[start : start + chunk], device=dev)
             lab, dis = _nearest(xb, ct, (xb * xb).sum(dim=1), rows)
             labels[start : start + xb.shape[0]] = lab.cpu().numpy()
             dists[start : start + xb.shape[0]] = dis.cpu().numpy()
