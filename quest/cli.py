@@ -108,13 +108,19 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{r['name']!s:<14} {r['family']!s:<14} {r['params_10']:>16,} {r['params_100']:>17,}")
 
 
-def _run_stage(args: argparse.Namespace) -> None:
+def _load_cfg(args: argparse.Namespace) -> Any:
+    """The validated Config named by --params (relative to --root), --preset and --set."""
     from quest.config import load_config
+
+    # Path joining keeps an absolute --params as it is
+    return load_config(Path(args.root) / args.params, args.preset, args.overrides)
+
+
+def _run_stage(args: argparse.Namespace) -> None:
     from quest.paths import Paths
     from quest.progress import setup_logging
 
-    cfg = load_config(Path(args.root) / args.params if not Path(args.params).is_absolute()
-                      else args.params, args.preset, args.overrides)
+    cfg = _load_cfg(args)
     if args.command == "config":
         if args.format == "yaml":
             import yaml
@@ -186,13 +192,10 @@ def _dispatch(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
 
 
 def _cmd_promote(args: argparse.Namespace) -> None:
-    from quest.config import load_config
     from quest.tracking import promote, resolve_tracking_uri
 
-    root = Path(args.root)
-    cfg = load_config(root / args.params if not Path(args.params).is_absolute() else args.params,
-                      args.preset, args.overrides)
-    uri = resolve_tracking_uri(root.resolve(), args.tracking_uri)
+    cfg = _load_cfg(args)
+    uri = resolve_tracking_uri(Path(args.root).resolve(), args.tracking_uri)
     min_top1 = cfg.promotion.min_top1 if args.min_top1 is None else args.min_top1
     out = promote(uri, min_top1, args.model_name or cfg.promotion.model_name, args.version)
     print(("promoted: " if out["promoted"] else "not promoted: ") + out["reason"])
