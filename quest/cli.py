@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("student", "train a student with one method (ce, kd, quest, quest+kd)")
     p.add_argument("--method", action="append", default=None,
                    help="method to train (repeatable; default: every one in student.methods)")
+    p = stage("sweep", "retrain students with several seeds; record each run in results/")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="student seeds (default: 0 1 2); recorded pairs are skipped")
+    p.add_argument("--method", action="append", default=None,
+                   help="method to sweep (repeatable; default: every one in student.methods)")
     stage("evaluate", "evaluate teacher and students into metrics/evaluation.json")
     stage("run", "run the whole pipeline and print the accuracy table")
     p = stage("config", "print the resolved, validated configuration (JSON or YAML)")
@@ -165,6 +170,12 @@ def _dispatch(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
             if method not in METHODS:
                 raise QuestError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
             run_student(cfg, paths, method)
+    elif args.command == "sweep":
+        from quest.results import load_records, results_table
+        from quest.stages.sweep import run_sweep
+
+        run_sweep(cfg, paths, args.seeds, args.method or list(cfg.student.methods))
+        print(results_table(load_records(paths.results)))
     elif args.command == "evaluate":
         from quest.stages.evaluate import format_table, run_evaluate
 

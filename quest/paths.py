@@ -74,6 +74,11 @@ class Paths:
         return self.root / ".quest" / "checkpoints" / f"{method_slug(name)}.pt"
 
     @property
+    def results(self) -> Path:
+        """Provenance records of finished student runs (committed to git, one JSON per run)."""
+        return self.root / "results"
+
+    @property
     def logs(self) -> Path:
         """Per-run log files."""
         return self.root / "logs"

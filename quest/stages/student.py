@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from quest.models.taps import FeatureTap
 from quest.models.zoo import build_model, count_parameters, default_feature_layer
 from quest.paths import Paths
 from quest.progress import log
+from quest.results import build_record, write_record
 from quest.stages.common import (
     load_data,
     load_model_file,
@@ -49,6 +51,7 @@ _INIT_LOCK = threading.Lock()
 def run_student(cfg: Config, paths: Paths, method: str) -> dict[str, Any]:
     """Train the configured student with `method`; write model, metrics and per-epoch curves."""
     s = cfg.student
+    started = time.monotonic()
     device = resolve_device(cfg)
     ds = load_data(paths)
     mean, std = norm_stats(ds)
@@ -130,6 +133,9 @@ def run_student(cfg: Config, paths: Paths, method: str) -> dict[str, Any]:
     write_json_atomic(paths.student_metrics(method), metrics)
     write_csv_atomic(paths.student_curve(method), history)
     trainer.finish()
+    record = build_record(cfg, metrics, root=paths.root, device=device,
+                          teacher_arch=cfg.teacher.arch, wall_seconds=time.monotonic() - started)
+    write_record(paths.results, record)
     log.info("student[%s] %s: top-1 %.4f after %d epochs", method, s.arch, final["test_accuracy"],
              s.train.epochs)
     return {k: v for k, v in metrics.items() if k != "history"}

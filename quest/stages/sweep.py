@@ -1,0 +1,75 @@
+"""Seed sweep: retrain the students with several seeds on the project's data, teacher and codebook.
+
+Each seed trains in its own scratch root (.quest/sweep/seed-N) whose data/ and models/ inputs are
+links to the project's, so the project's own students and DVC outputs stay untouched. Every
+finished run is recorded in the project's results/; pairs already recorded with the same params
+hash are skipped, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from quest.config import Config
+from quest.errors import QuestError
+from quest.paths import Paths
+from quest.progress import log
+from quest.results import load_records, params_hash
+from quest.stages.student import run_student
+
+_LINKED = (("data", "prepared"), ("models", "teacher"), ("models", "codebook"))
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() or dst.exists():
+        if dst.is_symlink() and dst.resolve() == src.resolve():
+            return
+        raise QuestError(f"{dst} exists and is not a link to {src}: remove .quest/sweep and rerun")
+    os.symlink(src.resolve(), dst)
+
+
+def sweep_root(paths: Paths, seed: int) -> Paths:
+    """The scratch root of one seed, its inputs linked to the project's (created on demand)."""
+    root = paths.root / ".quest" / "sweep" / f"seed-{seed}"
+    for parts in _LINKED:
+        src = paths.root.joinpath(*parts)
+        if src.exists():
+            _link(src, root.joinpath(*parts))
+    results = root / "results"
+    if not results.is_symlink():
+        paths.results.mkdir(parents=True, exist_ok=True)
+        _link(paths.results, results)
+    return Paths(root)
+
+
+def run_sweep(
+    cfg: Config, paths: Paths, seeds: list[int], methods: list[str]
+) -> list[dict[str, Any]]:
+    """Train every (seed, method) not yet in results/ for this configuration; return new metrics."""
+    missing = [p for p in (paths.prepared, paths.teacher_model) if not p.exists()]
+    if any(m.startswith("quest") for m in methods) and not paths.codebook.exists():
+        missing.append(paths.codebook)
+    if missing:
+        raise QuestError(f"{missing[0]} does not exist: run `quest run` (or dvc repro) before "
+                         f"sweeping seeds")
+    done = set()
+    if paths.results.is_dir():
+        for r in load_records(paths.results):
+            done.add((r["params_hash"], r["method"], r["seed"]))
+    out = []
+    for seed in seeds:
+        seeded = dataclasses.replace(
+            cfg, student=dataclasses.replace(
+                cfg.student, train=dataclasses.replace(cfg.student.train, seed=seed)))
+        h = params_hash(seeded)
+        for method in methods:
+            if (h, method, seed) in done:
+                log.info("sweep: %s seed %d already in results/ (params %s), skipped", method,
+                         seed, h)
+                continue
+            out.append(run_student(seeded, sweep_root(paths, seed), method))
+    return out
