@@ -1,0 +1,84 @@
+"""results/: provenance records of finished runs, the seed sweep, and the README table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quest.cli import main
+from quest.results import TABLE_END, TABLE_START, load_records, replace_table, results_table
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _record(method: str, seed: int, top1: float, *, params: str = "p1", when: str = "a") -> dict:
+    return {"finished_at": when, "method": method, "teacher": "resnet56", "student": "resnet20",
+            "seed": seed, "group": "g", "params_hash": params, "wall_seconds": 60.0,
+            "top1": top1, "top5": 0.9}
+
+
+def test_table_means_and_sample_std_over_seeds() -> None:
+    rows = results_table([_record("kd", 0, 0.60), _record("kd", 1, 0.62), _record("kd", 2, 0.64),
+                          _record("ce", 0, 0.5)]).splitlines()
+    assert len(rows) == 4
+    # ce sorts before kd; the std is the sample std (n-1): 2.00 for 60/62/64
+    assert "| ce | 0 | 50.00 ± 0.00 |" in rows[2]
+    assert "| kd | 0,1,2 | 62.00 ± 2.00 | 90.00 ± 0.00 | 1.0 |" in rows[3]
+
+
+def test_table_keeps_the_newest_run_of_a_seed_and_splits_settings() -> None:
+    recs = [_record("ce", 0, 0.1, when="1"), _record("ce", 0, 0.3, when="2"),
+            _record("ce", 0, 0.7, params="p2")]
+    rows = results_table(recs).splitlines()[2:]
+    assert len(rows) == 2
+    assert sorted(r.split("|")[5].strip() for r in rows) == ["30.00 ± 0.00", "70.00 ± 0.00"]
+
+
+def test_replace_table_needs_markers() -> None:
+    text = f"a\n{TABLE_START}\nold\n{TABLE_END}\nb\n"
+    assert replace_table(text, "new") == f"a\n{TABLE_START}\nnew\n{TABLE_END}\nb\n"
+    with pytest.raises(ValueError, match="markers"):
+        replace_table("no markers here", "new")
+
+
+def test_readme_table_matches_committed_results() -> None:
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "results_table.py"), "--check"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    records = load_records(REPO / "results")
+    readme = (REPO / "README.md").read_text()
+    for r in records:
+        assert r["method"] in readme
+
+
+def test_student_run_is_recorded_and_sweep_skips_recorded_seeds(smoke_root: Path) -> None:
+    base = ["--root", str(smoke_root), "--preset", "smoke", "--set", "student.train.epochs=1"]
+    assert main(["teacher", *base]) == 0
+    assert main(["student", "--method", "ce", *base]) == 0
+    (rec,) = load_records(smoke_root / "results")
+    assert rec["method"] == "ce" and rec["seed"] == 0 and rec["student"] == "resnet20"
+    assert rec["teacher"] == "resnet56" and len(rec["data_sha256"]) == 64
+    assert 0.0 <= rec["top1"] <= rec["top5"] <= 1.0 and rec["wall_seconds"] > 0
+    assert rec["device"].startswith("cpu")
+    metrics = json.loads((smoke_root / "metrics" / "students" / "ce.json").read_text())
+    assert rec["top1"] == metrics["top1"]
+
+    assert main(["sweep", "--seeds", "0", "1", "--method", "ce", *base]) == 0
+    recs = load_records(smoke_root / "results")
+    assert sorted(r["seed"] for r in recs) == [0, 1]  # seed 0 was already there: not retrained
+    assert len({r["params_hash"] for r in recs}) == 1  # the seed is not part of the hash
+    # the project's own student is untouched: seed 1 trained in its scratch root
+    assert json.loads((smoke_root / "metrics" / "students" / "ce.json").read_text()) == metrics
+    assert main(["sweep", "--seeds", "0", "1", "--method", "ce", *base]) == 0
+    assert len(load_records(smoke_root / "results")) == 2
+
+
+def test_sweep_without_upstream_outputs_says_what_to_run(smoke_root: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    assert main(["sweep", "--root", str(smoke_root), "--preset", "smoke", "--seeds", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run `quest run`" in err[0] and "teacher.pt" in err[0]
