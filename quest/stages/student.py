@@ -133,7 +133,7 @@ def run_student(cfg: Config, paths: Paths, method: str) -> dict[str, Any]:
     write_json_atomic(paths.student_metrics(method), metrics)
     write_csv_atomic(paths.student_curve(method), history)
     trainer.finish()
-    record = build_record(cfg, metrics, root=paths.root, device=device,
+    record = build_record(cfg, metrics, device=device,
                           teacher_arch=cfg.teacher.arch, wall_seconds=time.monotonic() - started)
     write_record(paths.results, record)
     log.info("student[%s] %s: top-1 %.4f after %d epochs", method, s.arch, final["test_accuracy"],
