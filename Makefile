@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run smoke test lint bench clean
+.PHONY: setup run smoke test lint bench clean mlflow-ui prefect-server
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,7 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/quest run
+	$(BIN)/quest report
 	$(BIN)/quest track
 	$(BIN)/quest promote
 
@@ -29,8 +30,15 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
+# local servers listen on 127.0.0.1 only; QUEST_SERVER_HOST=<address> chooses another interface
+mlflow-ui: $(STAMP)
+	$(BIN)/python -m flows.servers mlflow
+
+prefect-server: $(STAMP)
+	$(BIN)/python -m flows.servers prefect
+
 bench: $(STAMP)
-	$(BIN)/python benchmarks/kmeans_bench.py
+	$(BIN)/quest bench
 
 clean:
 	rm -rf data/prepared data/features models/teacher models/codebook models/students \

@@ -42,7 +42,8 @@ from quest.stages.common import resolve_location
 
 # Bump to invalidate every key at once (e.g. when the task return format changes).
 CACHE_SCHEMA = "1"
-STAGES = ("prepare", "teacher", "features", "codebook", "student", "evaluate")
+STAGES = ("prepare", "teacher", "features", "codebook", "student", "evaluate", "report",
+          "validate")
 _MISSING = "missing"
 
 # (path, size, mtime_ns, inode) -> sha256: the prepared data is an input of five stages and the
@@ -156,7 +157,10 @@ def code_version(stage: str) -> str:
     """Hash of the source of every quest file the stage's module imports (its code version)."""
     base = _quest_dir().parent
     h = hashlib.sha256()
-    for rel in code_files(f"quest.stages.{stage}"):
+    # the report stage lives in the outer package quest.report, not in quest.stages, and the
+    # validation suites in quest.validation (the runner imports the suite builders)
+    outer = {"report": "quest.report", "validate": "quest.validation.runner"}
+    for rel in code_files(outer.get(stage, f"quest.stages.{stage}")):
         h.update(f"{rel}\0{file_digest(base / rel)}\n".encode())
     return h.hexdigest()
 
@@ -211,6 +215,20 @@ def stage_config(
         return {"student": config_hash(section), "augment": config_hash(augment)}
     if stage == "evaluate":
         return {"student.methods": config_hash({"methods": cfg.student.methods})}
+    if stage == "report":
+        # the gallery ranks positions by p_T, which uses the QuEST temperature
+        return {"report": config_hash(cfg.report),
+                "temperature": config_hash({"t": cfg.student.quest.temperature})}
+    if stage == "validate":
+        # `method` is the suite name; the same settings as its dvc.yaml validate-* stage
+        extra: dict[str, Any] = {
+            "data": {"channels": d.channels, "image_size": d.image_size},
+            "features": {"max_vectors": cfg.features.max_vectors},
+            "codebook": _pick(cfg.codebook, ("seed", "max_points_per_centroid")),
+            "predictions": {"methods": cfg.student.methods},
+        }[str(method)]
+        return {"validation": config_hash(getattr(cfg.validation, str(method))),
+                "reads": config_hash(extra)}
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -235,6 +253,19 @@ def stage_inputs(stage: str, cfg: Config, paths: Paths, method: str | None = Non
     if stage == "evaluate":
         return [paths.prepared, paths.teacher_model,
                 *(paths.student_model(m) for m in cfg.student.methods)]
+    if stage == "report":
+        return [paths.prepared, paths.teacher_model, paths.codebook, paths.codebook_meta,
+                paths.metrics / "evaluation.json", paths.metrics / "codebook.json",
+                paths.plots / "codebook_objective.csv", paths.plots / "codebook_usage.csv",
+                *(paths.student_metrics(m) for m in cfg.student.methods)]
+    if stage == "validate":
+        return {
+            "data": [paths.prepared],
+            "features": [paths.prepared, paths.features, paths.features_meta],
+            "codebook": [paths.features, paths.codebook],
+            "predictions": [paths.prepared, *(paths.student_model(m)
+                                              for m in cfg.student.methods)],
+        }[str(method)]
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -255,6 +286,14 @@ def stage_outputs(stage: str, paths: Paths, method: str | None = None) -> list[P
                 paths.student_curve(method)]
     if stage == "evaluate":
         return [paths.metrics / "evaluation.json", paths.metrics / "per_class.json"]
+    if stage == "report":
+        # file by file: reports/validation/ belongs to the validate tasks
+        return [paths.reports / "report.html", paths.reports / "report.md",
+                paths.reports / "figures"]
+    if stage == "validate":
+        from quest.validation import report_files
+
+        return list(report_files(paths, str(method)).values())
     raise ValueError(f"unknown stage {stage!r}")
 
 

@@ -7,16 +7,13 @@ tensors never travel between tasks, files on disk do. Cache keys come from flows
 ``<root>/.quest/prefect/results``, so a second run with nothing changed is all ``Cached``.
 
 Students are submitted together and run concurrently on the flow's task runner, the default
-``ThreadPoolTaskRunner``. To spread them over a Dask cluster instead, install ``prefect-dask``
-(``pip install prefect-dask==0.3.7``) and swap the runner; the root and the result storage must
-then be on a filesystem every Dask worker sees::
+``ThreadPoolTaskRunner``. ``--runner dask`` runs them through prefect-dask's ``DaskTaskRunner``
+instead: a temporary local cluster, or an existing scheduler with ``--dask-address``; the root
+and the result storage must then be on a filesystem every Dask worker sees::
 
-    from prefect_dask import DaskTaskRunner
-    from flows.pipeline import quest_pipeline
+    from flows.pipeline import pipeline_with_runner
 
-    quest_pipeline.with_options(
-        task_runner=DaskTaskRunner(address="tcp://scheduler-host:8786")
-    )(root="/shared/quest", preset="tiny")
+    pipeline_with_runner("dask", "tcp://scheduler-host:8786")(root="/shared/quest", preset="tiny")
 
 Run it once from a shell (a temporary local Prefect server starts when PREFECT_API_URL is unset)::
 
@@ -129,6 +126,26 @@ def evaluate_task(root: str, config: dict[str, Any]) -> dict[str, Any]:
     from quest.stages.evaluate import run_evaluate
 
     return _stage_result("evaluate", root, run_evaluate(*_cfg_paths(root, config)))
+
+
+@task(name="report", cache_key_fn=cache_key_fn("report"), **_TASK_OPTIONS)
+def report_task(root: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Write reports/report.html, report.md and figures/ from the run's outputs (quest report)."""
+    from quest.report import run_report
+
+    return _stage_result("report", root, run_report(*_cfg_paths(root, config)))
+
+
+@task(name="validate", task_run_name="validate[{method}]", cache_key_fn=cache_key_fn("validate"),
+      **_TASK_OPTIONS)
+def validate_task(root: str, config: dict[str, Any], method: str) -> dict[str, Any]:
+    """Run one Great Expectations suite, `method` naming it (quest validate --what METHOD)."""
+    from quest.validation import run_validation
+
+    cfg, paths = _cfg_paths(root, config)
+    rep = run_validation(method, cfg, paths)
+    summary = {k: rep[k] for k in ("suite", "success", "evaluated", "passed", "failed")}
+    return _stage_result("validate", root, summary, method)
 
 
 @task(name="track", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_quest_error)
@@ -270,7 +287,7 @@ def quest_pipeline(
     track: bool = False,
     tracking_uri: str | None = None,
 ) -> dict[str, Any]:
-    """Run prepare, teacher, features, codebook, the students and evaluate as cached tasks.
+    """Run prepare, teacher, features, codebook, the students, evaluate and report as cached tasks.
 
     With ``track``, a run that recomputed anything is logged to MLflow as one parent run with a
     child run per stage, and its teacher and students are registered (an all-cached run is not
@@ -293,14 +310,21 @@ def _pipeline_body(root_path: Path, cfg: Config, track: bool, tracking_uri: str 
     config = cfg.to_dict()
     run = _Runner(root_path, config)
     run.run(prepare_task, "prepare")
+    # each Great Expectations suite gates the expensive stage after it (a failure is a
+    # QuestError: not retried, and the flow stops there)
+    run.run(validate_task, "validate", "data")
     run.run(teacher_task, "teacher")
     methods = list(cfg.student.methods)
     # dvc.yaml always has features and codebook; without a QuEST student only DVC needs them
     if any(m.startswith("quest") for m in methods) or (root_path / ".dvc").is_dir():
         run.run(features_task, "features")
+        run.run(validate_task, "validate", "features")
         run.run(codebook_task, "codebook")
+        run.run(validate_task, "validate", "codebook")
     run.run_many(student_task, "student", methods)
     evaluation = run.run(evaluate_task, "evaluate")
+    run.run(validate_task, "validate", "predictions")
+    run.run(report_task, "report")
     dvc = dvc_commit(root_path, cfg)
     recomputed = [k for k, v in run.states.items() if v != "Cached"]
     tracked = None
@@ -314,6 +338,35 @@ def _pipeline_body(root_path: Path, cfg: Config, track: bool, tracking_uri: str 
             "mlflow": tracked}
 
 
+RUNNERS = ("threads", "dask")
+
+
+def make_task_runner(runner: str = "threads", address: str | None = None,
+                     threads: int = 4) -> Any:
+    """The flow's task runner: threads, or Dask (a local in-process cluster, or `address`)."""
+    if runner == "threads":
+        return ThreadPoolTaskRunner()
+    if runner != "dask":
+        raise QuestError(f"unknown task runner '{runner}': choose one of {', '.join(RUNNERS)}")
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise QuestError("the dask runner needs prefect-dask: pip install prefect-dask==0.3.7"
+                         ) from None
+    if address:
+        return DaskTaskRunner(address=address)
+    # one in-process worker with a thread per student: torch releases the GIL, and the tasks
+    # need no pickling or shared filesystem (a real cluster: pass its scheduler's address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": 1, "processes": False,
+                                          "threads_per_worker": threads,
+                                          "dashboard_address": None})
+
+
+def pipeline_with_runner(runner: str = "threads", address: str | None = None) -> Any:
+    """quest_pipeline on the chosen task runner (call the result like the flow itself)."""
+    return quest_pipeline.with_options(task_runner=make_task_runner(runner, address))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: run the flow once, print the task states and the accuracy table."""
     ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__)
@@ -321,11 +374,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--preset", default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--runner", choices=RUNNERS, default="threads",
+                    help="task runner for the students (default: threads)")
+    ap.add_argument("--dask-address", default=None, metavar="tcp://HOST:8786",
+                    help="with --runner dask: an existing scheduler (default: a local cluster)")
     args = ap.parse_args(argv)
     from quest.stages.evaluate import format_table
 
     try:
-        out = quest_pipeline(args.root, args.params, args.preset, args.overrides or None)
+        flow_fn = pipeline_with_runner(args.runner, args.dask_address)
+        out = flow_fn(args.root, args.params, args.preset, args.overrides or None)
     except QuestError as exc:
         print(f"quest: error: {exc}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from pathlib import Path
@@ -16,10 +17,14 @@ from quest.io_utils import atomic_path
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """Save a checkpoint dict atomically (temporary file, then rename)."""
-    # saved through a file handle: torch names the archive's records after a path it is given,
-    # and the temporary name is random, which would make identical weights hash differently
+    # serialised to memory first: torch names the archive's records after a path it is given
+    # (the temporary name is random, so identical weights would hash differently), and it turns
+    # a failing file write into a RuntimeError; a plain write raises OSError (e.g. ENOSPC),
+    # which atomic_path reports in one line
+    buf = io.BytesIO()
+    torch.save(state, buf)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(state, fh)
+        fh.write(buf.getbuffer())
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

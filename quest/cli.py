@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -57,7 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", action="append", default=None,
                    help="method to sweep (repeatable; default: every one in student.methods)")
     stage("evaluate", "evaluate teacher and students into metrics/evaluation.json")
-    stage("run", "run the whole pipeline and print the accuracy table")
+    p = stage("report", "write reports/report.html (self-contained) and reports/report.md: "
+                        "accuracy, curves, codebook, visual-word gallery")
+    p.add_argument("--compare", metavar="OTHER_ROOT", default=None,
+                   help="another finished run's project root: side-by-side table and curves")
+    p = stage("validate", "run a Great Expectations suite over a stage's output; writes "
+                          "reports/validation/ and fails (exit 2) listing failed expectations")
+    p.add_argument("--what", required=True, choices=("data", "features", "codebook", "predictions"),
+                   help="data (after prepare), features, codebook, or predictions (after evaluate)")
+    p = stage("run", "run the whole pipeline and print the accuracy table")
+    p.add_argument("--no-validate", action="store_true",
+                   help="skip the Great Expectations suites between stages (e.g. where "
+                        "great-expectations is not installed)")
     p = stage("config", "print the resolved, validated configuration (JSON or YAML)")
     # YAML output is a complete, preset-free params file for DVC; redirect it to a new file: a
     # shell truncates `> params.yaml` before quest reads it
@@ -91,7 +103,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", metavar="ARCH", help="list the layers of ARCH with output shapes")
     p.add_argument("--input-size", type=int, default=32, help="image side for --layers")
     p.add_argument("--num-classes", type=int, default=100, help="classes for --layers")
+    p = sub.add_parser(
+        "bench", help="measure loader, training steps, features and k-means; write JSON",
+        description="Benchmark in one process: in-memory loader vs DataLoader, ce/kd/quest "
+                    "training steps, teacher feature extraction, FAISS vs torch k-means, peak "
+                    "memory; writes benchmarks/results/bench-<device>.json. Uses data/prepared "
+                    "or the configured archive, else random images.")
+    _add_config_args(p)
+    p.add_argument("--quick", action="store_true", help="small sizes (about a minute on 2 cores)")
+    p.add_argument("--images", type=int, default=None, help="images (default 2560; quick 1024)")
+    p.add_argument("--batch", type=int, default=128, help="training batch size (default 128)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per method (3; quick 2)")
+    p.add_argument("--steps", type=int, default=None, help="steps per round (3; quick 2)")
+    p.add_argument("--kmeans-k", default=None,
+                   help="comma-separated K values (default: 256,codebook.k,4096; quick: 256)")
+    p.add_argument("--kmeans-iterations", type=int, default=20, help="k-means iterations")
+    p.add_argument("--synthetic", action="store_true", help="random CIFAR-shaped images")
+    p.add_argument("--out-dir", default="benchmarks/results", help="where the JSON goes")
     return parser
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from quest.bench import parse_k_list, run_bench, summary
+
+    cfg = _load_cfg(args)
+    q = args.quick
+    k_text = args.kmeans_k or ("256" if q else f"256,{cfg.codebook.k},4096")
+    ks = list(dict.fromkeys(parse_k_list(k_text)))
+    path = run_bench(
+        cfg, Path(args.root).resolve(), images=args.images or (1024 if q else 2560),
+        batch=args.batch, rounds=args.rounds or (2 if q else 3),
+        steps=args.steps or (2 if q else 3),
+        kmeans_k=ks, kmeans_iterations=args.kmeans_iterations, synthetic=args.synthetic,
+        out_dir=Path(args.out_dir), command="quest " + " ".join(sys.argv[1:]))
+    print(summary(path))
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -137,10 +182,19 @@ def _run_stage(args: argparse.Namespace) -> None:
         return
     paths = Paths(Path(args.root).resolve())
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    setup_logging(str(paths.logs / f"{args.command}-{stamp}.log"), args.debug)
+    from quest.distributed import env_info
+
+    dist_info = env_info()  # a torchrun job: only `quest student`; rank 0 holds the lock
+    if dist_info is not None and args.command != "student":
+        raise QuestError(f"torchrun runs only `quest student`, not `quest {args.command}`: "
+                         "run the other stages in one process")
+    rank = f"-rank{dist_info.rank}" if dist_info is not None else ""
+    setup_logging(str(paths.logs / f"{args.command}-{stamp}{rank}.log"), args.debug)
     from quest.runlock import run_lock
 
-    with run_lock(paths.root, f"quest {args.command}"):
+    lock = (run_lock(paths.root, f"quest {args.command}")
+            if dist_info is None or dist_info.is_main else contextlib.nullcontext())
+    with lock:
         _dispatch(args, cfg, paths)
 
 
@@ -176,16 +230,34 @@ def _dispatch(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
 
         run_sweep(cfg, paths, args.seeds, args.method or list(cfg.student.methods))
         print(results_table(load_records(paths.results)))
+    elif args.command == "report":
+        from quest.report import run_report
+
+        out = run_report(cfg, paths, Path(args.compare) if args.compare else None)
+        print(f"report: {out['html']} and {out['markdown']} "
+              f"({len(out['figures'])} figures, {out['gallery_words']} gallery words)")
     elif args.command == "evaluate":
         from quest.stages.evaluate import format_table, run_evaluate
 
         print(format_table(run_evaluate(cfg, paths)))
+    elif args.command == "validate":
+        from quest.validation import run_validation
+
+        rep = run_validation(args.what, cfg, paths)
+        print(f"{args.what} validation passed: {rep['passed']} of {rep['evaluated']} "
+              f"expectations (reports/validation/{args.what}.json, {rep['data_docs']})")
     elif args.command == "run":
         from quest.stages.evaluate import format_table
         from quest.stages.pipeline import run_pipeline
 
+        checks = None
+        if not args.no_validate:
+            # the outer validation layer fills the core pipeline's hook (GX loads only here)
+            from quest.validation import pipeline_checks
+
+            checks = pipeline_checks(cfg, paths)
         t0 = time.perf_counter()
-        out = run_pipeline(cfg, paths)
+        out = run_pipeline(cfg, paths, checks)
         print(format_table(out["evaluation"]))
         print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in out["seconds"].items()))
         print(f"total wall time: {time.perf_counter() - t0:.1f}s")
@@ -208,8 +280,14 @@ def _cmd_promote(args: argparse.Namespace) -> None:
     cfg = _load_cfg(args)
     uri = resolve_tracking_uri(Path(args.root).resolve(), args.tracking_uri)
     min_top1 = cfg.promotion.min_top1 if args.min_top1 is None else args.min_top1
+    from quest.progress import log, setup_logging
+
+    logs = Path(args.root).resolve() / "logs"
+    setup_logging(str(logs / f"promote-{time.strftime('%Y%m%d-%H%M%S')}.log"), args.debug)
     out = promote(uri, min_top1, args.model_name or cfg.promotion.model_name, args.version)
-    print(("promoted: " if out["promoted"] else "not promoted: ") + out["reason"])
+    line = ("promoted: " if out["promoted"] else "not promoted: ") + out["reason"]
+    log.info("promote %s: %s", uri, line)
+    print(line)
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -220,13 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; QuestErrors become one line on stderr and exit code 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    # a scheduler's SIGTERM ends the run like Ctrl-C: temporary files are removed and the last
-    # epoch checkpoint stays for the next run to resume from
+    # a scheduler's SIGTERM ends the run like Ctrl-C: temporary files are removed and training
+    # checkpoints the step it reached (Trainer defers the signal to the end of the step)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "models":
             _cmd_models(args)
+        elif args.command == "bench":
+            _cmd_bench(args)
         elif args.command == "promote":
             _cmd_promote(args)
         else:
@@ -237,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"quest: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("quest: interrupted; completed epochs are checkpointed, rerun to resume",
+        print("quest: interrupted; training progress is checkpointed, rerun the same command "
+              "to resume",
               file=sys.stderr)
         return 130
     return 0

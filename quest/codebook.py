@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,9 @@ _SPLIT_EPS = 1.0 / 1024.0
 # near cache size is faster than one huge matmul; on GPU bigger blocks keep the device busy.
 _CPU_BLOCK_ELEMENTS = 1 << 21
 _GPU_BLOCK_ELEMENTS = 1 << 27
+
+# Called after each k-means iteration with (iteration from 1, iterations, objective, re-seeds).
+IterationCallback = Callable[[int, int, float, int], None]
 
 
 def faiss_available() -> bool:
@@ -51,6 +55,13 @@ def faiss_has_gpu() -> bool:
         return int(get_num_gpus()) > 0
     except RuntimeError:
         return False
+
+
+def auto_backend(device: str) -> str:
+    """Backend `auto` picks: FAISS, but on CUDA only its GPU build, else torch on the GPU."""
+    if str(device).startswith("cuda"):
+        return "faiss" if faiss_has_gpu() else "torch"
+    return "faiss" if faiss_available() else "torch"
 
 
 @dataclass
@@ -164,7 +175,8 @@ def _split_empty(centroids: torch.Tensor, counts: torch.Tensor) -> int:
 
 
 def _fit_torch(
-    x: np.ndarray, init: np.ndarray, iterations: int, dev: torch.device, verbose: bool
+    x: np.ndarray, init: np.ndarray, iterations: int, dev: torch.device, verbose: bool,
+    on_iteration: IterationCallback | None = None,
 ) -> tuple[np.ndarray, list[float], int]:
     """Lloyd's algorithm in torch; returns (centroids, objective per iteration, re-seeds)."""
     k = init.shape[0]
@@ -190,35 +202,55 @@ def _fit_torch(
                 f"objective={objective[-1]:.6g} nsplit={nsplit}",
                 flush=True,
             )
+        if on_iteration is not None:
+            on_iteration(it + 1, iterations, objective[-1], nsplit)
     return c.cpu().numpy(), objective, reseeded
 
 
 def _fit_faiss(
-    x: np.ndarray, init: np.ndarray, iterations: int, seed: int, use_gpu: bool, verbose: bool
+    x: np.ndarray, init: np.ndarray, iterations: int, seed: int, use_gpu: bool, verbose: bool,
+    on_iteration: IterationCallback | None = None,
 ) -> tuple[np.ndarray, list[float], int]:
-    """faiss.Kmeans from the given centroids; returns (centroids, objective, re-seeds)."""
+    """faiss.Kmeans from the given centroids; returns (centroids, objective, re-seeds).
+
+    With `on_iteration`, FAISS is run one iteration per call, each starting from the last
+    centroids, to report progress; the result is bitwise the same as one call (FAISS starts
+    every call from the given centroids, and its empty-cluster split uses a fixed seed).
+    """
     import faiss
 
     n, d = x.shape
     k = init.shape[0]
-    km = faiss.Kmeans(
-        d,
-        k,
-        niter=iterations,
-        seed=seed,
-        verbose=verbose,
-        spherical=False,
-        gpu=use_gpu,
-        # x is already subsampled; these keep faiss from drawing its own sample or printing
-        # a "too few points" warning to stderr from C++.
-        max_points_per_centroid=max(1, -(-n // k)),
-        min_points_per_centroid=1,
-    )
-    km.train(x, init_centroids=init)
-    stats = km.iteration_stats or []
+
+    def kmeans(niter: int) -> Any:
+        return faiss.Kmeans(
+            d,
+            k,
+            niter=niter,
+            seed=seed,
+            verbose=verbose,
+            spherical=False,
+            gpu=use_gpu,
+            # x is already subsampled; these keep faiss from drawing its own sample or printing
+            # a "too few points" warning to stderr from C++.
+            max_points_per_centroid=max(1, -(-n // k)),
+            min_points_per_centroid=1,
+        )
+
+    steps = [iterations] if on_iteration is None else [1] * iterations
+    centroids = init
+    stats: list[Any] = []
+    for step in steps:
+        km = kmeans(step)
+        km.train(x, init_centroids=centroids)
+        centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
+        stats += list(km.iteration_stats or [])
+        if on_iteration is not None:
+            on_iteration(len(stats), iterations, float(stats[-1]["obj"]),
+                         int(stats[-1]["nsplit"]))
     objective = [float(s["obj"]) for s in stats]
     reseeded = int(sum(int(s["nsplit"]) for s in stats))
-    return np.ascontiguousarray(km.centroids, dtype=np.float32), objective, reseeded
+    return centroids, objective, reseeded
 
 
 def fit_kmeans(
@@ -231,8 +263,13 @@ def fit_kmeans(
     max_points_per_centroid: int = 256,
     device: str = "cpu",
     verbose: bool = False,
+    on_iteration: IterationCallback | None = None,
 ) -> KMeansResult:
-    """Fit a plain squared-Euclidean k-means codebook of k words to the rows of x."""
+    """Fit a plain squared-Euclidean k-means codebook of k words to the rows of x.
+
+    `on_iteration(i, iterations, objective, reseeded)` is called after every iteration of
+    either backend (progress reporting).
+    """
     t0 = time.perf_counter()
     if backend not in BACKENDS:
         raise QuestError(
@@ -244,7 +281,7 @@ def fit_kmeans(
             "k-means backend 'faiss' requested but faiss is not installed: "
             "pip install faiss-cpu, or set codebook.backend: torch"
         )
-    resolved = backend if backend != "auto" else ("faiss" if faiss_available() else "torch")
+    resolved = backend if backend != "auto" else auto_backend(device)
     x = _as_features(x)
     k = int(k)
     n = x.shape[0]
@@ -284,12 +321,14 @@ def fit_kmeans(
     if resolved == "faiss":
         use_gpu = dev.type == "cuda" and faiss_has_gpu()
         centroids, objective, reseeded = _fit_faiss(
-            x_train, init, iterations, seed, use_gpu, verbose
+            x_train, init, iterations, seed, use_gpu, verbose, on_iteration
         )
         used_device = str(dev) if use_gpu else "cpu"
     else:
         with torch.inference_mode():
-            centroids, objective, reseeded = _fit_torch(x_train, init, iterations, dev, verbose)
+            centroids, objective, reseeded = _fit_torch(
+                x_train, init, iterations, dev, verbose, on_iteration
+            )
         used_device = str(dev)
     return KMeansResult(
         centroids=centroids,

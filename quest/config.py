@@ -133,6 +133,8 @@ class RuntimeConfig:
     threads: int | None = None
     channels_last: bool = True
     progress: str = "auto"
+    amp: str = "off"
+    compile: bool = False
 
 
 @dataclass
@@ -141,6 +143,62 @@ class PromotionConfig:
 
     min_top1: float = 0.0
     model_name: str = "quest-student"
+
+
+@dataclass
+class ReportConfig:
+    """What `quest report` shows: the visual-word gallery's size and sample."""
+
+    gallery_words: int = 8
+    gallery_patches: int = 16
+    gallery_images: int = 500
+    patch_scale: float = 3.0
+    seed: int = 0
+
+
+@dataclass
+class DataChecksConfig:
+    """Thresholds of the prepared-data suite (run after prepare, before the teacher)."""
+
+    min_class_share: float = 0.5
+    max_duplicate_share: float = 0.01
+    pixel_mean_min: float = 20.0
+    pixel_mean_max: float = 235.0
+    pixel_std_min: float = 10.0
+
+
+@dataclass
+class FeatureChecksConfig:
+    """Thresholds of the teacher-feature suite (run after features, before the codebook)."""
+
+    norm_min: float = 0.01
+    norm_max: float = 1000.0
+
+
+@dataclass
+class CodebookChecksConfig:
+    """Thresholds of the codebook suite (run after codebook, before the students)."""
+
+    max_dead_share: float = 0.05
+    min_perplexity_share: float = 0.1
+
+
+@dataclass
+class PredictionChecksConfig:
+    """Thresholds of the students' test-set predictions suite (run after evaluate)."""
+
+    sum_tolerance: float = 0.001
+    min_top1_over_chance: float = 1.0
+
+
+@dataclass
+class ValidationConfig:
+    """Great Expectations suites that gate the pipeline between stages."""
+
+    data: DataChecksConfig = field(default_factory=DataChecksConfig)
+    features: FeatureChecksConfig = field(default_factory=FeatureChecksConfig)
+    codebook: CodebookChecksConfig = field(default_factory=CodebookChecksConfig)
+    predictions: PredictionChecksConfig = field(default_factory=PredictionChecksConfig)
 
 
 @dataclass
@@ -154,6 +212,8 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict of all settings."""
@@ -338,6 +398,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg.features.dtype, ("float32", "float16"), "features.dtype")
     _choice(cfg.codebook.backend, ("auto", "faiss", "torch"), "codebook.backend")
     _choice(cfg.runtime.progress, ("auto", "bar", "lines", "off"), "runtime.progress")
+    _choice(cfg.runtime.amp, ("off", "bf16"), "runtime.amp")
     _positive(cfg.codebook.k, "codebook.k")
     _positive(cfg.codebook.iterations, "codebook.iterations")
     _positive(cfg.features.max_vectors, "features.max_vectors")
@@ -362,10 +423,40 @@ def validate(cfg: Config) -> None:
                 resolve_layer(build_model(arch, 10), layer)
             except QuestError as exc:
                 raise QuestError(f"{key}: {exc}") from None
+    for key in ("gallery_words", "gallery_patches", "gallery_images", "patch_scale"):
+        _positive(getattr(cfg.report, key), f"report.{key}")
     if not 0.0 <= cfg.promotion.min_top1 <= 1.0:
         raise QuestError(f"promotion.min_top1 is {cfg.promotion.min_top1}: use a value in [0, 1]")
     if cfg.runtime.device not in ("auto", "cpu") and not cfg.runtime.device.startswith("cuda"):
         raise QuestError(f"runtime.device is '{cfg.runtime.device}': use auto, cpu or cuda[:N]")
+    _validate_checks(cfg.validation)
+
+
+def _unit(value: float, key: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise QuestError(f"{key} is {value}: use a value in [0, 1]")
+
+
+def _validate_checks(v: ValidationConfig) -> None:
+    """Ranges of the validation thresholds: shares in [0, 1], bounds in order."""
+    d = v.data
+    _unit(d.min_class_share, "validation.data.min_class_share")
+    _unit(d.max_duplicate_share, "validation.data.max_duplicate_share")
+    if not 0.0 <= d.pixel_mean_min <= d.pixel_mean_max <= 255.0:
+        raise QuestError(f"validation.data.pixel_mean_min/max are {d.pixel_mean_min}/"
+                         f"{d.pixel_mean_max}: use 0 <= min <= max <= 255")
+    if d.pixel_std_min < 0:
+        raise QuestError(f"validation.data.pixel_std_min is {d.pixel_std_min}: use a value >= 0")
+    f = v.features
+    if not 0.0 <= f.norm_min <= f.norm_max:
+        raise QuestError(f"validation.features.norm_min/norm_max are {f.norm_min}/{f.norm_max}: "
+                         "use 0 <= norm_min <= norm_max")
+    _unit(v.codebook.max_dead_share, "validation.codebook.max_dead_share")
+    _unit(v.codebook.min_perplexity_share, "validation.codebook.min_perplexity_share")
+    _positive(v.predictions.sum_tolerance, "validation.predictions.sum_tolerance")
+    if v.predictions.min_top1_over_chance < 0:
+        raise QuestError("validation.predictions.min_top1_over_chance is "
+                         f"{v.predictions.min_top1_over_chance}: use a value >= 0")
 
 
 def config_hash(section: Any) -> str:

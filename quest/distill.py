@@ -26,8 +26,8 @@ class FrozenTeacher(nn.Module):
         return super().train(False)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Teacher logits, computed without autograd."""
-        with torch.no_grad():
+        """Teacher logits, computed in inference mode (no autograd records, no version counters)."""
+        with torch.inference_mode():
             return self.model(x)
 
 

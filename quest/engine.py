@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +91,13 @@ def evaluate(
 
 
 class Trainer:
-    """Runs epochs of a distiller with SGD, checkpointing after every epoch and resuming."""
+    """Runs epochs of a distiller with SGD, checkpointing after every epoch and resuming.
+
+    SIGINT/SIGTERM during `fit` (main thread) asks for a stop: the running step finishes, a
+    mid-epoch checkpoint records the step reached, the epoch's partial metric sums and the RNG
+    state, and KeyboardInterrupt is raised. The next `fit` redraws (and skips) the batches that
+    epoch already consumed, so the resumed run reaches the same weights as an uninterrupted one.
+    """
 
     def __init__(
         self,
@@ -111,19 +120,68 @@ class Trainer:
         self.progress = progress
         self.desc = desc
         self.optimizer = make_optimizer(distiller.trainable_parameters(), opt)
+        # hooks for quest.fastpath / quest.distributed: the step function (bf16 autocast, a DDP
+        # wrapper) and whether this process writes checkpoints (rank 0 of a torchrun job)
+        self.forward_step: Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]] = (
+            self.distiller.forward_train)
+        self.is_main = True
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
+        self.start_step = 0  # batches of epoch `start_epoch` already trained (mid-epoch resume)
+        self._partial: dict[str, Any] | None = None
+        self._rng: dict[str, Tensor] | None = None
+        self._stop_requested = False
 
-    def _state(self, epoch: int) -> dict[str, Any]:
-        return {
+    def _rng_state(self) -> dict[str, Tensor]:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _state(
+        self, epoch: int, step: int = 0, partial: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        state = {
             "fingerprint": self.fingerprint,
             "epoch": epoch,
+            "step": step,
             "distiller": {
                 k: v for k, v in self.distiller.state_dict().items() if not k.startswith("teacher.")
             },
             "optimizer": self.optimizer.state_dict(),
             "history": self.history,
+            # the global RNG feeds dropout and DataLoader-path augmentation: restoring it makes a
+            # resumed run draw what the uninterrupted one would have drawn
+            "rng": self._rng_state(),
         }
+        if partial is not None:
+            state["partial"] = partial
+        return state
+
+    @contextlib.contextmanager
+    def _stop_on_signal(self) -> Iterator[None]:
+        """Turn SIGINT/SIGTERM into a stop request honoured between steps (main thread only)."""
+        self._stop_requested = False
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach the main thread only; a thread's trainer cannot be interrupted
+            return
+
+        def request(signum: int, frame: Any) -> None:
+            if self._stop_requested:
+                raise KeyboardInterrupt  # a second signal: stop at once, the last checkpoint stays
+            # a KeyboardInterrupt raised inside optimizer.step() could leave the weights half
+            # updated; a flag lets the step finish so that the checkpoint is consistent
+            self._stop_requested = True
+
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.getsignal(s) for s in sigs}
+        for s in sigs:
+            signal.signal(s, request)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
     def resume(self) -> bool:
         """Load the last checkpoint if it belongs to this very run configuration."""
@@ -142,9 +200,22 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = list(state["history"])
         self.start_epoch = int(state["epoch"])
-        log.info("%s: resuming after epoch %d from %s", self.desc, self.start_epoch,
+        self.start_step = int(state.get("step", 0))
+        self._partial = state.get("partial")
+        self._rng = state.get("rng")
+        within = f" and step {self.start_step} of epoch {self.start_epoch + 1}" * bool(
+            self.start_step)
+        log.info("%s: resuming after epoch %d%s from %s", self.desc, self.start_epoch, within,
                  self.checkpoint_path)
         return True
+
+    def _restore_rng(self) -> None:
+        if self._rng is None:
+            return
+        torch.set_rng_state(self._rng["cpu"])
+        if "cuda" in self._rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(self._rng["cuda"], self.device)
+        self._rng = None
 
     def fit(
         self,
@@ -159,6 +230,21 @@ class Trainer:
             raise QuestError(
                 f"{self.desc}: fewer training images than one batch: lower the batch_size"
             )
+        if self.start_step >= steps:
+            raise QuestError(
+                f"checkpoint {self.checkpoint_path} stopped at step {self.start_step} of an epoch "
+                f"that now has {steps}: delete it to start over"
+            )
+        with self._stop_on_signal():
+            return self._fit(train_loader, test_loader, steps, on_epoch)
+
+    def _fit(
+        self,
+        train_loader: Any,
+        test_loader: Any,
+        steps: int,
+        on_epoch: Callable[[dict[str, Any]], None] | None,
+    ) -> list[dict[str, Any]]:
         for epoch in range(self.start_epoch, self.opt.epochs):
             t0 = time.perf_counter()
             self.distiller.train()
@@ -166,13 +252,25 @@ class Trainer:
             sums: dict[str, Tensor] = {}
             correct = torch.zeros((), device=self.device)
             seen = 0
-            batches = track(train_loader, steps, f"{self.desc} {epoch + 1}/{self.opt.epochs}",
-                            self.progress)
-            for i, (x, y) in enumerate(batches):
+            earlier_seconds = 0.0
+            skip = self.start_step if epoch == self.start_epoch else 0
+            if skip and self._partial is not None:
+                sums = {k: v.to(self.device) for k, v in self._partial["sums"].items()}
+                correct = self._partial["correct"].to(self.device)
+                seen = int(self._partial["seen"])
+                earlier_seconds = float(self._partial["seconds"])
+            batches = iter(track(train_loader, steps,
+                                 f"{self.desc} {epoch + 1}/{self.opt.epochs}", self.progress))
+            # redraw the batches the interrupted run consumed, so that the loader's random
+            # stream (shuffle, crops, flips) is where it was; their results are discarded
+            for _ in range(skip):
+                next(batches)
+            self._restore_rng()
+            for i, (x, y) in enumerate(batches, start=skip):
                 lr = lr_at(self.opt, epoch + i / steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                logits, losses = self.distiller.forward_train(x, y)
+                logits, losses = self.forward_step(x, y)
                 total = torch.stack(list(losses.values())).sum()
                 self.optimizer.zero_grad(set_to_none=True)
                 total.backward()
@@ -184,24 +282,30 @@ class Trainer:
                 for name, value in terms.items():
                     sums[name] = sums.get(name, 0.0) + value.detach().float() * bs
                 correct += (logits.detach().argmax(dim=1) == y).sum()
+                if self._stop_requested and i + 1 < steps:
+                    self._save_partial(epoch, i + 1, sums, correct, seen,
+                                       earlier_seconds + time.perf_counter() - t0)
+                    raise KeyboardInterrupt
             record: dict[str, Any] = {"epoch": epoch + 1}
             record.update({k: float(v) / seen for k, v in sums.items()})
             if not math.isfinite(record["loss"]):
-                kept = f"epoch {epoch} kept in {self.checkpoint_path}" if epoch else "none kept"
+                kept = (f"the last good checkpoint stays in {self.checkpoint_path}"
+                        if self.checkpoint_path.is_file() else "no checkpoint kept")
                 raise QuestError(
                     f"{self.desc}: loss became {record['loss']} in epoch {epoch + 1} ({kept}): "
                     "lower the learning rate (train.lr) and rerun"
                 )
             record["lr"] = lr_at(self.opt, epoch + (steps - 1) / steps)
             record["train_accuracy"] = float(correct) / seen
-            record["train_images_per_s"] = seen / (time.perf_counter() - t0)
+            record["train_images_per_s"] = seen / (earlier_seconds + time.perf_counter() - t0)
             ev = evaluate(self.distiller, test_loader, self.num_classes, self.device)
             record["test_accuracy"] = ev["top1"]
             record["test_top5"] = ev["top5"]
             record["test_loss"] = ev["loss"]
-            record["seconds"] = time.perf_counter() - t0
+            record["seconds"] = earlier_seconds + time.perf_counter() - t0
             self.history.append(record)
-            save_checkpoint(self.checkpoint_path, self._state(epoch + 1))
+            if self.is_main:
+                save_checkpoint(self.checkpoint_path, self._state(epoch + 1))
             log.info(
                 "%s epoch %d/%d loss %.4f train %.4f test %.4f lr %.4g (%.1fs)",
                 self.desc, epoch + 1, self.opt.epochs, record["loss"],
@@ -210,8 +314,29 @@ class Trainer:
             )
             if on_epoch is not None:
                 on_epoch(record)
+            if self._stop_requested:
+                log.info("%s: interrupted after epoch %d; checkpoint %s", self.desc, epoch + 1,
+                         self.checkpoint_path)
+                raise KeyboardInterrupt
         return self.history
+
+    def _save_partial(
+        self, epoch: int, step: int, sums: dict[str, Tensor], correct: Tensor, seen: int,
+        seconds: float,
+    ) -> None:
+        """Checkpoint `step` batches into `epoch`, unless the loss already went non-finite."""
+        if not math.isfinite(float(sums["loss"])):
+            log.info("%s: interrupted with a non-finite loss; the last good checkpoint stays",
+                     self.desc)
+            return
+        partial = {"sums": {k: v.detach().cpu() for k, v in sums.items()},
+                   "correct": correct.detach().cpu(), "seen": seen, "seconds": seconds}
+        if self.is_main:
+            save_checkpoint(self.checkpoint_path, self._state(epoch, step, partial))
+        log.info("%s: interrupted at step %d of epoch %d; checkpoint %s", self.desc, step,
+                 epoch + 1, self.checkpoint_path)
 
     def finish(self) -> None:
         """Drop the resume checkpoint once the final outputs are safely written."""
-        self.checkpoint_path.unlink(missing_ok=True)
+        if self.is_main:
+            self.checkpoint_path.unlink(missing_ok=True)

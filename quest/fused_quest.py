@@ -86,4 +86,7 @@ def fused_quest_kl(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Return (mean KL, word accuracy, mean max teacher assignment, mean teacher word usage)."""
     block = _GPU_BLOCK if student.is_cuda else _CPU_BLOCK
-    return _FusedQuestKL.apply(student, weight, teacher.detach(), codebook, temperature, block)
+    # float32 under autocast too: softmax(-T ||f - c||^2) of logits in the hundreds needs it
+    with torch.autocast(device_type=student.device.type, enabled=False):
+        return _FusedQuestKL.apply(student.float(), weight.float(), teacher.detach().float(),
+                                   codebook.float(), temperature, block)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -13,25 +14,48 @@ from typing import Any
 
 import numpy as np
 
+from quest.errors import QuestError
+
 # mkstemp creates files readable by the owner only; outputs should get the usual permissions
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+# write failures that the user fixes outside the program: reported in one line, not a traceback
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                   errno.EPERM, errno.EIO}
+
+
+def _write_error(target: Path, exc: OSError) -> QuestError:
+    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    return QuestError(
+        f"cannot write {target} ({reason}): free disk space or fix permissions there, then "
+        "rerun (the previous file, if any, is unchanged)"
+    )
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        if exc.errno in _STORAGE_ERRNOS:
+            raise _write_error(target, exc) from exc
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
+        # errno None: a short write reported by numpy's tofile ("N requested and M written")
+        if isinstance(exc, OSError) and (exc.errno is None or exc.errno in _STORAGE_ERRNOS):
+            raise _write_error(target, exc) from exc
         raise
 
 

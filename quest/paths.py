@@ -82,3 +82,8 @@ class Paths:
     def logs(self) -> Path:
         """Per-run log files."""
         return self.root / "logs"
+
+    @property
+    def reports(self) -> Path:
+        """The HTML and Markdown report of a finished run (quest report)."""
+        return self.root / "reports"

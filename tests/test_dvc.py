@@ -34,9 +34,13 @@ BIN = Path(sys.executable).parent  # the venv's bin: `quest` and `dvc` live here
 METHODS = ["quest+kd"]
 ALL_METHODS = ["ce", "kd", "quest", "quest+kd"]
 STUDENTS = {f"student@{m}" for m in METHODS}
-ALL_STAGES = {"prepare", "teacher", "features", "codebook", *STUDENTS, "evaluate"}
+# the Great Expectations gates between stages (quest validate --what W)
+VALIDATE = {"validate-data", "validate-features", "validate-codebook", "validate-predictions"}
+ALL_STAGES = {"prepare", "teacher", "features", "codebook", *STUDENTS, "evaluate", "report",
+              *VALIDATE}
 # settings dvc.yaml deliberately leaves out of every stage's params (see its header)
 UNTRACKED = {"runtime.device", "runtime.threads", "runtime.channels_last", "runtime.progress",
+             "runtime.amp", "runtime.compile",
              "data.download", "features.batch_size",
              # read by `quest promote` against the MLflow registry, not by any DVC stage
              "promotion.min_top1", "promotion.model_name"}
@@ -251,7 +255,13 @@ def test_dag_of_all_methods(project: Project) -> None:
     edges = set(re.findall(r'"([^"]+)" -> "([^"]+)"', dot))
     nodes = set(re.findall(r'^"([^"]+)";$', dot, re.M))
     students = {f"student@{m}" for m in ALL_METHODS}
-    assert nodes == {"prepare", "teacher", "features", "codebook", "evaluate", *students}
+    assert nodes == {"prepare", "teacher", "features", "codebook", "evaluate", "report",
+                     *students, *VALIDATE}
+    # each suite sits between the stage it checks and the next one (through its .passed gate)
+    assert {("prepare", "validate-data"), ("validate-data", "teacher"),
+            ("features", "validate-features"), ("validate-features", "codebook"),
+            ("codebook", "validate-codebook"), ("evaluate", "validate-predictions")} <= edges
+    assert all(("validate-codebook", student) in edges for student in students)
     for student in students:
         # evaluate's directory dependency (models/students) links it to every student stage
         assert (student, "evaluate") in edges
@@ -259,6 +269,9 @@ def test_dag_of_all_methods(project: Project) -> None:
     assert {("prepare", "teacher"), ("teacher", "features"), ("features", "codebook"),
             ("prepare", "evaluate"), ("teacher", "evaluate")} <= edges
     assert ("codebook", "evaluate") not in edges
+    # the report reads evaluation.json and every student's history (metrics/students)
+    assert {("evaluate", "report"), ("codebook", "report")} <= edges
+    assert all((student, "report") in edges for student in students)
 
 
 def test_full_repro_runs_every_stage(project: Project) -> None:
@@ -310,7 +323,7 @@ def test_metrics_and_plots_show(project: Project) -> None:
 def test_student_param_experiment_reruns_students_and_evaluate(project: Project) -> None:
     # each test that changes the project commits and checks `dvc status` at its end
     out = project.dvc("exp", "run", "-S", "student.train.lr=0.02", label="exp run: student lr")
-    assert ran_stages(out) == {*STUDENTS, "evaluate"}
+    assert ran_stages(out) == {*STUDENTS, "evaluate", "report", "validate-predictions"}
     assert project.params()["student"]["train"]["lr"] == 0.02
     exps = json.loads(project.dvc("exp", "show", "--json"))
     found = []
@@ -328,7 +341,8 @@ def test_student_param_experiment_reruns_students_and_evaluate(project: Project)
 def test_codebook_k_reruns_codebook_students_and_evaluate(project: Project) -> None:
     project.set_param("codebook.k", 16)
     out = project.dvc("repro", label="repro: codebook.k")
-    assert ran_stages(out) == {"codebook", *STUDENTS, "evaluate"}
+    assert ran_stages(out) == {"codebook", *STUDENTS, "evaluate", "report",
+                               "validate-codebook", "validate-predictions"}
     assert json.loads((project.root / "metrics" / "codebook.json").read_text())["k"] == 16
     project.commit("codebook k 16")
     assert status_clean(project)

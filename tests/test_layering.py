@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-OUTER = ("mlflow", "prefect", "dvc", "great_expectations", "pandas", "faiss")
+OUTER = ("mlflow", "prefect", "dvc", "great_expectations", "pandas", "faiss",
+         "matplotlib")
 
 
 def test_core_and_stages_import_without_outer_layers() -> None:

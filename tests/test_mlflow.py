@@ -51,7 +51,10 @@ def tracked(
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(root)  # anything written relative to the working directory stays in tmp
         cfg = load_config(root / "params.yaml", "tiny", OVERRIDES)
-        run_pipeline(cfg, Paths(root))
+        from quest.validation import pipeline_checks
+
+        # with the Great Expectations suites, as `quest run` runs it: their reports get logged
+        run_pipeline(cfg, Paths(root), pipeline_checks(cfg, Paths(root)))
         sets = [a for o in OVERRIDES for a in ("--set", o)]
         assert main(["track", "--root", str(root), "--preset", "tiny", *sets,
                      "--tracking-uri", uri]) == 0
@@ -144,6 +147,22 @@ def test_artifacts_logged(tracked: dict[str, Any], client: Any) -> None:
     sid = tracked["run"]["child_run_ids"]["student[quest]"]
     assert {Path(a.path).name for a in client.list_artifacts(sid, "students/quest")} == {
         "quest.json", "quest.csv"}
+
+
+def test_validation_reports_and_counts_logged(tracked: dict[str, Any], client: Any) -> None:
+    pid = tracked["run"]["parent_run_id"]
+    names = {Path(a.path).name for a in client.list_artifacts(pid, "reports/validation")}
+    suites = ("data", "features", "codebook", "predictions")
+    assert {f"{s}.json" for s in suites} <= names
+    docs = {Path(a.path).name for a in client.list_artifacts(pid, "reports/validation/docs/data")}
+    assert "index.html" in docs
+    metrics = client.get_run(pid).data.metrics
+    for suite in suites:
+        report = json.loads((tracked["root"] / "reports" / "validation" / f"{suite}.json")
+                            .read_text())
+        assert metrics[f"validation.{suite}.passed"] == report["passed"] > 0
+        assert metrics[f"validation.{suite}.failed"] == 0
+        assert metrics[f"validation.{suite}.success"] == 1.0
 
 
 def test_models_registered_with_provenance_tags(tracked: dict[str, Any], client: Any) -> None:

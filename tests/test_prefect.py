@@ -36,7 +36,8 @@ QUIET = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
 }
 STAGES = ["prepare", "teacher", "features", "codebook", "student[ce]", "student[kd]",
-          "student[quest]", "evaluate"]
+          "student[quest]", "evaluate", "report", "validate[data]", "validate[features]",
+          "validate[codebook]", "validate[predictions]"]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -247,7 +248,8 @@ def test_codebook_k_change_recomputes_codebook_quest_student_and_evaluate(
     assert "codebook" in dvc_status(root)  # DVC sees the change too
     state = quest_pipeline(root=str(root), return_state=True)
     states = _stage_states(_task_states(state.state_details.flow_run_id))
-    recomputed = {"codebook", "student[quest]", "evaluate"}
+    recomputed = {"codebook", "student[quest]", "evaluate", "report", "validate[codebook]",
+                  "validate[predictions]"}
     # ce and kd do not read the codebook, so their keys do not include it
     assert states == {s: "Completed" if s in recomputed else "Cached" for s in STAGES}
     assert json.loads((root / "models/codebook/codebook.json").read_text())["k"] == \

@@ -16,6 +16,13 @@ def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return (images.float().div_(255.0) - mean) / std
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Copy a small CPU tensor to `device`; to CUDA via pinned memory, so the host never waits."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def random_crop_flip(
     images: Tensor, padding: int, flip: bool, generator: torch.Generator
 ) -> Tensor:
@@ -24,8 +31,11 @@ def random_crop_flip(
     out = images
     if padding > 0:
         padded = F.pad(images, (padding, padding, padding, padding))
-        off_y = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(images.device)
-        off_x = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(images.device)
+        # drawn on the CPU generator (resume-identical), copied without a host-device sync
+        off_y = _to_device(torch.randint(0, 2 * padding + 1, (b,), generator=generator),
+                           images.device)
+        off_x = _to_device(torch.randint(0, 2 * padding + 1, (b,), generator=generator),
+                           images.device)
         rows = off_y[:, None] + torch.arange(h, device=images.device)[None, :]
         cols = off_x[:, None] + torch.arange(w, device=images.device)[None, :]
         bidx = torch.arange(b, device=images.device)[:, None, None]
@@ -33,7 +43,7 @@ def random_crop_flip(
         nhwc = padded.permute(0, 2, 3, 1)
         out = nhwc[bidx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     if flip:
-        mask = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+        mask = _to_device(torch.rand(b, generator=generator) < 0.5, images.device)
         out = torch.where(mask[:, None, None, None], out.flip(3), out)
     return out
 

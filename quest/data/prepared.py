@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from quest.errors import QuestError
-from quest.io_utils import read_json, save_npy_atomic, write_json_atomic
+from quest.io_utils import atomic_path, read_json, write_json_atomic
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -106,13 +107,19 @@ def save_prepared(ds: PreparedDataset, out_dir: str | Path) -> str:
         raise ValueError(f"train {train.images.shape[1:]} and test {test.images.shape[1:]} differ")
     checked = PreparedDataset(train, test, list(ds.classes), ds.meta)
     digest = arrays_sha256(checked)
-    # meta.json is the commit marker: drop the old one first so that a crash between array
-    # writes leaves a directory that load_prepared reports as unprepared, never a mixed one.
-    (out / META_FILE).unlink(missing_ok=True)
-    for fname, arr in zip(
-        ARRAY_FILES, (train.images, train.labels, test.images, test.labels), strict=True
-    ):
-        save_npy_atomic(out / fname, np.ascontiguousarray(arr))
+    # Every array goes to a temporary file first: a failing write (a full disk) removes them
+    # and leaves the previous version whole. Only then is meta.json, the commit marker, dropped
+    # and the arrays renamed into place (leaving the stack renames them), so that a crash
+    # during the renames leaves a directory that load_prepared reports as unprepared, never a
+    # mixed one.
+    with contextlib.ExitStack() as stack:
+        for fname, arr in zip(
+            ARRAY_FILES, (train.images, train.labels, test.images, test.labels), strict=True
+        ):
+            tmp = stack.enter_context(atomic_path(out / fname))
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
+        (out / META_FILE).unlink(missing_ok=True)
     meta = {
         "format_version": FORMAT_VERSION,
         "data_sha256": digest,

@@ -11,7 +11,7 @@ from quest.config import Config
 from quest.errors import QuestError
 from quest.io_utils import file_sha256, read_json, save_npy_atomic, write_json_atomic
 from quest.paths import Paths
-from quest.progress import log
+from quest.progress import Progress, log
 from quest.stages.common import resolve_device, write_csv_atomic
 
 
@@ -24,15 +24,18 @@ def run_codebook(cfg: Config, paths: Paths) -> dict[str, Any]:
     feats = np.load(paths.features, mmap_mode="r")
     log.info("codebook: k-means K=%d on %d x %d vectors (%s backend)", c.k, *feats.shape,
              c.backend)
-    result = fit_kmeans(
-        feats,
-        c.k,
-        iterations=c.iterations,
-        seed=c.seed,
-        backend=c.backend,
-        max_points_per_centroid=c.max_points_per_centroid,
-        device=str(device),
-    )
+    with Progress(c.iterations, "codebook k-means", cfg.runtime.progress) as progress:
+        result = fit_kmeans(
+            feats,
+            c.k,
+            iterations=c.iterations,
+            seed=c.seed,
+            backend=c.backend,
+            max_points_per_centroid=c.max_points_per_centroid,
+            device=str(device),
+            on_iteration=lambda i, n, obj, split: progress.update(
+                info=f"objective {obj:.6g}" + (f", {split} re-seeded" if split else "")),
+        )
     # statistics over the same points k-means saw (all of them when they fit)
     sample, _ = sample_training_set(
         feats, c.k, seed=c.seed, max_points_per_centroid=c.max_points_per_centroid

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +19,18 @@ from quest.models.zoo import default_feature_layer
 from quest.paths import Paths
 from quest.progress import log, track
 from quest.stages.common import load_data, load_model_file, norm_stats, resolve_device, to_device
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a file's blocks up front where the OS and filesystem support it."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
 
 
 def teacher_layer(cfg: Config, arch: str) -> str:
@@ -52,9 +67,13 @@ def run_features(cfg: Config, paths: Paths) -> dict[str, Any]:
             chosen = np.sort(rng.choice(total, size=keep, replace=False))
         with atomic_path(paths.features) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(keep, c))
+            # reserve the blocks now: a disk that fills while writing through the memory map
+            # kills the process with SIGBUS; here it is an ENOSPC that atomic_path reports
+            _reserve(tmp)
             written = 0
             start = 0
-            for x, _ in track(loader, len(loader), "features", cfg.runtime.progress):
+            for x, _ in track(loader, len(loader), "features", cfg.runtime.progress,
+                              lines=True):
                 model(x)
                 vecs = tap.outputs[layer].float().permute(0, 2, 3, 1).reshape(-1, c)
                 end = start + vecs.shape[0]

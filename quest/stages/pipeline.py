@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from quest.config import Config
@@ -16,15 +17,23 @@ from quest.stages.student import run_student
 from quest.stages.teacher import run_teacher
 
 
-def run_pipeline(cfg: Config, paths: Paths) -> dict[str, Any]:
-    """Run every stage in order and return the evaluation plus the wall time per stage."""
+def run_pipeline(cfg: Config, paths: Paths,
+                 checks: dict[str, Callable[[], None]] | None = None) -> dict[str, Any]:
+    """Run every stage in order and return the evaluation plus the wall time per stage.
+
+    ``checks`` maps a stage name to a callable run right after that stage (the CLI passes the
+    Great Expectations suites); one that raises stops the pipeline before the next stage.
+    """
     timings: dict[str, float] = {}
+    checks = checks or {}
 
     def timed(name: str, fn: Any, *args: Any) -> Any:
         t0 = time.perf_counter()
         out = fn(*args)
         timings[name] = round(time.perf_counter() - t0, 1)
         log.info("stage %s done in %.1fs", name, timings[name])
+        if name in checks:
+            timed(f"validate[{name}]", checks[name])
         return out
 
     timed("prepare", run_prepare, cfg, paths)

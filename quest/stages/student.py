@@ -9,12 +9,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from quest import distributed
 from quest.checkpoint import save_model_file
 from quest.config import Config, config_hash
 from quest.data.prepared import data_hash
 from quest.distill import build_distiller
 from quest.engine import Trainer
 from quest.errors import QuestError
+from quest.fastpath import autocast_step, describe, maybe_compile
 from quest.io_utils import file_sha256, read_json, write_json_atomic
 from quest.models.taps import FeatureTap
 from quest.models.zoo import build_model, count_parameters, default_feature_layer
@@ -53,6 +55,9 @@ def run_student(cfg: Config, paths: Paths, method: str) -> dict[str, Any]:
     s = cfg.student
     started = time.monotonic()
     device = resolve_device(cfg)
+    dist_info = distributed.env_info()  # set when launched by torchrun
+    if dist_info is not None:
+        device = distributed.init(dist_info, device)
     ds = load_data(paths)
     mean, std = norm_stats(ds)
     num_classes = len(ds.classes)
@@ -63,6 +68,7 @@ def run_student(cfg: Config, paths: Paths, method: str) -> dict[str, Any]:
     if method != "ce":
         teacher, _ = load_model_file(paths.teacher_model, "teacher model")
         teacher = to_device(teacher, device, cfg.runtime.channels_last)
+        maybe_compile(teacher, cfg.runtime.compile)
         provenance["teacher_sha256"] = file_sha256(paths.teacher_model)
     with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         # the student's and the predictor's initial weights depend on the seed alone
@@ -92,6 +98,7 @@ def run_student(cfg: Config, paths: Paths, method: str) -> dict[str, Any]:
             kd_weight=s.kd.kd_weight,
             **extra,
         )
+    maybe_compile(student, cfg.runtime.compile)
     train_loader, test_loader = make_loaders(ds, cfg, s.train, device)
     fingerprint = config_hash({"method": method, "student": config_hash(s), **provenance})
     trainer = Trainer(
@@ -104,7 +111,15 @@ def run_student(cfg: Config, paths: Paths, method: str) -> dict[str, Any]:
         progress=cfg.runtime.progress,
         desc=f"student[{method}]",
     )
+    if dist_info is not None:
+        train_loader = distributed.data_parallel(trainer, train_loader, dist_info,
+                                                 s.train.batch_size)
+    trainer.forward_step = autocast_step(trainer.forward_step, cfg.runtime.amp, device)
+    log.info("student[%s] on %s: %s%s", method, device, describe(cfg.runtime, device),
+             f", rank {dist_info.rank} of {dist_info.world_size}" if dist_info else "")
     history = trainer.fit(train_loader, test_loader)
+    if dist_info is not None and not dist_info.is_main:
+        return {"method": method, "rank": dist_info.rank}  # rank 0 writes the outputs
     final = history[-1]
     # the predictor trains alongside but is not exported: the saved student is the plain net
     save_model_file(

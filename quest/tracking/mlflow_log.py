@@ -153,6 +153,21 @@ def _log_files(pattern_dirs: list[tuple[Path, str, str]]) -> None:
                 mlflow.log_artifact(str(f), dest if rel == "." else f"{dest}/{rel}")
 
 
+def _validation_metrics(paths: Paths) -> list[tuple[str, float, int]]:
+    """validation.<suite>.passed / .failed / .success from reports/validation/<suite>.json."""
+    rows: list[tuple[str, float, int]] = []
+    for f in sorted((paths.root / "reports" / "validation").glob("*.json")):
+        try:
+            rep = read_json(f)
+        except (OSError, ValueError):
+            continue  # a damaged report is logged as an artifact, never as numbers
+        if isinstance(rep, dict) and {"suite", "passed", "failed"} <= rep.keys():
+            rows += [(f"validation.{rep['suite']}.passed", rep["passed"], 0),
+                     (f"validation.{rep['suite']}.failed", rep["failed"], 0),
+                     (f"validation.{rep['suite']}.success", float(rep["failed"] == 0), 0)]
+    return rows
+
+
 def _evaluation_metrics(evaluation: dict[str, Any]) -> list[tuple[str, float, int]]:
     """(name, value, step) for every model's top1, top5, params and MACs."""
     return [
@@ -203,9 +218,14 @@ def track_pipeline(
             pid = parent.info.run_id
             result["parent_run_id"] = pid
             _log_params(client, pid, params)
-            _log_metrics(client, pid, _evaluation_metrics(evaluation))
+            _log_metrics(client, pid, _evaluation_metrics(evaluation) + _validation_metrics(paths))
+            # the Great Expectations reports and Data Docs (the same artifact paths as a
+            # reports/ glob would give them, so logging both never duplicates an artifact)
+            _log_files([(paths.root / "reports" / "validation", "**/*", "reports/validation")])
             _log_files([(paths.metrics, "**/*.json", "metrics"),
                         (paths.plots, "**/*.csv", "plots")])
+            # `quest report`'s HTML page, Markdown and figures, when the run has one
+            _log_files([(paths.reports, "**/*", "reports")])
             if paths.codebook_meta.is_file():
                 mlflow.log_artifact(str(paths.codebook_meta), "models/codebook")
 

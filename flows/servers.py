@@ -1,0 +1,80 @@
+"""Start the project's local MLflow UI or Prefect server, bound to 127.0.0.1 unless told otherwise.
+
+From the repository root (or with --root)::
+
+    python -m flows.servers mlflow      # MLflow UI for the project's tracking store, :5000
+    python -m flows.servers prefect     # Prefect server (UI and API), :4200
+
+Both listen on 127.0.0.1, reachable from this machine only: neither server has authentication,
+and anyone who reaches MLflow can read or delete runs and models. To serve a trusted network,
+pass --host (or set QUEST_SERVER_HOST), e.g. --host 0.0.0.0 for every interface.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_HOST = "127.0.0.1"
+HOST_ENV = "QUEST_SERVER_HOST"
+DEFAULT_PORTS = {"mlflow": 5000, "prefect": 4200}
+
+
+def default_host() -> str:
+    """The host servers bind to: $QUEST_SERVER_HOST, else 127.0.0.1 (this machine only)."""
+    return os.environ.get(HOST_ENV) or DEFAULT_HOST
+
+
+def server_command(
+    kind: str, root: str | os.PathLike[str] = ".", host: str | None = None,
+    port: int | None = None,
+) -> list[str]:
+    """The command line that starts the `kind` ('mlflow' or 'prefect') server."""
+    if kind not in DEFAULT_PORTS:
+        raise ValueError(f"unknown server '{kind}': choose mlflow or prefect")
+    host = host or default_host()
+    port = port or DEFAULT_PORTS[kind]
+    bindir = Path(sys.executable).parent
+    if kind == "mlflow":
+        # the same store `quest track` writes to (quest.tracking.resolve_tracking_uri)
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (
+            f"sqlite:///{Path(root).resolve() / 'mlflow.db'}")
+        return [str(bindir / "mlflow"), "ui", "--backend-store-uri", uri, "--host", host,
+                "--port", str(port)]
+    return [str(bindir / "prefect"), "server", "start", "--host", host, "--port", str(port)]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Replace this process with the chosen server."""
+    ap = argparse.ArgumentParser(prog="python -m flows.servers", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kind", choices=sorted(DEFAULT_PORTS))
+    ap.add_argument("--root", default=".", help="project root (holds mlflow.db)")
+    ap.add_argument("--host", default=None,
+                    help=f"interface to bind (default: ${HOST_ENV}, else {DEFAULT_HOST})")
+    ap.add_argument("--port", type=int, default=None, help="port (mlflow 5000, prefect 4200)")
+    args = ap.parse_args(argv)
+    cmd = server_command(args.kind, args.root, args.host, args.port)
+    host = cmd[cmd.index("--host") + 1]
+    if not _is_loopback(host):
+        print(f"warning: {args.kind} will listen on {host}, beyond this machine, without "
+              "authentication", file=sys.stderr)
+    os.chdir(args.root)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())
