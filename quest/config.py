@@ -133,7 +133,7 @@ class RuntimeConfig:
     threads: int | None = None
     channels_last: bool = True
     progress: str = "auto"
-    amp: str = "off"
+    amp: str = "fp32"
     compile: bool = False
 
 
@@ -398,7 +398,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg.features.dtype, ("float32", "float16"), "features.dtype")
     _choice(cfg.codebook.backend, ("auto", "faiss", "torch"), "codebook.backend")
     _choice(cfg.runtime.progress, ("auto", "bar", "lines", "off"), "runtime.progress")
-    _choice(cfg.runtime.amp, ("off", "bf16"), "runtime.amp")
+    _choice(cfg.runtime.amp, ("fp32", "bf16"), "runtime.amp")
     _positive(cfg.codebook.k, "codebook.k")
     _positive(cfg.codebook.iterations, "codebook.iterations")
     _positive(cfg.features.max_vectors, "features.max_vectors")

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from quest.progress import log
 
-AMP_MODES = ("off", "bf16")
+AMP_MODES = ("fp32", "bf16")
 
 _WARNED: set[str] = set()
 
@@ -27,7 +27,7 @@ def _warn_once(key: str, message: str) -> None:
 
 def amp_enabled(amp: str, device: torch.device | str) -> bool:
     """Whether bf16 autocast applies: runtime.amp is bf16 and the device is CUDA."""
-    if amp == "off":
+    if amp == "fp32":
         return False
     if torch.device(device).type != "cuda":
         _warn_once("amp-cpu", "runtime.amp: bf16 is only used on CUDA; training on the CPU in "
@@ -69,6 +69,6 @@ def describe(runtime: Any, device: torch.device) -> dict[str, Any]:
     """The fast-path settings in effect on `device` (for logs and benchmark records)."""
     return {
         "channels_last": bool(runtime.channels_last),
-        "amp": runtime.amp if amp_enabled(runtime.amp, device) else "off",
+        "amp": runtime.amp if amp_enabled(runtime.amp, device) else "fp32",
         "compile": bool(runtime.compile),
     }

@@ -31,8 +31,8 @@ def test_amp_is_a_no_op_on_cpu(caplog: pytest.LogCaptureFixture) -> None:
         assert autocast_step(step, "bf16", "cpu") is step
         assert autocast_step(step, "bf16", torch.device("cpu")) is step
     assert sum("only used on CUDA" in r.message for r in caplog.records) <= 1
-    assert autocast_step(step, "off", "cuda") is step
-    assert amp_enabled("bf16", "cuda") and not amp_enabled("off", "cuda")
+    assert autocast_step(step, "fp32", "cuda") is step
+    assert amp_enabled("bf16", "cuda") and not amp_enabled("fp32", "cuda")
 
 
 def test_quest_head_stays_float32_under_autocast() -> None:

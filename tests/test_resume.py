@@ -163,7 +163,7 @@ def test_sigterm_mid_epoch_then_rerun_matches_an_uninterrupted_cli_run(
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    assert ckpt.exists(), "epoch 1 did not finish in time"
+    assert ckpt.exists(), f"epoch 1 did not finish in time (exit {proc.poll()})"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -172,7 +172,7 @@ def test_sigterm_mid_epoch_then_rerun_matches_an_uninterrupted_cli_run(
     assert list(smoke_root.rglob("*.tmp")) == []
     assert not (smoke_root / "models" / "students" / "ce.pt").exists()
     state = load_checkpoint(ckpt)
-    assert state["epoch"] == 1 and 0 < state["step"] < 75, (state["epoch"], state["step"])
+    assert state["epoch"] == 1 and 0 < state["step"] < 75, (state["epoch"], state["step"], err)
 
     rerun = subprocess.run(_student_cmd(smoke_root), capture_output=True, text=True,
                            timeout=300, check=False)
