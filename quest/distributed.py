@@ -183,4 +183,5 @@ def data_parallel(trainer: Any, train_loader: Any, info: DistInfo, batch_size: i
         broadcast_buffers=False)
     trainer.forward_step = ddp
     trainer.is_main = info.is_main
+    trainer.graceful_stop = False
     return ShardedLoader(train_loader, info.rank, info.world_size)

@@ -125,6 +125,10 @@ class Trainer:
         self.forward_step: Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]] = (
             self.distiller.forward_train)
         self.is_main = True
+        # a stop between steps needs every rank to stop at the same step; under torchrun the
+        # ranks see a signal at different steps, so there a signal stops at once instead (the
+        # last epoch checkpoint stays) rather than leaving the others waiting in a collective
+        self.graceful_stop = True
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.start_step = 0  # batches of epoch `start_epoch` already trained (mid-epoch resume)
@@ -162,7 +166,7 @@ class Trainer:
     def _stop_on_signal(self) -> Iterator[None]:
         """Turn SIGINT/SIGTERM into a stop request honoured between steps (main thread only)."""
         self._stop_requested = False
-        if threading.current_thread() is not threading.main_thread():
+        if not self.graceful_stop or threading.current_thread() is not threading.main_thread():
             yield  # signals reach the main thread only; a thread's trainer cannot be interrupted
             return
 
