@@ -180,7 +180,8 @@ def _fit_torch(
 ) -> tuple[np.ndarray, list[float], int]:
     """Lloyd's algorithm in torch; returns (centroids, objective per iteration, re-seeds)."""
     k = init.shape[0]
-    xt = torch.from_numpy(x).to(dev)
+    # a read-only (memory-mapped) sample is copied: torch tensors over it would be writable
+    xt = torch.from_numpy(x if x.flags.writeable else x.copy()).to(dev)
     c = torch.from_numpy(init.copy()).to(dev)
     x_sq = (xt * xt).sum(dim=1)
     rows = _block_rows(k, dev)
