@@ -42,4 +42,4 @@ bench: $(STAMP)
 
 clean:
 	rm -rf data/prepared data/features models/teacher models/codebook models/students \
-		metrics plots logs .quest
+		metrics plots reports logs .quest
