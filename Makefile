@@ -26,9 +26,6 @@ run: $(STAMP)
 smoke: $(STAMP)
 	$(BIN)/quest run --preset smoke
 
-# the suite runs many short processes side by side (CLI subprocesses, torchrun ranks, servers):
-# one OpenMP thread each avoids the stalls of oversubscribed thread pools on small machines
-test: export OMP_NUM_THREADS ?= 1
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
