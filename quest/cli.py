@@ -98,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="registered model (default: promotion.model_name, quest-student)")
     p.add_argument("--version", type=int, default=None,
                    help="candidate version (default: the one with the 'challenger' alias)")
+    p = sub.add_parser(
+        "study", help="run a study (settings x methods x seeds) resumably; write its table",
+        description="Train every run of a study file not yet recorded under results/ (an "
+                    "interrupted study resumes), then regenerate its table in README.md and "
+                    "results/<study>/TABLE.md.")
+    p.add_argument("study", help="study file, e.g. studies/strength.yaml")
+    p.add_argument("--root", default=".", help="project root (default: .)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs still to train")
+    p.add_argument("--setting", action="append", default=None,
+                   help="run only this setting (repeatable)")
+    p.add_argument("--table-only", action="store_true",
+                   help="train nothing; regenerate the table from the records")
+    p.add_argument("--check", action="store_true",
+                   help="train nothing; exit 1 when README.md's table of this study is stale")
     p = sub.add_parser("models", help="list the model zoo, or a model's tappable layers",
                        description="list the model zoo, or a model's tappable layers")
     p.add_argument("--layers", metavar="ARCH", help="list the layers of ARCH with output shapes")
@@ -290,6 +304,33 @@ def _cmd_promote(args: argparse.Namespace) -> None:
     print(line)
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from quest.progress import setup_logging
+    from quest.runlock import run_lock
+    from quest.stages.study import load_study, run_study
+    from quest.study_table import update_tables
+
+    root = Path(args.root).resolve()
+    study = load_study(args.study, root)
+    if args.check:
+        stale = update_tables(study, root, check=True)
+        for path in stale:
+            print(f"{path}: table of study {study.name} is stale: run `quest study "
+                  f"{args.study} --table-only`", file=sys.stderr)
+        return 1 if stale else 0
+    if not args.table_only:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        setup_logging(str(root / "logs" / f"study-{study.name}-{stamp}.log"), args.debug)
+        # one lock per study: a study may run beside everyday commands on the project
+        with run_lock(root / ".quest" / "studies" / study.name, f"quest study {study.name}"):
+            run_study(study, root, dry_run=args.dry_run, only=args.setting)
+        if args.dry_run:
+            return 0
+    for path in update_tables(study, root):
+        print(f"wrote {path}")
+    return 0
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -309,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_bench(args)
         elif args.command == "promote":
             _cmd_promote(args)
+        elif args.command == "study":
+            return _cmd_study(args)
         else:
             _run_stage(args)
     except QuestError as exc:

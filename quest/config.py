@@ -102,6 +102,7 @@ class QuestConfig:
     temperature: float = 5.0
     weight: float = 1.0
     init_scale: float = 3.0
+    predictor: str = "learned_scale"
 
 
 @dataclass
@@ -399,6 +400,9 @@ def validate(cfg: Config) -> None:
     _choice(cfg.codebook.backend, ("auto", "faiss", "torch"), "codebook.backend")
     _choice(cfg.runtime.progress, ("auto", "bar", "lines", "off"), "runtime.progress")
     _choice(cfg.runtime.amp, ("fp32", "bf16"), "runtime.amp")
+    from quest.losses import PREDICTORS
+
+    _choice(cfg.student.quest.predictor, PREDICTORS, "student.quest.predictor")
     _positive(cfg.codebook.k, "codebook.k")
     _positive(cfg.codebook.iterations, "codebook.iterations")
     _positive(cfg.features.max_vectors, "features.max_vectors")

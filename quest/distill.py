@@ -104,10 +104,11 @@ class Quest(Distiller):
         weight: float = 1.0,
         init_scale: float = 3.0,
         kd_settings: tuple[float, float, float] | None = None,
+        predictor: str = "learned_scale",
     ) -> None:
         super().__init__(student)
         self.teacher = FrozenTeacher(teacher)
-        self.criterion = QuestLoss(codebook, student_channels, temperature, init_scale)
+        self.criterion = QuestLoss(codebook, student_channels, temperature, init_scale, predictor)
         self.weight = weight
         # (temperature, ce_weight, kd_weight) when the Hinton term is added (quest+kd)
         self.kd_settings = kd_settings
@@ -146,6 +147,7 @@ def build_distiller(
     quest_temperature: float = 5.0,
     quest_weight: float = 1.0,
     init_scale: float = 3.0,
+    quest_predictor: str = "learned_scale",
     kd_temperature: float = 4.0,
     kd_ce_weight: float = 0.1,
     kd_weight: float = 0.9,
@@ -169,4 +171,5 @@ def build_distiller(
         quest_weight,
         init_scale,
         kd_settings=kd,
+        predictor=quest_predictor,
     )

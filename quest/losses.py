@@ -48,11 +48,17 @@ def assignment_logits(features: Tensor, codebook: Tensor, temperature: float) ->
     return logits.reshape(b, h, w, -1)
 
 
+PREDICTORS = ("learned_scale", "fixed_scale_bias")
+
+
 class CosinePredictor(nn.Module):
     """A 1x1 cosine-similarity convolution that scores every student position against K words.
 
-    Input vectors and weight rows are L2-normalised; their dot product is multiplied by a
-    learnable scalar scale. Weights are drawn from N(0, sqrt(2 / in_channels)); there is no bias.
+    Input vectors and weight rows are L2-normalised and their dot product is multiplied by a
+    scale. Weights are drawn from N(0, sqrt(2 / in_channels)). Two variants, as in the official
+    code: ``learned_scale`` (the CIFAR configs: a learnable scalar scale, no bias) and
+    ``fixed_scale_bias`` (the few-images transfer configs: a constant scale plus a learnable
+    per-word bias, initialised to zero).
 
     Example:
         >>> pred = CosinePredictor(in_channels=64, num_words=16)
@@ -60,19 +66,34 @@ class CosinePredictor(nn.Module):
         torch.Size([2, 16, 8, 8])
     """
 
-    def __init__(self, in_channels: int, num_words: int, init_scale: float = 3.0) -> None:
+    def __init__(self, in_channels: int, num_words: int, init_scale: float = 3.0,
+                 variant: str = "learned_scale") -> None:
         super().__init__()
+        if variant not in PREDICTORS:
+            raise QuestError(f"unknown QuEST predictor '{variant}': choose one of "
+                             f"{', '.join(PREDICTORS)}")
+        self.variant = variant
         self.weight = nn.Parameter(torch.empty(num_words, in_channels))
         nn.init.normal_(self.weight, mean=0.0, std=math.sqrt(2.0 / in_channels))
-        self.scale = nn.Parameter(torch.tensor(float(init_scale)))
+        self.bias: nn.Parameter | None
+        if variant == "learned_scale":
+            self.scale = nn.Parameter(torch.tensor(float(init_scale)))
+            self.bias = None
+        else:
+            self.register_buffer("scale", torch.tensor(float(init_scale)))
+            self.bias = nn.Parameter(torch.zeros(num_words))
+
+    def scaled_weight(self) -> Tensor:
+        """The K x C matrix scale * normalised rows (the scale folds into the small weight)."""
+        return self.scale * F.normalize(self.weight, p=2, dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Return scores ``[B, K, H, W]`` = scale * cos(x_position, w_k)."""
+        """Return scores ``[B, K, H, W]`` = scale * cos(x_position, w_k) (+ bias_k)."""
         b, c, h, w = x.shape
         flat = F.normalize(x.permute(0, 2, 3, 1).reshape(-1, c), p=2, dim=1)
-        # the scale folds into the small K x C weight, so the scores come from a single GEMM
-        weight = self.scale * F.normalize(self.weight, p=2, dim=1)
-        scores = flat @ weight.t()
+        scores = flat @ self.scaled_weight().t()
+        if self.bias is not None:
+            scores = scores + self.bias
         # a [B, K, H, W] view of position-major memory: per-position softmaxes stay contiguous
         return scores.view(b, h, w, -1).permute(0, 3, 1, 2)
 
@@ -132,11 +153,13 @@ class QuestLoss(nn.Module):
         student_channels: int,
         temperature: float = 5.0,
         init_scale: float = 3.0,
+        predictor: str = "learned_scale",
     ) -> None:
         super().__init__()
         self.register_buffer("codebook", torch.as_tensor(codebook, dtype=torch.float32).clone())
         self.temperature = float(temperature)
-        self.predictor = CosinePredictor(student_channels, self.codebook.shape[0], init_scale)
+        self.predictor = CosinePredictor(student_channels, self.codebook.shape[0], init_scale,
+                                         predictor)
 
     def targets(self, teacher_features: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         """Teacher soft assignments ``[B, H, W, K]``, pooled to ``size`` first when given."""
@@ -167,13 +190,15 @@ class QuestLoss(nn.Module):
             student_features.to(dtype).permute(0, 2, 3, 1).reshape(-1, c_s), p=2, dim=1)
         teacher = teacher_features.detach().to(dtype).permute(0, 2, 3, 1).reshape(-1, c_t)
         pred = self.predictor
-        weight = pred.scale * F.normalize(pred.weight, p=2, dim=1)
-        loss, acc, mean_max, usage = fused_quest_kl(
-            student, weight, teacher, self.codebook, self.temperature)
+        loss, acc, mean_max, usage, student_max = fused_quest_kl(
+            student, pred.scaled_weight(), teacher, self.codebook, self.temperature, pred.bias)
         with torch.no_grad():
             perplexity = torch.exp(-torch.xlogy(usage, usage).sum())
+        # diagnostics of whether the word task is learned: how peaked the targets are, how
+        # peaked the predictions are, and the scale that bounds how peaked they can get
         return {"loss": loss, "word_accuracy": acc, "mean_max_assignment": mean_max,
-                "teacher_perplexity": perplexity}
+                "teacher_perplexity": perplexity, "student_mean_max": student_max,
+                "predictor_scale": pred.scale.detach().clone()}
 
     def forward(self, student_features: Tensor, teacher_features: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(loss, word_accuracy)`` for student and teacher feature maps."""

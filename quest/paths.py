@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# Everyday runs record here (git-ignored); studies record under results/<study>/ (committed).
+RUNS_DIR = "runs"
+
 
 def method_slug(method: str) -> str:
     """File-name form of a method name (kept as is, so DVC foreach paths match)."""
@@ -16,6 +19,7 @@ class Paths:
     """The project's file layout: data/ and models/ (DVC outs), metrics/ and plots/."""
 
     root: Path
+    results_dir: Path | None = None  # where run records go (default: results/runs/)
 
     @property
     def prepared(self) -> Path:
@@ -75,8 +79,9 @@ class Paths:
 
     @property
     def results(self) -> Path:
-        """Provenance records of finished student runs (committed to git, one JSON per run)."""
-        return self.root / "results"
+        """Provenance records of finished student runs, one JSON per run: everyday runs in
+        results/runs/ (not committed), a study's runs in results/<study>/ (committed)."""
+        return self.results_dir or self.root / "results" / RUNS_DIR
 
     @property
     def logs(self) -> Path:

@@ -50,8 +50,10 @@ def student_channels(model: torch.nn.Module, layer: str, image_shape: tuple[int,
 _INIT_LOCK = threading.Lock()
 
 
-def run_student(cfg: Config, paths: Paths, method: str) -> dict[str, Any]:
-    """Train the configured student with `method`; write model, metrics and per-epoch curves."""
+def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None = None,
+                study: str | None = None) -> dict[str, Any]:
+    """Train the configured student with `method`; write model, metrics and per-epoch curves,
+    and record the run in ``paths.results`` (labelled with its study and setting, if any)."""
     s = cfg.student
     started = time.monotonic()
     device = resolve_device(cfg)
@@ -88,6 +90,7 @@ def run_student(cfg: Config, paths: Paths, method: str) -> dict[str, Any]:
                 "quest_temperature": s.quest.temperature,
                 "quest_weight": s.quest.weight,
                 "init_scale": s.quest.init_scale,
+                "quest_predictor": s.quest.predictor,
             }
         distiller = build_distiller(
             method,
@@ -149,7 +152,8 @@ def run_student(cfg: Config, paths: Paths, method: str) -> dict[str, Any]:
     write_csv_atomic(paths.student_curve(method), history)
     trainer.finish()
     record = build_record(cfg, metrics, device=device,
-                          teacher_arch=cfg.teacher.arch, wall_seconds=time.monotonic() - started)
+                          teacher_arch=cfg.teacher.arch, wall_seconds=time.monotonic() - started,
+                          setting=setting, study=study)
     write_record(paths.results, record)
     log.info("student[%s] %s: top-1 %.4f after %d epochs", method, s.arch, final["test_accuracy"],
              s.train.epochs)

@@ -65,8 +65,8 @@ def run_sweep(
         seeded = dataclasses.replace(
             cfg, student=dataclasses.replace(
                 cfg.student, train=dataclasses.replace(cfg.student.train, seed=seed)))
-        h = params_hash(seeded)
         for method in methods:
+            h = params_hash(seeded, method)
             if (h, method, seed) in done:
                 log.info("sweep: %s seed %d already in results/ (params %s), skipped", method,
                          seed, h)

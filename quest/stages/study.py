@@ -1,0 +1,279 @@
+"""Studies: settings (params overrides) x methods x seeds, run resumably and recorded in results/.
+
+A study file (studies/NAME.yaml) reads::
+
+    name: strength                  # default: the file's stem
+    description: what question the study answers
+    params: params.yaml             # base params file, relative to the project root
+    preset: null                    # optional preset applied to it
+    methods: [ce, kd, quest]        # default methods of every setting
+    seeds: [0, 1, 2]                # default seeds of every setting
+    settings:
+      - name: defaults              # params.yaml as it is
+      - name: quest-w10
+        set: {student.quest.weight: 10}   # dotted overrides
+        methods: [quest]            # this setting's own methods / seeds (optional)
+
+Every run is identified by its method, its seed and the hash of the settings that method reads
+(quest.results.params_hash). A run already recorded anywhere under results/ (every study's
+committed records; not results/runs/) is not trained again, so an interrupted study resumes, and a
+setting that changes only QuEST's knobs shares its CE and KD runs with the setting it derives from.
+Upstream stages are shared the same way: prepared data, teacher, features and codebook live in
+.quest/study-cache/<stage>-<hash of the sections they read>/, built once for all settings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quest.config import (
+    METHODS,
+    Config,
+    _set_dotted,
+    build_config,
+    config_hash,
+    read_params,
+    resolve_raw,
+)
+from quest.errors import QuestError
+from quest.paths import RUNS_DIR, Paths
+from quest.progress import log
+from quest.results import load_records, params_hash
+from quest.stages.common import resolve_location
+
+STUDIES_DIR = "studies"
+
+
+@dataclass
+class Setting:
+    """One named configuration of a study: overrides of the base params, methods and seeds."""
+
+    name: str
+    overrides: dict[str, Any]
+    methods: list[str]
+    seeds: list[int]
+    note: str = ""
+
+
+@dataclass
+class Study:
+    """A study file, parsed and checked."""
+
+    name: str
+    path: Path
+    description: str
+    params: Path
+    preset: str | None
+    settings: list[Setting] = field(default_factory=list)
+
+
+def _str_list(value: Any, key: str, path: Path) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        raise QuestError(f"{path}: '{key}' must be a non-empty list")
+    return value
+
+
+def load_study(path: str | os.PathLike[str], root: Path) -> Study:
+    """Read and check a study file; raise QuestError naming the problem and the fix."""
+    p = Path(path)
+    if not p.is_file():
+        raise QuestError(f"study file {p} does not exist: pass a file under {STUDIES_DIR}/")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise QuestError(f"study file {p} is not valid YAML: fix its syntax") from None
+    if not isinstance(raw, dict):
+        raise QuestError(f"study file {p} must hold a mapping with a 'settings:' list")
+    unknown = set(raw) - {"name", "description", "params", "preset", "methods", "seeds",
+                          "settings"}
+    if unknown:
+        raise QuestError(f"{p}: unknown key(s) {', '.join(sorted(unknown))}: use name, "
+                         "description, params, preset, methods, seeds, settings")
+    methods = raw.get("methods", ["ce", "kd", "quest"])
+    seeds = raw.get("seeds", [0])
+    settings = []
+    for i, entry in enumerate(_str_list(raw.get("settings"), "settings", p)):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise QuestError(f"{p}: settings[{i}] needs a 'name'")
+        bad = set(entry) - {"name", "set", "methods", "seeds", "note"}
+        if bad:
+            raise QuestError(f"{p}: settings[{i}] has unknown key(s) {', '.join(sorted(bad))}: "
+                             "use name, set, methods, seeds, note")
+        overrides = entry.get("set") or {}
+        if not isinstance(overrides, dict):
+            raise QuestError(f"{p}: settings[{i}].set must map dotted keys to values")
+        s_methods = _str_list(entry.get("methods", methods), "methods", p)
+        for m in s_methods:
+            if m not in METHODS:
+                raise QuestError(f"{p}: setting '{entry['name']}' has unknown method '{m}': "
+                                 f"choose from {', '.join(METHODS)}")
+        s_seeds = [int(v) for v in _str_list(entry.get("seeds", seeds), "seeds", p)]
+        settings.append(Setting(str(entry["name"]), dict(overrides), list(s_methods), s_seeds,
+                                str(entry.get("note", ""))))
+    names = [s.name for s in settings]
+    if len(set(names)) != len(names):
+        raise QuestError(f"{p}: setting names must be unique")
+    study = Study(name=str(raw.get("name", p.stem)), path=p,
+                  description=str(raw.get("description", "")).strip(),
+                  params=root / str(raw.get("params", "params.yaml")),
+                  preset=raw.get("preset"), settings=settings)
+    for s in settings:  # every setting must build a valid config before anything runs
+        setting_config(study, s, root)
+    return study
+
+
+def setting_config(study: Study, setting: Setting, root: Path, seed: int | None = None) -> Config:
+    """The validated config of one setting (and seed), input locations made absolute."""
+    raw = resolve_raw(read_params(study.params), study.preset)
+    for key, value in setting.overrides.items():
+        _set_dotted(raw, str(key), value)
+    if seed is not None:
+        _set_dotted(raw, "student.train.seed", seed)
+    for dotted in ("data.location", "teacher.checkpoint"):
+        section, key = dotted.split(".")
+        value = raw.get(section, {}).get(key)
+        if isinstance(value, str):
+            raw[section][key] = resolve_location(value, root)
+    try:
+        return build_config(raw)
+    except QuestError as exc:
+        raise QuestError(f"{study.path}: setting '{setting.name}': {exc}") from None
+
+
+def study_results_dir(root: Path, study: Study) -> Path:
+    """Where a study's records are written (committed with the study file)."""
+    return root / "results" / study.name
+
+
+def recorded_runs(root: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Committed-evidence records under results/ (every study, not results/runs/), keyed by
+    (params hash, method, seed); a later record of the same key replaces an earlier one."""
+    out = {}
+    for r in load_records(root / "results", recursive=True, exclude=(RUNS_DIR,)):
+        out[(r["params_hash"], r["method"], r["seed"])] = r
+    return out
+
+
+# (stage name, the sections whose settings decide its output, the outputs it writes)
+_UPSTREAM = (
+    ("prepare", ("data",), (("data", "prepared"),)),
+    ("teacher", ("data", "teacher"), (("models", "teacher"),)),
+    ("features", ("data", "teacher", "features"), (("data", "features"),)),
+    ("codebook", ("data", "teacher", "features", "codebook"), (("models", "codebook"),)),
+)
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink():
+        if dst.resolve() == src.resolve():
+            return
+        dst.unlink()
+    elif dst.exists():
+        raise QuestError(f"{dst} exists and is not a link: remove {dst.parent.parent} and rerun")
+    os.symlink(src.resolve(), dst)
+
+
+def _stage_fn(name: str) -> Callable[[Config, Paths], Any]:
+    from quest.stages.codebook import run_codebook
+    from quest.stages.features import run_features
+    from quest.stages.prepare import run_prepare
+    from quest.stages.teacher import run_teacher
+
+    return {"prepare": run_prepare, "teacher": run_teacher, "features": run_features,
+            "codebook": run_codebook}[name]
+
+
+def prepare_upstream(cfg: Config, root: Path, needs_codebook: bool, needs_teacher: bool) -> Path:
+    """Build (once) the shared upstream outputs a setting needs; return a root linking them."""
+    d = cfg.to_dict()
+    for section, key in (("data", "location"), ("teacher", "checkpoint")):
+        # the same archive in another directory is the same input (as in params_hash)
+        value = d[section].get(key)
+        if isinstance(value, str):
+            d[section][key] = Path(value).name
+    cache = root / ".quest" / "study-cache"
+    links: list[tuple[Path, Path]] = []  # (cached output, relative path in a work root)
+    wanted = {"prepare"} | ({"teacher"} if needs_teacher else set())
+    if needs_codebook:
+        wanted |= {"teacher", "features", "codebook"}
+    keys = []
+    for name, sections, outs in _UPSTREAM:
+        if name not in wanted:
+            continue
+        key = f"{name}-{config_hash({s: d[s] for s in sections})}"
+        keys.append(key)
+        stage_root = cache / key
+        for src, rel in links:  # earlier stages' outputs are this stage's inputs
+            _link(src, stage_root / rel)
+        done = stage_root / ".done"
+        if not done.is_file():
+            log.info("study: running shared stage %s (%s)", name, key)
+            _stage_fn(name)(cfg, Paths(stage_root))
+            done.write_text("ok\n")
+        links += [(stage_root.joinpath(*parts), Path(*parts)) for parts in outs]
+    work = cache / ("work-" + config_hash(keys))
+    for src, rel in links:
+        _link(src, work / rel)
+    return work
+
+
+def planned_runs(study: Study, root: Path) -> list[tuple[Setting, str, int, Config, str]]:
+    """Every (setting, method, seed) of the study with its config and params hash."""
+    out = []
+    for s in study.settings:
+        for seed in s.seeds:
+            cfg = setting_config(study, s, root, seed)
+            for method in s.methods:
+                out.append((s, method, seed, cfg, params_hash(cfg, method)))
+    return out
+
+
+def run_study(study: Study, root: Path, *, dry_run: bool = False,
+              only: list[str] | None = None) -> list[dict[str, Any]]:
+    """Train every planned run not yet recorded; return the new metrics (dry_run: plan only)."""
+    from quest.stages.student import run_student
+
+    plan = planned_runs(study, root)
+    if only:
+        unknown = set(only) - {s.name for s in study.settings}
+        if unknown:
+            raise QuestError(f"{study.path} has no setting {sorted(unknown)[0]!r}: choose from "
+                             + ", ".join(s.name for s in study.settings))
+        plan = [p for p in plan if p[0].name in only]
+    done = recorded_runs(root)
+    todo, seen = [], set()
+    for setting, method, seed, cfg, h in plan:
+        if (h, method, seed) in done or (h, method, seed) in seen:
+            continue
+        seen.add((h, method, seed))
+        todo.append((setting, method, seed, cfg, h))
+    log.info("study %s: %d runs planned, %d recorded or shared, %d to train", study.name,
+             len(plan),
+             len(plan) - len(todo), len(todo))
+    if dry_run:
+        for setting, method, seed, _, h in todo:
+            print(f"{setting.name}\t{method}\tseed {seed}\tparams {h}")
+        return []
+    out = []
+    results = study_results_dir(root, study)
+    for setting, method, seed, cfg, h in todo:
+        needs_codebook = method.startswith("quest")
+        upstream = prepare_upstream(cfg, root, needs_codebook, method != "ce")
+        run_root = root / ".quest" / "studies" / study.name / setting.name / f"seed-{seed}"
+        for parts in (("data", "prepared"), ("models", "teacher"), ("data", "features"),
+                      ("models", "codebook")):
+            src = upstream.joinpath(*parts)
+            if src.exists():
+                _link(src, run_root.joinpath(*parts))
+        log.info("study %s: %s %s seed %d (params %s)", study.name, setting.name, method, seed, h)
+        out.append(run_student(cfg, Paths(run_root, results_dir=results), method,
+                               setting=setting.name, study=study.name))
+    return out
+

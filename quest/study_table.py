@@ -1,0 +1,175 @@
+"""A study's tables from its records: means over seeds, paired differences with 95 % intervals,
+the best KD beside the best QuEST, and the QuEST diagnostics at the last epoch."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from quest.io_utils import write_text_atomic
+from quest.stages.study import Study, planned_runs, recorded_runs, study_results_dir
+
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (then the normal's).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_ORDER = {"ce": 0, "kd": 1, "quest": 2, "quest+kd": 3}
+
+
+def t975(dof: int) -> float:
+    """The 97.5 % quantile of Student's t with `dof` degrees of freedom (dof >= 1)."""
+    return _T975[dof - 1] if dof <= len(_T975) else 1.960
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def paired_diff(a: dict[int, float], b: dict[int, float]) -> tuple[float, float | None, int]:
+    """Mean of a - b over the seeds both have, its 95 % t half-width (None below 2 pairs), and
+    the number of pairs."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return math.nan, None, 0
+    diffs = [a[s] - b[s] for s in seeds]
+    m, sd = mean_std(diffs)
+    if len(diffs) < 2:
+        return m, None, 1
+    return m, t975(len(diffs) - 1) * sd / math.sqrt(len(diffs)), len(diffs)
+
+
+def collect(study: Study, root: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """setting -> method -> seed -> record, for every planned run that is recorded."""
+    records = recorded_runs(root)
+    out: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for setting, method, seed, _, h in planned_runs(study, root):
+        rec = records.get((h, method, seed))
+        if rec is not None:
+            out.setdefault(setting.name, {}).setdefault(method, {})[seed] = rec
+    return out
+
+
+def _top1(runs: dict[int, dict[str, Any]]) -> dict[int, float]:
+    return {s: 100.0 * r["top1"] for s, r in runs.items()}
+
+
+def _fmt_diff(d: tuple[float, float | None, int]) -> str:
+    m, half, n = d
+    if n == 0:
+        return "–"
+    if half is None:
+        return f"{m:+.2f} (n=1)"
+    return f"{m:+.2f} ± {half:.2f} (n={n})"
+
+
+def _best(data: dict[str, dict[str, dict[int, dict[str, Any]]]], method: str
+          ) -> tuple[str, dict[int, dict[str, Any]]] | None:
+    """The setting with the highest mean top-1 for `method` among those with the most seeds."""
+    cands = [(name, by_m[method]) for name, by_m in data.items() if method in by_m]
+    if not cands:
+        return None
+    most = max(len(runs) for _, runs in cands)
+    full = [c for c in cands if len(c[1]) == most]
+    return max(full, key=lambda c: mean_std(list(_top1(c[1]).values()))[0])
+
+
+def _diag(runs: dict[int, dict[str, Any]], key: str) -> str:
+    vals = [r["history"][-1][key] for r in runs.values()
+            if r.get("history") and key in r["history"][-1]]
+    if not vals:
+        return "–"
+    return f"{sum(vals) / len(vals):.3f}"
+
+
+def render(study: Study, root: Path) -> str:
+    """The study's Markdown tables (deterministic: regenerated output equals the committed one)."""
+    data = collect(study, root)
+    lines = [f"Study `{study.name}` ({study.path.name}); top-1 % on the test split, mean ± sample "
+             "std over seeds; Δ = paired per-seed difference in points, ± the 95 % t interval.",
+             "",
+             "| setting | method | seeds | top-1 % | Δ vs CE | Δ vs KD (same setting) |",
+             "|---|---|---|---|---|---|"]
+    for s in study.settings:
+        by_m = data.get(s.name, {})
+        ce, kd = _top1(by_m.get("ce", {})), _top1(by_m.get("kd", {}))
+        for method in sorted(by_m, key=lambda m: _ORDER.get(m, 9)):
+            t = _top1(by_m[method])
+            m, sd = mean_std(list(t.values()))
+            seeds = ",".join(str(x) for x in sorted(t))
+            vs_ce = _fmt_diff(paired_diff(t, ce)) if method != "ce" else ""
+            vs_kd = _fmt_diff(paired_diff(t, kd)) if method not in ("ce", "kd") else ""
+            lines.append(f"| {s.name} | {method} | {seeds} | {m:.2f} ± {sd:.2f} | {vs_ce} "
+                         f"| {vs_kd} |")
+    best = {m: _best(data, m) for m in ("ce", "kd", "quest", "quest+kd")}
+    if best["kd"] and (best["quest"] or best["quest+kd"]):
+        lines += ["", "Best of each method over the study's settings (among those with the most "
+                  "seeds; chosen on the test split, so the best-of numbers are optimistic):", "",
+                  "| method | best setting | seeds | top-1 % | Δ vs best KD |", "|---|---|---|---|---|"]
+        kd_t = _top1(best["kd"][1])
+        for method, entry in best.items():
+            if entry is None:
+                continue
+            t = _top1(entry[1])
+            m, sd = mean_std(list(t.values()))
+            vs = _fmt_diff(paired_diff(t, kd_t)) if method != "kd" else ""
+            lines.append(f"| {method} | {entry[0]} | {','.join(str(x) for x in sorted(t))} "
+                         f"| {m:.2f} ± {sd:.2f} | {vs} |")
+    diag = [(s.name, m, runs) for s in study.settings for m, runs in data.get(s.name, {}).items()
+            if m.startswith("quest")]
+    if diag:
+        lines += ["", "QuEST diagnostics at the last epoch (mean over seeds): visual-word "
+                  "accuracy, the teacher's mean max assignment, the student's mean max predicted "
+                  "probability, the predictor's scale, and the training loss terms.", "",
+                  "| setting | method | word acc | teacher max | student max | scale | QuEST term "
+                  "| CE term |", "|---|---|---|---|---|---|---|---|"]
+        for name, method, runs in diag:
+            cells = [_diag(runs, k) for k in ("word_accuracy", "mean_max_assignment",
+                                             "student_mean_max", "predictor_scale", "quest", "ce")]
+            lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The README markers around a study's generated table."""
+    return (f"<!-- study:{name}:start (generated by `quest study studies/{name}.yaml "
+            "--table-only`; do not edit) -->", f"<!-- study:{name}:end -->")
+
+
+def _replace(text: str, start: str, end: str, body: str) -> str | None:
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        return None
+    return text[: i + len(start)] + "\n" + body + "\n" + text[j:]
+
+
+def update_tables(study: Study, root: Path, *, check: bool = False) -> list[Path]:
+    """Write the study's table into README.md (between its markers, appended when missing) and
+    results/<study>/TABLE.md; return the files written, or with `check` the files that are stale.
+    """
+    body = render(study, root)
+    readme = root / "README.md"
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    start, end = markers(study.name)
+    new = _replace(text, start, end, body)
+    if new is None:
+        new = text.rstrip("\n") + f"\n\n{start}\n{body}\n{end}\n"
+    table = study_results_dir(root, study) / "TABLE.md"
+    table_text = f"# Study {study.name}\n\n{study.description}\n\n{body}\n"
+    changed = []
+    if new != text:
+        changed.append(readme)
+    if not table.is_file() or table.read_text(encoding="utf-8") != table_text:
+        changed.append(table)
+    if check:
+        return changed
+    if readme in changed:
+        write_text_atomic(readme, new)
+    if table in changed:
+        table.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(table, table_text)
+    return changed
