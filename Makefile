@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run smoke test lint bench clean mlflow-ui prefect-server
+.PHONY: setup run smoke test lint bench clean mlflow-ui prefect-server gpu-study
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,14 @@ mlflow-ui: $(STAMP)
 
 prefect-server: $(STAMP)
 	$(BIN)/python -m flows.servers prefect
+
+# The published-length comparison on CUDA (studies/gpu-cifar10.yaml). Runs with any Python that
+# has torch, torchvision, numpy and pyyaml (a GPU machine's own, without this venv):
+# `make gpu-study GPU_PY=python3 SETTING=published`; records go to results/gpu-cifar10/.
+GPU_PY ?= $(BIN)/python
+SETTING ?= short
+gpu-study:
+	PYTHONPATH=. $(GPU_PY) -m quest.cli study studies/gpu-cifar10.yaml --setting $(SETTING)
 
 bench: $(STAMP)
 	$(BIN)/quest bench

@@ -62,6 +62,9 @@ class OptimConfig:
     gamma: float = 0.1
     warmup_fraction: float = 0.15
     seed: int = 0
+    # passes over the training set per epoch, each a fresh shuffle (the official few-images
+    # sampler: a small subset repeated so that an epoch keeps the full set's step count)
+    repeat: int = 1
 
 
 @dataclass
@@ -415,6 +418,7 @@ def validate(cfg: Config) -> None:
         _positive(opt.epochs, f"{name}.epochs")
         _positive(opt.batch_size, f"{name}.batch_size")
         _positive(opt.lr, f"{name}.lr")
+        _positive(opt.repeat, f"{name}.repeat")
     from quest.models.taps import resolve_layer
     from quest.models.zoo import build_model
 

@@ -105,3 +105,29 @@ def test_dataloader_path_through_the_stage_helpers_is_epoch_deterministic(smoke_
     assert a == a_again and a != b
     x, _ = next(iter(test))
     assert x.shape == (len(ds.test.labels), 3, 32, 32)  # 100 test images, one batch of 256
+
+
+def test_repeat_is_consecutive_fresh_shuffles_of_the_subset() -> None:
+    """The official few-images sampler: an epoch passes `repeat` times over the images, each
+    pass a new permutation, so a small subset keeps the full set's step count."""
+    x, y = data(40)
+    x[:, 0, 0, 0] = np.arange(40)  # the first pixel names the image
+    rep = InMemoryLoader(x, y, batch_size=8, mean=[0.5] * 3, std=[0.25] * 3, train=True,
+                         seed=3, repeat=5, padding=0, flip=False)
+    assert len(rep) == 25
+    seen = torch.cat([(xb[:, 0, 0, 0] * 0.25 + 0.5).mul(255).round().long() for xb, _ in rep])
+    assert len(seen) == 200
+    for i in range(5):  # each pass is a whole permutation: every image exactly once
+        assert sorted(seen[i * 40:(i + 1) * 40].tolist()) == list(range(40))
+    orders = [seen[i * 40:(i + 1) * 40] for i in range(5)]
+    assert not all(torch.equal(orders[0], o) for o in orders[1:])  # fresh shuffles
+    # repeat=1 draws exactly the single permutation it always drew (old runs reproduce)
+    one = InMemoryLoader(x, y, batch_size=8, mean=[0.5] * 3, std=[0.25] * 3, train=True,
+                         seed=3, padding=0, flip=False)
+    gen = torch.Generator().manual_seed(3 * 1_000_003)
+    order = torch.randperm(40, generator=gen)
+    assert torch.equal(torch.cat([lab for _, lab in one]), torch.as_tensor(y)[order])
+    # the DataLoader path samples the same way
+    dl = make_dataloader(x, y, batch_size=8, mean=[0.5] * 3, std=[0.25] * 3, train=True,
+                         seed=3, repeat=5, padding=0, flip=False)
+    assert len(dl) == 25 and sum(len(lab) for _, lab in dl) == 200

@@ -247,3 +247,59 @@ def test_fused_path_matches_unfused_value_gradients_and_stats() -> None:
     stats = assignment_stats(p_t)
     for key in ("mean_max_assignment", "teacher_perplexity"):
         assert terms[key].item() == pytest.approx(stats[key].item(), rel=1e-6)
+
+
+def test_fixed_scale_bias_predictor_against_loop_reference(small: dict[str, torch.Tensor]) -> None:
+    """The transfer-learning predictor: a constant scale plus a learnable per-word bias."""
+    torch.manual_seed(3)
+    crit = QuestLoss(small["c"], student_channels=4, temperature=5.0, init_scale=10.0,
+                     predictor="fixed_scale_bias")
+    pred = crit.predictor
+    assert isinstance(pred.bias, torch.nn.Parameter) and not isinstance(pred.scale,
+                                                                        torch.nn.Parameter)
+    assert [n for n, _ in crit.named_parameters()] == ["predictor.weight", "predictor.bias"]
+    with torch.no_grad():
+        pred.bias.copy_(torch.linspace(-1.0, 1.0, 7))  # a non-zero bias moves the scores
+    loss, acc = crit(small["s"], small["f"])
+    p_t = ref_soft_assign(small["f"], small["c"], 5.0)
+    scores = ref_cosine_scores(small["s"], pred.weight.detach(), 10.0)
+    scores += pred.bias.detach().double().view(1, -1, 1, 1)
+    ref_loss, ref_acc = ref_quest_loss(scores, p_t)
+    assert abs(loss.item() - ref_loss) < 1e-5
+    assert abs(acc.item() - ref_acc) < 1e-6
+
+
+def test_fused_bias_gradients_and_student_max_match_unfused() -> None:
+    torch.manual_seed(6)
+    crit = QuestLoss(torch.randn(40, 6), student_channels=5, temperature=2.0, init_scale=10.0,
+                     predictor="fixed_scale_bias").double()
+    with torch.no_grad():
+        crit.predictor.bias.normal_()
+    s = torch.randn(3, 5, 4, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 6, 4, 4, dtype=torch.float64)
+    import quest.fused_quest as fq
+
+    old = fq._CPU_BLOCK
+    fq._CPU_BLOCK = 7
+    try:
+        terms = crit.terms(s, t)
+        params = [s, crit.predictor.weight, crit.predictor.bias]
+        grads_fused = torch.autograd.grad(terms["loss"], params)
+    finally:
+        fq._CPU_BLOCK = old
+    ref_loss, _ = crit.from_targets(s, crit.targets(t))
+    grads_ref = torch.autograd.grad(ref_loss, params)
+    assert terms["loss"].item() == pytest.approx(ref_loss.item(), abs=1e-6)
+    for a, b in zip(grads_fused, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    probs = crit.predictor(s).softmax(dim=1)
+    assert terms["student_mean_max"].item() == pytest.approx(
+        probs.max(dim=1).values.mean().item(), rel=1e-6)
+    assert terms["predictor_scale"].item() == 10.0
+
+
+def test_unknown_predictor_is_a_clear_error() -> None:
+    from quest.errors import QuestError
+
+    with pytest.raises(QuestError, match="unknown QuEST predictor 'cosine'.*learned_scale"):
+        QuestLoss(torch.randn(4, 3), student_channels=2, predictor="cosine")

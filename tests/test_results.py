@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from quest.cli import main
-from quest.results import TABLE_END, TABLE_START, load_records, replace_table, results_table
+from quest.config import load_config
+from quest.results import load_records, params_hash, results_table
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,28 +37,32 @@ def test_table_keeps_the_newest_run_of_a_seed_and_splits_settings() -> None:
     assert sorted(r.split("|")[5].strip() for r in rows) == ["30.00 ± 0.00", "70.00 ± 0.00"]
 
 
-def test_replace_table_needs_markers() -> None:
-    text = f"a\n{TABLE_START}\nold\n{TABLE_END}\nb\n"
-    assert replace_table(text, "new") == f"a\n{TABLE_START}\nnew\n{TABLE_END}\nb\n"
-    with pytest.raises(ValueError, match="markers"):
-        replace_table("no markers here", "new")
-
-
-def test_readme_table_matches_committed_results() -> None:
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "results_table.py"), "--check"],
-                         capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stderr
-    records = load_records(REPO / "results")
-    readme = (REPO / "README.md").read_text()
-    for r in records:
-        assert r["method"] in readme
+def test_params_hash_covers_what_each_method_reads() -> None:
+    cfg = load_config(REPO / "params.yaml")
+    other = load_config(REPO / "params.yaml", overrides=["student.quest.weight=7",
+                                                         "data.location=/elsewhere/" +
+                                                         Path(cfg.data.location).name])
+    # CE and KD do not read the QuEST settings, and an input's directory is not a setting
+    assert params_hash(cfg, "ce") == params_hash(other, "ce")
+    assert params_hash(cfg, "kd") == params_hash(other, "kd")
+    assert params_hash(cfg, "quest") != params_hash(other, "quest")
+    kd_t = load_config(REPO / "params.yaml", overrides=["student.kd.temperature=8"])
+    assert params_hash(cfg, "kd") != params_hash(kd_t, "kd")
+    assert params_hash(cfg, "ce") == params_hash(kd_t, "ce")
+    seed = load_config(REPO / "params.yaml", overrides=["student.train.seed=5"])
+    assert params_hash(cfg, "quest+kd") == params_hash(seed, "quest+kd")
+    # a setting added later stays out of the hash at its neutral value (older records match)
+    rep = load_config(REPO / "params.yaml", overrides=["student.train.repeat=1"])
+    assert params_hash(cfg, "ce") == params_hash(rep, "ce")
+    rep = load_config(REPO / "params.yaml", overrides=["student.train.repeat=4"])
+    assert params_hash(cfg, "ce") != params_hash(rep, "ce")
 
 
 def test_student_run_is_recorded_and_sweep_skips_recorded_seeds(smoke_root: Path) -> None:
     base = ["--root", str(smoke_root), "--preset", "smoke", "--set", "student.train.epochs=1"]
     assert main(["teacher", *base]) == 0
     assert main(["student", "--method", "ce", *base]) == 0
-    (rec,) = load_records(smoke_root / "results")
+    (rec,) = load_records(smoke_root / "results" / "runs")
     assert rec["method"] == "ce" and rec["seed"] == 0 and rec["student"] == "resnet20"
     assert rec["teacher"] == "resnet56" and len(rec["data_sha256"]) == 64
     assert 0.0 <= rec["top1"] <= rec["top5"] <= 1.0 and rec["wall_seconds"] > 0
@@ -68,13 +71,13 @@ def test_student_run_is_recorded_and_sweep_skips_recorded_seeds(smoke_root: Path
     assert rec["top1"] == metrics["top1"]
 
     assert main(["sweep", "--seeds", "0", "1", "--method", "ce", *base]) == 0
-    recs = load_records(smoke_root / "results")
+    recs = load_records(smoke_root / "results" / "runs")
     assert sorted(r["seed"] for r in recs) == [0, 1]  # seed 0 was already there: not retrained
     assert len({r["params_hash"] for r in recs}) == 1  # the seed is not part of the hash
     # the project's own student is untouched: seed 1 trained in its scratch root
     assert json.loads((smoke_root / "metrics" / "students" / "ce.json").read_text()) == metrics
     assert main(["sweep", "--seeds", "0", "1", "--method", "ce", *base]) == 0
-    assert len(load_records(smoke_root / "results")) == 2
+    assert len(load_records(smoke_root / "results" / "runs")) == 2
 
 
 def test_sweep_without_upstream_outputs_says_what_to_run(smoke_root: Path,

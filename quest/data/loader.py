@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 
 def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -70,6 +70,7 @@ class InMemoryLoader:
         device: str | torch.device = "cpu",
         drop_last: bool | None = None,
         channels_last: bool = False,
+        repeat: int = 1,
     ) -> None:
         self.device = torch.device(device)
         arr = images if isinstance(images, Tensor) else np.asarray(images)
@@ -87,13 +88,15 @@ class InMemoryLoader:
         self.epoch = 0
         self.drop_last = train if drop_last is None else drop_last
         self.channels_last = channels_last
+        # a training epoch is `repeat` consecutive shuffles of the images
+        self.repeat = int(repeat) if train else 1
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffling and augmentation the next iteration reproduces."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        n = len(self.labels) * self.repeat
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     @property
@@ -104,7 +107,10 @@ class InMemoryLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         n = len(self.labels)
-        order = torch.randperm(n, generator=gen) if self.train else torch.arange(n)
+        if self.train:
+            order = torch.cat([torch.randperm(n, generator=gen) for _ in range(self.repeat)])
+        else:
+            order = torch.arange(n)
         order = order.to(self.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
@@ -163,14 +169,22 @@ def make_dataloader(
     flip: bool = True,
     seed: int = 0,
     num_workers: int = 0,
+    repeat: int = 1,
 ) -> DataLoader:
-    """A torch DataLoader with per-sample transforms, for datasets that do not fit in memory."""
+    """A torch DataLoader with per-sample transforms, for datasets that do not fit in memory.
+
+    A training epoch is `repeat` consecutive shuffles of the images (RandomSampler without
+    replacement draws whole permutations back to back)."""
     ds = ArrayDataset(images, labels, mean, std, train, padding, flip)
     gen = torch.Generator().manual_seed(seed)
+    sampler = None
+    if train and repeat > 1:
+        sampler = RandomSampler(ds, num_samples=len(ds) * repeat, generator=gen)
     return DataLoader(
         ds,
         batch_size=batch_size,
-        shuffle=train,
+        shuffle=train and sampler is None,
+        sampler=sampler,
         drop_last=train,
         num_workers=num_workers,
         generator=gen,

@@ -146,6 +146,26 @@ def _labels(root: Path, other: Path | None) -> tuple[str, str]:
     return (a, b) if a and b and a != b else ("this", "other")
 
 
+def study_sections(root: Path) -> list[tuple[str, str, str, Plot | None]]:
+    """Every study under studies/: its description, tables and (when its settings vary the
+    training-set size) the figure of top-1 against images per class."""
+    from quest.stages.study import STUDIES_DIR, load_study
+    from quest.study_table import render, size_figure, size_series
+
+    out = []
+    for path in sorted((root / STUDIES_DIR).glob("*.yaml")):
+        study = load_study(path, root)
+        plot = None
+        if size_series(study, root):
+            png = size_figure(study, root)
+            if png is not None:
+                plot = Plot(f"study_{study.name}", f"study {study.name}: top-1 vs images per class",
+                            png, "test top-1 against training images per class (mean ± std "
+                                 "over seeds)")
+        out.append((study.name, study.description, render(study, root), plot))
+    return out
+
+
 def build_report_data(cfg: Config, paths: Paths, compare: Path | None = None) -> Report:
     """Read the run (and the compared run) and assemble every table, figure and gallery grid."""
     root = paths.root
@@ -192,6 +212,7 @@ def build_report_data(cfg: Config, paths: Paths, compare: Path | None = None) ->
         gallery=gallery,
         gallery_note=gallery_note,
         gallery_plots=gallery_plots,
+        studies=study_sections(root),
     )
 
 
@@ -204,6 +225,7 @@ def run_report(cfg: Config, paths: Paths, compare: Path | None = None) -> dict[s
     plots = list(report.curves) + list(report.gallery_plots)
     if report.codebook_plot is not None:
         plots.append(report.codebook_plot)
+    plots += [plot for *_, plot in report.studies if plot is not None]
     written = set()
     for p in plots:
         write_bytes_atomic(fig_dir / f"{p.name}.png", p.png)

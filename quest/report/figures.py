@@ -96,12 +96,52 @@ def accuracy_figure(runs: list[RunData]) -> bytes | None:
 
 
 def word_accuracy_figure(runs: list[RunData]) -> bytes | None:
-    """Visual-word accuracy (student's top word = teacher's) and the teacher's word perplexity."""
+    """The QuEST diagnostics per epoch: is the word task learned? Visual-word accuracy (student's
+    top word = teacher's), how peaked the teacher's targets and the student's predictions are,
+    the predictor's scale (which bounds the latter) and the teacher's word perplexity."""
     if not _has(runs, "word_accuracy"):
         return None
     return _curves(runs, [("word_accuracy", "visual-word accuracy (train)", 100.0, "%"),
+                          ("mean_max_assignment", "teacher mean max assignment", 1.0, "p"),
+                          ("student_mean_max", "student mean max probability", 1.0, "p"),
+                          ("predictor_scale", "predictor scale", 1.0, "scale"),
                           ("teacher_perplexity", "teacher word perplexity (train batches)",
                            1.0, "perplexity")])
+
+
+def study_size_figure(series: dict[str, dict[int, list[float]]], title: str) -> bytes | None:
+    """Top-1 against training images per class: a line per series (method or variant), the
+    mean over seeds with the sample std as error bars."""
+    if not series:
+        return None
+    from matplotlib import colormaps
+
+    fig, (ax,) = _figure(1, height=3.6)
+    cmap = colormaps["tab10"]
+    for i, (label, by_size) in enumerate(series.items()):
+        sizes = sorted(by_size)
+        means = [float(np.mean(by_size[n])) for n in sizes]
+        stds = [float(np.std(by_size[n], ddof=1)) if len(by_size[n]) > 1 else 0.0
+                for n in sizes]
+        ax.errorbar(sizes, means, yerr=stds, marker="o", markersize=4, capsize=3,
+                    color=cmap(i % 10), label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({n for s in series.values() for n in s}))
+    ax.get_xaxis().set_major_formatter(_plain_ticks())
+    ax.set_xlabel("training images per class")
+    ax.set_ylabel("test top-1 %")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _plain_ticks() -> Any:
+    from matplotlib.ticker import ScalarFormatter
+
+    fmt = ScalarFormatter()
+    fmt.set_scientific(False)
+    return fmt
 
 
 def codebook_figure(run: RunData) -> bytes | None:

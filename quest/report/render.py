@@ -55,6 +55,8 @@ class Report:
     gallery: Gallery | None = None
     gallery_note: str = ""
     gallery_plots: list[Plot] = field(default_factory=list)
+    # (study name, description, its generated Markdown tables, top-1 vs images figure or None)
+    studies: list[tuple[str, str, str, Plot | None]] = field(default_factory=list)
 
 
 def _esc(text: Any) -> str:
@@ -86,6 +88,35 @@ def _html_figure(plot: Plot) -> str:
     return f'<figure id="fig-{_esc(plot.name)}">{_img(plot)}{cap}</figure>'
 
 
+def markdown_to_html(text: str) -> str:
+    """The small Markdown the study tables use (paragraphs, pipe tables, `code`) as HTML."""
+    out: list[str] = []
+    rows: list[list[str]] = []
+
+    def cell(c: str) -> str:
+        parts = _esc(c.strip()).split("`")
+        return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+    def flush() -> None:
+        if rows:
+            head, body = rows[0], rows[2:]
+            out.append("<table><tr>" + "".join(f"<th>{cell(c)}</th>" for c in head) + "</tr>")
+            out.extend("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in r) + "</tr>"
+                       for r in body)
+            out.append("</table>")
+            rows.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            rows.append(line.strip().strip("|").split("|"))
+            continue
+        flush()
+        if line.strip() and not line.startswith("!["):
+            out.append(f"<p>{cell(line)}</p>")
+    flush()
+    return "\n".join(out)
+
+
 def render_html(r: Report) -> str:
     """The report as one HTML page with every image inline: it opens offline, alone."""
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -115,6 +146,13 @@ def render_html(r: Report) -> str:
             out.append(f'<div class="word" id="word-{_esc(p.name)}">{_img(p)}'
                        f"<div>{_esc(p.caption)}</div></div>")
         out.append("</div>")
+    if r.studies:
+        out.append('<h2 id="studies">When does QuEST help? (studies)</h2>')
+        for name, description, body, plot in r.studies:
+            out += [f"<h3>{_esc(name)}</h3>", f'<p class="note">{_esc(description)}</p>',
+                    markdown_to_html(body)]
+            if plot is not None:
+                out.append(_html_figure(plot))
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 
@@ -152,4 +190,10 @@ def render_markdown(r: Report, figures_dir: str = "figures") -> str:
         out += [r.gallery_note, ""]
     for p in r.gallery_plots:
         out += [f"**{p.caption}**", "", link(p), ""]
+    if r.studies:
+        out += ["## When does QuEST help? (studies)", ""]
+        for name, description, body, plot in r.studies:
+            out += [f"### {name}", "", description, "", body, ""]
+            if plot is not None:
+                out += [link(plot), ""]
     return "\n".join(out)

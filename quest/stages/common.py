@@ -63,14 +63,15 @@ def make_loaders(
     common = {"mean": mean, "std": std, "padding": cfg.data.padding, "flip": cfg.data.flip}
     if cfg.data.loader == "dataloader":
         train = make_dataloader(ds.train.images, ds.train.labels, batch_size=opt.batch_size,
-                                train=True, seed=opt.seed, **common)
+                                train=True, seed=opt.seed, repeat=opt.repeat, **common)
         test = make_dataloader(ds.test.images, ds.test.labels, batch_size=256, train=False,
                                **common)
         return _EpochAware(train, device, cfg.runtime.channels_last), _EpochAware(
             test, device, cfg.runtime.channels_last)
     cl = cfg.runtime.channels_last
     train = InMemoryLoader(ds.train.images, ds.train.labels, batch_size=opt.batch_size,
-                           train=True, seed=opt.seed, device=device, channels_last=cl, **common)
+                           train=True, seed=opt.seed, device=device, channels_last=cl,
+                           repeat=opt.repeat, **common)
     test = InMemoryLoader(ds.test.images, ds.test.labels, batch_size=256, train=False,
                           device=device, channels_last=cl, **common)
     return train, test

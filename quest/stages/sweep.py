@@ -39,11 +39,7 @@ def sweep_root(paths: Paths, seed: int) -> Paths:
         src = paths.root.joinpath(*parts)
         if src.exists():
             _link(src, root.joinpath(*parts))
-    results = root / "results"
-    if not results.is_symlink():
-        paths.results.mkdir(parents=True, exist_ok=True)
-        _link(paths.results, results)
-    return Paths(root)
+    return Paths(root, results_dir=paths.results)
 
 
 def run_sweep(

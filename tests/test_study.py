@@ -1,0 +1,238 @@
+"""Studies: the resumable runner, its tables (paired statistics), and the committed evidence."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+from quest.cli import main
+from quest.results import load_records
+from quest.study_table import markers, mean_std, paired_diff, t975
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_STUDY = """
+name: tiny
+description: two settings sharing their CE runs
+preset: tiny
+methods: [ce, quest]
+seeds: [0, 1]
+settings:
+  - name: base
+    set: {student.train.epochs: 1}
+  - name: strong
+    set: {student.train.epochs: 1, student.quest.weight: 10.0,
+          student.quest.predictor: fixed_scale_bias, student.quest.init_scale: 10.0}
+"""
+
+
+def test_t_quantiles_match_scipy() -> None:
+    for dof in (1, 2, 3, 5, 10, 29, 30):
+        assert t975(dof) == pytest.approx(stats.t.ppf(0.975, dof), abs=1e-3)
+
+
+def test_paired_difference_and_interval_against_scipy() -> None:
+    quest = {0: 71.30, 1: 72.04, 2: 70.57}
+    kd = {0: 66.19, 1: 64.25, 2: 64.19, 3: 65.0}  # seed 3 has no pair: left out
+    m, half, n = paired_diff(quest, kd)
+    diffs = [quest[s] - kd[s] for s in (0, 1, 2)]
+    res = stats.ttest_rel([quest[s] for s in (0, 1, 2)], [kd[s] for s in (0, 1, 2)])
+    ci = res.confidence_interval(0.95)
+    assert n == 3 and m == pytest.approx(sum(diffs) / 3)
+    assert m - half == pytest.approx(ci.low, abs=2e-3) and m + half == pytest.approx(ci.high,
+                                                                                     abs=2e-3)
+    assert paired_diff({0: 1.0}, {0: 0.5}) == (0.5, None, 1)
+    assert math.isnan(paired_diff({0: 1.0}, {1: 0.5})[0])
+    assert mean_std([60.0, 62.0, 64.0]) == (62.0, 2.0)
+
+
+@pytest.fixture
+def study_root(smoke_root: Path) -> Path:
+    (smoke_root / "studies").mkdir()
+    (smoke_root / "studies" / "tiny.yaml").write_text(TINY_STUDY)
+    (smoke_root / "README.md").write_text("# project\n")
+    return smoke_root
+
+
+def _study(root: Path, *args: str) -> int:
+    return main(["study", str(root / "studies" / "tiny.yaml"), "--root", str(root), *args])
+
+
+def test_tiny_study_end_to_end_resumes_and_detects_stale_tables(
+        study_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # an interrupted study: only the first setting ran
+    assert _study(study_root, "--setting", "base") == 0
+    recs = load_records(study_root / "results" / "tiny")
+    assert sorted((r["method"], r["seed"]) for r in recs) == [("ce", 0), ("ce", 1),
+                                                             ("quest", 0), ("quest", 1)]
+    assert {r["setting"] for r in recs} == {"base"} and {r["study"] for r in recs} == {"tiny"}
+    # the rerun trains only what is missing: strong's CE runs are base's (same settings hash)
+    capsys.readouterr()
+    assert _study(study_root, "--dry-run") == 0
+    todo = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[:3] for line in todo] == [["strong", "quest", "seed 0"],
+                                                      ["strong", "quest", "seed 1"]]
+    assert _study(study_root) == 0
+    recs = load_records(study_root / "results" / "tiny")
+    assert len(recs) == 6
+    strong = [r for r in recs if r["setting"] == "strong"]
+    assert {r["settings"]["quest"]["predictor"] for r in strong} == {"fixed_scale_bias"}
+    # every QuEST record carries its per-epoch diagnostics
+    for r in recs:
+        if r["method"] == "quest":
+            last = r["history"][-1]
+            for key in ("word_accuracy", "mean_max_assignment", "student_mean_max",
+                        "predictor_scale", "quest", "ce"):
+                assert key in last, key
+            expected_scale = 10.0 if r["setting"] == "strong" else None
+            if expected_scale is not None:  # the fixed scale stays fixed
+                assert last["predictor_scale"] == pytest.approx(expected_scale)
+    readme = (study_root / "README.md").read_text()
+    start, end = markers("tiny")
+    assert start in readme and end in readme
+    table = readme[readme.index(start):readme.index(end)]
+    assert "| strong | ce | 0,1 |" in table and "| strong | quest | 0,1 |" in table
+    assert "Δ vs CE" in table and "(n=2)" in table and "student max" in table
+    assert (study_root / "results" / "tiny" / "TABLE.md").is_file()
+    assert _study(study_root, "--check") == 0
+    # a third run trains nothing
+    assert _study(study_root) == 0
+    assert len(load_records(study_root / "results" / "tiny")) == 6
+    # a record that changes makes the committed table stale, and --table-only regenerates it
+    path = sorted((study_root / "results" / "tiny").glob("*-quest-*.json"))[0]
+    rec = json.loads(path.read_text())
+    rec["top1"] = 0.987
+    path.write_text(json.dumps(rec))
+    capsys.readouterr()
+    assert _study(study_root, "--check") == 1
+    assert "stale" in capsys.readouterr().err
+    assert _study(study_root, "--table-only") == 0
+    assert _study(study_root, "--check") == 0
+    # everyday runs record apart, so they never make a study's table stale
+    assert not (study_root / "results" / "runs").exists()
+
+
+def test_bad_study_files_are_one_line_errors(study_root: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    bad = {
+        "settings: []\n": "non-empty list",
+        "settings:\n  - name: a\n    set: {student.nope: 1}\n": "student",
+        "settings:\n  - name: a\n    methods: [fitnetz]\n": "unknown method 'fitnetz'",
+        "settings:\n  - name: a\n  - name: a\n": "unique",
+        "setings: []\n": "unknown key(s) setings",
+    }
+    for text, needle in bad.items():
+        (study_root / "studies" / "tiny.yaml").write_text(text)
+        assert _study(study_root) == 2, text
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (text, err)
+    assert main(["study", str(study_root / "studies" / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def _committed_studies() -> list[Path]:
+    return sorted((REPO / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("study", _committed_studies(), ids=lambda p: p.stem)
+def test_committed_study_tables_are_current(study: Path) -> None:
+    """README.md and results/<study>/TABLE.md match what the committed records give."""
+    assert main(["study", str(study), "--root", str(REPO), "--check"]) == 0
+
+
+def test_make_run_then_the_table_checks_pass(tmp_path: Path, cifar_archive: Path,
+                                             teacher_checkpoint: Path) -> None:
+    """The README's two commands in the order a new user types them: `make run` (here on the
+    smoke preset) writes its records apart from the committed evidence, so the tables stay
+    current for `make test`."""
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    clone = tmp_path / "clone"
+    for rel in files:
+        if (REPO / rel).is_file():
+            (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, clone / rel)
+    venv = Path(sys.prefix)
+    env = {**os.environ, "QUEST_PRESET": "smoke", "QUEST_DATA_LOCATION": str(cifar_archive),
+           "QUEST_TEACHER_CHECKPOINT": str(teacher_checkpoint)}
+    out = subprocess.run(["make", "run", f"VENV={venv}"],
+                         cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert load_records(clone / "results" / "runs")  # the run recorded its students
+    for study in sorted((clone / "studies").glob("*.yaml")):
+        assert main(["study", str(study), "--root", str(clone), "--check"]) == 0, study.name
+
+
+def test_gpu_study_is_the_published_protocol_and_runs_on_the_tiny_preset(
+        study_root: Path) -> None:
+    """studies/gpu-cifar10.yaml: CUDA, bf16, channels_last, compile, the cifar10-full schedule;
+    tried here on the CPU with the tiny preset (device, compile and the length swapped)."""
+    from quest.stages.study import load_study, setting_config
+
+    study = load_study(REPO / "studies" / "gpu-cifar10.yaml", REPO)
+    published = setting_config(study, study.settings[1], REPO)
+    assert study.preset == "cifar10-full" and study.settings[1].name == "published"
+    assert published.runtime.device == "cuda" and published.runtime.amp == "bf16"
+    assert published.runtime.compile and published.runtime.channels_last
+    t = published.student.train
+    assert (t.epochs, t.batch_size, t.lr, t.nesterov, t.schedule, t.milestones) == (
+        240, 64, 0.05, True, "step", [150, 180, 210])
+    assert published.codebook.k == 4096 and published.data.subset.train_per_class is None
+    text = (REPO / "studies" / "gpu-cifar10.yaml").read_text()
+    text = (text.replace("preset: cifar10-full", "preset: tiny")
+            .replace("runtime.device: cuda", "runtime.device: cpu")
+            .replace("runtime.compile: true", "runtime.compile: false")
+            .replace("student.train.epochs: 30", "student.train.epochs: 2"))
+    (study_root / "studies" / "gpu-cifar10.yaml").write_text(text)
+    assert main(["study", str(study_root / "studies" / "gpu-cifar10.yaml"), "--root",
+                 str(study_root), "--setting", "short"]) == 0
+    recs = load_records(study_root / "results" / "gpu-cifar10")
+    assert sorted(r["method"] for r in recs) == ["ce", "kd", "quest"]
+    assert all(r["device"].startswith("cpu") and r["setting"] == "short" for r in recs)
+
+
+def test_size_study_figure_and_report_section(tmp_path: Path) -> None:
+    """A study over training-set sizes gets a top-1 vs images-per-class figure, in TABLE.md, the
+    README block and the report's studies section (records written here, not trained)."""
+    from PIL import Image
+
+    from quest.report.build import study_sections
+    from quest.report.render import markdown_to_html
+    from quest.stages.study import load_study, planned_runs
+    from quest.study_table import SIZE_FIGURE, update_tables
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "sizes.yaml").write_text(
+        "methods: [ce, kd]\nseeds: [0, 1]\nsettings:\n"
+        "  - name: n10\n    set: {data.subset.train_per_class: 10}\n"
+        "  - name: n20\n    set: {data.subset.train_per_class: 20}\n"
+        "  - name: n20-hot\n    set: {data.subset.train_per_class: 20, student.kd.temperature: 8}\n"
+        "    methods: [kd]\n")
+    study = load_study(tmp_path / "studies" / "sizes.yaml", tmp_path)
+    out = tmp_path / "results" / "sizes"
+    out.mkdir(parents=True)
+    for i, (setting, method, seed, _, h) in enumerate(planned_runs(study, tmp_path)):
+        (out / f"{i:02d}.json").write_text(json.dumps({
+            "finished_at": f"t{i:02d}", "method": method, "seed": seed, "params_hash": h,
+            "setting": setting.name, "top1": 0.3 + 0.01 * i, "top5": 0.9,
+            "history": []}))
+    (tmp_path / "README.md").write_text("# x\n")
+    written = update_tables(study, tmp_path)
+    assert (out / SIZE_FIGURE).is_file() and Image.open(out / SIZE_FIGURE).size[0] > 100
+    readme = (tmp_path / "README.md").read_text()
+    assert f"results/sizes/{SIZE_FIGURE}" in readme and tmp_path / "README.md" in written
+    # n20-hot runs KD only; its CE baseline is n20's CE (the same CE settings)
+    assert "| n20-hot | kd | 0,1 |" in readme and "| n20-hot | ce | 0,1 |" in readme
+    ((name, _, body, plot),) = study_sections(tmp_path)
+    assert name == "sizes" and plot is not None and body in readme
+    html = markdown_to_html(body)
+    assert html.count("<table>") == 1 and "<td>n20-hot</td>" in html
