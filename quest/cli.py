@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the runs still to train")
     p.add_argument("--setting", action="append", default=None,
                    help="run only this setting (repeatable)")
+    p.add_argument("--seed", type=int, action="append", default=None,
+                   help="run only this seed (repeatable), e.g. seed 0 of every setting first")
     p.add_argument("--table-only", action="store_true",
                    help="train nothing; regenerate the table from the records")
     p.add_argument("--check", action="store_true",
@@ -323,7 +325,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         setup_logging(str(root / "logs" / f"study-{study.name}-{stamp}.log"), args.debug)
         # one lock per study: a study may run beside everyday commands on the project
         with run_lock(root / ".quest" / "studies" / study.name, f"quest study {study.name}"):
-            run_study(study, root, dry_run=args.dry_run, only=args.setting)
+            run_study(study, root, dry_run=args.dry_run, only=args.setting, seeds=args.seed)
         if args.dry_run:
             return 0
     for path in update_tables(study, root):

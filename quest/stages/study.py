@@ -236,8 +236,10 @@ def planned_runs(study: Study, root: Path) -> list[tuple[Setting, str, int, Conf
 
 
 def run_study(study: Study, root: Path, *, dry_run: bool = False,
-              only: list[str] | None = None) -> list[dict[str, Any]]:
-    """Train every planned run not yet recorded; return the new metrics (dry_run: plan only)."""
+              only: list[str] | None = None,
+              seeds: list[int] | None = None) -> list[dict[str, Any]]:
+    """Train every planned run not yet recorded (of the settings in `only` and the `seeds`, when
+    given); return the new metrics (dry_run: list the runs, train nothing)."""
     from quest.stages.student import run_student
 
     plan = planned_runs(study, root)
@@ -247,6 +249,8 @@ def run_study(study: Study, root: Path, *, dry_run: bool = False,
             raise QuestError(f"{study.path} has no setting {sorted(unknown)[0]!r}: choose from "
                              + ", ".join(s.name for s in study.settings))
         plan = [p for p in plan if p[0].name in only]
+    if seeds:
+        plan = [p for p in plan if p[2] in seeds]
     done = recorded_runs(root)
     todo, seen = [], set()
     for setting, method, seed, cfg, h in plan:
