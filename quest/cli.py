@@ -328,6 +328,10 @@ def _cmd_study(args: argparse.Namespace) -> int:
             run_study(study, root, dry_run=args.dry_run, only=args.setting, seeds=args.seed)
         if args.dry_run:
             return 0
+    else:
+        from quest.stages.study import planned_runs, write_aliases
+
+        write_aliases(study, root, planned_runs(study, root))
     for path in update_tables(study, root):
         print(f"wrote {path}")
     return 0

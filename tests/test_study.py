@@ -84,7 +84,13 @@ def test_tiny_study_end_to_end_resumes_and_detects_stale_tables(
                                                       ["strong", "quest", "seed 1"]]
     assert _study(study_root) == 0
     recs = load_records(study_root / "results" / "tiny")
+    aliases = [r for r in recs if "alias_of" in r]
+    recs = [r for r in recs if "alias_of" not in r]
     assert len(recs) == 6
+    # strong's CE runs are base's, labelled for strong too (same numbers, not new runs)
+    assert sorted((r["setting"], r["method"], r["seed"]) for r in aliases) == [
+        ("strong", "ce", 0), ("strong", "ce", 1)]
+    assert all(r["alias_of"]["setting"] == "base" for r in aliases)
     strong = [r for r in recs if r["setting"] == "strong"]
     assert {r["settings"]["quest"]["predictor"] for r in strong} == {"fixed_scale_bias"}
     # every QuEST record carries its per-epoch diagnostics
@@ -105,9 +111,9 @@ def test_tiny_study_end_to_end_resumes_and_detects_stale_tables(
     assert "Δ vs CE" in table and "(n=2)" in table and "student max" in table
     assert (study_root / "results" / "tiny" / "TABLE.md").is_file()
     assert _study(study_root, "--check") == 0
-    # a third run trains nothing
+    # a third run trains nothing and labels nothing twice
     assert _study(study_root) == 0
-    assert len(load_records(study_root / "results" / "tiny")) == 6
+    assert len(load_records(study_root / "results" / "tiny")) == 8
     # a record that changes makes the committed table stale, and --table-only regenerates it
     path = sorted((study_root / "results" / "tiny").glob("*-quest-*.json"))[0]
     rec = json.loads(path.read_text())

@@ -154,7 +154,11 @@ def study_sections(root: Path) -> list[tuple[str, str, str, Plot | None]]:
 
     out = []
     for path in sorted((root / STUDIES_DIR).glob("*.yaml")):
-        study = load_study(path, root)
+        try:
+            study = load_study(path, root)
+        except QuestError as exc:  # e.g. a resolved params file without the study's preset
+            log.warning("report: study %s left out: %s", path.name, exc)
+            continue
         plot = None
         if size_series(study, root):
             png = size_figure(study, root)

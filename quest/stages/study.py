@@ -240,8 +240,6 @@ def run_study(study: Study, root: Path, *, dry_run: bool = False,
               seeds: list[int] | None = None) -> list[dict[str, Any]]:
     """Train every planned run not yet recorded (of the settings in `only` and the `seeds`, when
     given); return the new metrics (dry_run: list the runs, train nothing)."""
-    from quest.stages.student import run_student
-
     plan = planned_runs(study, root)
     if only:
         unknown = set(only) - {s.name for s in study.settings}
@@ -267,17 +265,60 @@ def run_study(study: Study, root: Path, *, dry_run: bool = False,
         return []
     out = []
     results = study_results_dir(root, study)
-    for setting, method, seed, cfg, h in todo:
-        needs_codebook = method.startswith("quest")
-        upstream = prepare_upstream(cfg, root, needs_codebook, method != "ce")
-        run_root = root / ".quest" / "studies" / study.name / setting.name / f"seed-{seed}"
-        for parts in (("data", "prepared"), ("models", "teacher"), ("data", "features"),
-                      ("models", "codebook")):
-            src = upstream.joinpath(*parts)
-            if src.exists():
-                _link(src, run_root.joinpath(*parts))
-        log.info("study %s: %s %s seed %d (params %s)", study.name, setting.name, method, seed, h)
-        out.append(run_student(cfg, Paths(run_root, results_dir=results), method,
-                               setting=setting.name, study=study.name))
+    try:
+        for setting, method, seed, cfg, h in todo:
+            out.append(_train(study, root, setting, method, seed, cfg, h, results))
+    finally:  # an interrupted study still labels what it has
+        write_aliases(study, root, plan)
     return out
+
+
+def _train(study: Study, root: Path, setting: Setting, method: str, seed: int, cfg: Config,
+           h: str, results: Path) -> dict[str, Any]:
+    """Train one run of a study in its own scratch root; its record goes to `results`."""
+    from quest.stages.student import run_student
+
+    needs_codebook = method.startswith("quest")
+    upstream = prepare_upstream(cfg, root, needs_codebook, method != "ce")
+    run_root = root / ".quest" / "studies" / study.name / setting.name / f"seed-{seed}"
+    for parts in (("data", "prepared"), ("models", "teacher"), ("data", "features"),
+                  ("models", "codebook")):
+        src = upstream.joinpath(*parts)
+        if src.exists():
+            _link(src, run_root.joinpath(*parts))
+    log.info("study %s: %s %s seed %d (params %s)", study.name, setting.name, method, seed, h)
+    return run_student(cfg, Paths(run_root, results_dir=results), method,
+                       setting=setting.name, study=study.name)
+
+
+def write_aliases(study: Study, root: Path,
+                  plan: list[tuple[Setting, str, int, Config, str]]) -> list[Path]:
+    """Label shared runs with every setting they serve: for a planned (setting, method, seed)
+    whose run was recorded under another setting's name, write a copy of that record into
+    results/<study>/ with this setting's name and ``alias_of`` naming the original, so that the
+    records of each setting are complete on their own. Aliases are not new runs: they share the
+    original's numbers, finish time and params hash."""
+    from quest.io_utils import write_json_atomic
+
+    results = study_results_dir(root, study)
+    by_key: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for r in load_records(root / "results", recursive=True, exclude=(RUNS_DIR,)):
+        by_key.setdefault((r["params_hash"], r["method"], r["seed"]), []).append(r)
+    written = []
+    for setting, method, seed, _, h in plan:
+        recs = by_key.get((h, method, seed), [])
+        if not recs or any(r.get("study") == study.name and r.get("setting") == setting.name
+                           for r in recs):
+            continue
+        original = next((r for r in reversed(recs) if "alias_of" not in r), recs[-1])
+        alias = {**original, "study": study.name, "setting": setting.name,
+                 "alias_of": original.get("alias_of") or {
+                     "study": original.get("study"), "setting": original.get("setting"),
+                     "finished_at": original.get("finished_at")}}
+        stamp = str(original["finished_at"]).replace(":", "").replace("-", "")
+        path = results / f"{stamp}-{method}-s{seed}-{setting.name}-alias.json"
+        write_json_atomic(path, alias)
+        by_key[(h, method, seed)].append(alias)
+        written.append(path)
+    return written
 
