@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run smoke test lint bench clean mlflow-ui prefect-server gpu-study
+.PHONY: setup run smoke test lint bench clean mlflow-ui prefect-server serve gpu-study
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,12 @@ mlflow-ui: $(STAMP)
 
 prefect-server: $(STAMP)
 	$(BIN)/python -m flows.servers prefect
+
+# the champion student (models:/quest-student@champion) over HTTP on 127.0.0.1:5001:
+# curl -X POST -H 'Content-Type: application/json' -d '{"inputs": [[[[0,0,0], ...]]]}'
+#      http://127.0.0.1:5001/invocations      (uint8 images, N x H x W x C)
+serve: $(STAMP)
+	$(BIN)/python -m flows.servers model
 
 # The published-length comparison on CUDA (studies/gpu-cifar10.yaml). Runs with any Python that
 # has torch, torchvision, numpy and pyyaml (a GPU machine's own, without this venv):

@@ -4,6 +4,8 @@ From the repository root (or with --root)::
 
     python -m flows.servers mlflow      # MLflow UI for the project's tracking store, :5000
     python -m flows.servers prefect     # Prefect server (UI and API), :4200
+    python -m flows.servers model       # the champion student, mlflow models serve, :5001
+                                        # (POST /invocations {"inputs": N x H x W x C uint8})
 
 Both listen on 127.0.0.1, reachable from this machine only: neither server has authentication,
 and anyone who reaches MLflow can read or delete runs and models. To serve a trusted network,
@@ -20,7 +22,9 @@ from pathlib import Path
 
 DEFAULT_HOST = "127.0.0.1"
 HOST_ENV = "QUEST_SERVER_HOST"
-DEFAULT_PORTS = {"mlflow": 5000, "prefect": 4200}
+DEFAULT_PORTS = {"mlflow": 5000, "prefect": 4200, "model": 5001}
+# What `model` serves: the registry alias `quest promote` moves.
+CHAMPION = "models:/quest-student@champion"
 
 
 def default_host() -> str:
@@ -32,18 +36,23 @@ def server_command(
     kind: str, root: str | os.PathLike[str] = ".", host: str | None = None,
     port: int | None = None,
 ) -> list[str]:
-    """The command line that starts the `kind` ('mlflow' or 'prefect') server."""
+    """The command line that starts the `kind` ('mlflow', 'prefect' or 'model') server."""
     if kind not in DEFAULT_PORTS:
-        raise ValueError(f"unknown server '{kind}': choose mlflow or prefect")
+        raise ValueError(f"unknown server '{kind}': choose mlflow, prefect or model")
     host = host or default_host()
     port = port or DEFAULT_PORTS[kind]
     bindir = Path(sys.executable).parent
+    # the same store `quest track` writes to (quest.tracking.resolve_tracking_uri)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or (
+        f"sqlite:///{Path(root).resolve() / 'mlflow.db'}")
     if kind == "mlflow":
-        # the same store `quest track` writes to (quest.tracking.resolve_tracking_uri)
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (
-            f"sqlite:///{Path(root).resolve() / 'mlflow.db'}")
         return [str(bindir / "mlflow"), "ui", "--backend-store-uri", uri, "--host", host,
                 "--port", str(port)]
+    if kind == "model":
+        # --env-manager local: this environment already has what the model needs (torch, and
+        # quest travels with the model), so nothing is installed and no network is used
+        return [str(bindir / "mlflow"), "models", "serve", "-m", CHAMPION, "--env-manager",
+                "local", "--host", host, "--port", str(port)]
     return [str(bindir / "prefect"), "server", "start", "--host", host, "--port", str(port)]
 
 
@@ -72,7 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {args.kind} will listen on {host}, beyond this machine, without "
               "authentication", file=sys.stderr)
     os.chdir(args.root)
-    os.execv(cmd[0], cmd)
+    env = dict(os.environ)
+    if args.kind == "model":
+        # mlflow models serve starts `uvicorn` by name: without an activated venv that is not on
+        # PATH ("uvicorn: not found"), so the venv's bin goes first; the store is the project's
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.setdefault("MLFLOW_TRACKING_URI",
+                       f"sqlite:///{Path(args.root).resolve() / 'mlflow.db'}")
+    os.execve(cmd[0], cmd, env)
     return 0  # not reached
 
 

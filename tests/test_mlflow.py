@@ -357,3 +357,76 @@ def test_cli_help(command: str, option: str, capsys: pytest.CaptureFixture[str])
         main([command, "--help"])
     assert exc.value.code == 0
     assert option in capsys.readouterr().out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_make_serve_answers_like_the_pyfunc_and_rejects_malformed_bodies(
+    tracked: dict[str, Any], gated: dict[str, Any]
+) -> None:
+    """`make serve` (python -m flows.servers model): `mlflow models serve` of the champion on
+    127.0.0.1, started without an activated venv (the venv's bin is not on PATH)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    import mlflow.pyfunc
+    import numpy as np
+
+    root, port = tracked["root"], _free_port()
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                           if p != venv_bin)
+    env = {**os.environ, **QUIET, "PATH": path, "MLFLOW_TRACKING_URI": tracked["uri"]}
+    proc = subprocess.Popen([sys.executable, "-m", "flows.servers", "model", "--root", str(root),
+                             "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            assert time.monotonic() < deadline, "the model server did not start in 180 s"
+            time.sleep(1)
+        images = np.load(root / "data" / "prepared" / "test_images.npy")[:6]
+        images = images.transpose(0, 2, 3, 1).copy()  # N x H x W x C uint8, as users send them
+
+        def post(body: bytes) -> tuple[int, Any]:
+            req = urllib.request.Request(f"{base}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as err:
+                return err.code, err.read().decode()
+
+        status, answer = post(json.dumps({"inputs": images.tolist()}).encode())
+        assert status == 200, answer
+        served = np.asarray(answer["predictions"], dtype=np.float32)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_URI", tracked["uri"])
+            local = mlflow.pyfunc.load_model("models:/quest-student@champion").predict(images)
+        assert served.shape == (6, 10)
+        np.testing.assert_allclose(served, local, rtol=1e-5, atol=1e-6)
+        for bad in (b"{not json", json.dumps({"wrong_key": [1, 2]}).encode(),
+                    json.dumps({"inputs": [1, 2, 3]}).encode()):
+            status, _ = post(bad)
+            assert status == 400, (bad, status)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -168,10 +168,15 @@ def _validation_metrics(paths: Paths) -> list[tuple[str, float, int]]:
     return rows
 
 
+def metric_name(name: str) -> str:
+    """`name` with what MLflow refuses in metric names replaced by '_' (quest+kd -> quest_kd)."""
+    return re.sub(r"[^\w\-. :/]", "_", name)
+
+
 def _evaluation_metrics(evaluation: dict[str, Any]) -> list[tuple[str, float, int]]:
     """(name, value, step) for every model's top1, top5, params and MACs."""
     return [
-        (f"{name}.{key}", r[key], 0)
+        (metric_name(f"{name}.{key}"), r[key], 0)
         for name, r in evaluation["models"].items()
         for key in ("top1", "top5", "params", "macs") if _numeric(r.get(key))
     ]
