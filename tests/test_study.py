@@ -161,8 +161,9 @@ def test_make_run_then_the_table_checks_pass(tmp_path: Path, cifar_archive: Path
     """The README's two commands in the order a new user types them: `make run` (here on the
     smoke preset) writes its records apart from the committed evidence, so the tables stay
     current for `make test`."""
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
+    # the checkout as a fresh clone has it (plus files not yet committed, on a work tree)
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     clone = tmp_path / "clone"
     for rel in files:
         if (REPO / rel).is_file():
