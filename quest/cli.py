@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only this setting (repeatable)")
     p.add_argument("--seed", type=int, action="append", default=None,
                    help="run only this seed (repeatable), e.g. seed 0 of every setting first")
+    p.add_argument("--reproduce", nargs="?", const="", default=None, metavar="DIR",
+                   help="train the selected runs again whatever results/ holds, record them in "
+                        "DIR (default results/runs/reproduce-<study>, git-ignored) and compare "
+                        "them with the committed records (REPRODUCE.md there)")
     p.add_argument("--table-only", action="store_true",
                    help="train nothing; regenerate the table from the records")
     p.add_argument("--check", action="store_true",
@@ -324,9 +328,24 @@ def _cmd_study(args: argparse.Namespace) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         setup_logging(str(root / "logs" / f"study-{study.name}-{stamp}.log"), args.debug)
         # one lock per study: a study may run beside everyday commands on the project
+        again = None
+        if args.reproduce is not None:
+            again = (Path(args.reproduce).resolve() if args.reproduce
+                     else root / "results" / "runs" / f"reproduce-{study.name}")
         with run_lock(root / ".quest" / "studies" / study.name, f"quest study {study.name}"):
-            run_study(study, root, dry_run=args.dry_run, only=args.setting, seeds=args.seed)
+            run_study(study, root, dry_run=args.dry_run, only=args.setting, seeds=args.seed,
+                      reproduce=again)
         if args.dry_run:
+            return 0
+        if again is not None:
+            from quest.io_utils import write_text_atomic
+            from quest.stages.study import reproduction_table
+
+            table = reproduction_table(study, root, again, args.setting, args.seed)
+            write_text_atomic(again / "REPRODUCE.md", f"# Reproduction of study {study.name}\n\n"
+                              f"{table}\n")
+            print(table)
+            print(f"wrote {again / 'REPRODUCE.md'}")
             return 0
     else:
         from quest.stages.study import planned_runs, write_aliases

@@ -114,6 +114,16 @@ def test_tiny_study_end_to_end_resumes_and_detects_stale_tables(
     # a third run trains nothing and labels nothing twice
     assert _study(study_root) == 0
     assert len(load_records(study_root / "results" / "tiny")) == 8
+    # a reproduction (as on another machine) retrains seed 0 of base apart and compares
+    capsys.readouterr()
+    assert _study(study_root, "--reproduce", "--setting", "base", "--seed", "0") == 0
+    again = study_root / "results" / "runs" / "reproduce-tiny"
+    assert sorted(r["method"] for r in load_records(again)) == ["ce", "quest"]
+    rows = [line for line in (again / "REPRODUCE.md").read_text().splitlines()
+            if line.startswith("| base |")]
+    assert len(rows) == 2 and all(" +0.00 " in row for row in rows)  # same machine, same code
+    assert _study(study_root, "--check") == 0  # reproductions never enter the tables
+    assert len(load_records(study_root / "results" / "tiny")) == 8
     # a record that changes makes the committed table stale, and --table-only regenerates it
     path = sorted((study_root / "results" / "tiny").glob("*-quest-*.json"))[0]
     rec = json.loads(path.read_text())
@@ -125,7 +135,7 @@ def test_tiny_study_end_to_end_resumes_and_detects_stale_tables(
     assert _study(study_root, "--table-only") == 0
     assert _study(study_root, "--check") == 0
     # everyday runs record apart, so they never make a study's table stale
-    assert not (study_root / "results" / "runs").exists()
+    assert not list((study_root / "results" / "runs").glob("*.json"))
 
 
 def test_bad_study_files_are_one_line_errors(study_root: Path,

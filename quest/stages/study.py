@@ -236,10 +236,14 @@ def planned_runs(study: Study, root: Path) -> list[tuple[Setting, str, int, Conf
 
 
 def run_study(study: Study, root: Path, *, dry_run: bool = False,
-              only: list[str] | None = None,
-              seeds: list[int] | None = None) -> list[dict[str, Any]]:
+              only: list[str] | None = None, seeds: list[int] | None = None,
+              reproduce: Path | None = None) -> list[dict[str, Any]]:
     """Train every planned run not yet recorded (of the settings in `only` and the `seeds`, when
-    given); return the new metrics (dry_run: list the runs, train nothing)."""
+    given); return the new metrics (dry_run: list the runs, train nothing).
+
+    With `reproduce` (a directory), train the planned runs again whatever results/ holds and
+    record them there instead (runs already there are skipped, so a reproduction resumes too);
+    `reproduction_table` then sets them beside the committed records."""
     plan = planned_runs(study, root)
     if only:
         unknown = set(only) - {s.name for s in study.settings}
@@ -249,7 +253,10 @@ def run_study(study: Study, root: Path, *, dry_run: bool = False,
         plan = [p for p in plan if p[0].name in only]
     if seeds:
         plan = [p for p in plan if p[2] in seeds]
-    done = recorded_runs(root)
+    if reproduce is None:
+        done = recorded_runs(root)
+    else:
+        done = {(r["params_hash"], r["method"], r["seed"]): r for r in load_records(reproduce)}
     todo, seen = [], set()
     for setting, method, seed, cfg, h in plan:
         if (h, method, seed) in done or (h, method, seed) in seen:
@@ -264,13 +271,46 @@ def run_study(study: Study, root: Path, *, dry_run: bool = False,
             print(f"{setting.name}\t{method}\tseed {seed}\tparams {h}")
         return []
     out = []
-    results = study_results_dir(root, study)
+    results = reproduce or study_results_dir(root, study)
     try:
         for setting, method, seed, cfg, h in todo:
             out.append(_train(study, root, setting, method, seed, cfg, h, results))
     finally:  # an interrupted study still labels what it has
-        write_aliases(study, root, plan)
+        if reproduce is None:
+            write_aliases(study, root, plan)
     return out
+
+
+def reproduction_table(study: Study, root: Path, reproduce: Path,
+                       only: list[str] | None = None, seeds: list[int] | None = None) -> str:
+    """Markdown: every reproduced run beside the committed record of the same settings, method
+    and seed, with the spread of the committed seeds of that setting and method for scale
+    (different CPUs run different float kernels: a reproduction is expected to differ by about
+    as much as seeds differ from each other, not to match digit for digit)."""
+    import math
+
+    committed = recorded_runs(root)
+    again = {(r["params_hash"], r["method"], r["seed"]): r for r in load_records(reproduce)}
+    lines = ["| setting | method | seed | committed top-1 % | reproduced top-1 % | Δ | "
+             "committed seeds' std |", "|---|---|---|---|---|---|---|"]
+    seen = set()
+    for setting, method, seed, _, h in planned_runs(study, root):
+        key = (h, method, seed)
+        if (only and setting.name not in only) or (seeds and seed not in seeds) or key in seen:
+            continue
+        seen.add(key)
+        new, old = again.get(key), committed.get(key)
+        if new is None:
+            continue
+        tops = [100 * r["top1"] for (hh, m, _), r in committed.items() if hh == h and m == method]
+        sd = (math.sqrt(sum((t - sum(tops) / len(tops)) ** 2 for t in tops) / (len(tops) - 1))
+              if len(tops) > 1 else float("nan"))
+        old_t = f"{100 * old['top1']:.2f}" if old else "–"
+        delta = f"{100 * (new['top1'] - old['top1']):+.2f}" if old else "–"
+        sd_t = f"{sd:.2f} (n={len(tops)})" if len(tops) > 1 else "–"
+        lines.append(f"| {setting.name} | {method} | {seed} | {old_t} | "
+                     f"{100 * new['top1']:.2f} | {delta} | {sd_t} |")
+    return "\n".join(lines)
 
 
 def _train(study: Study, root: Path, setting: Setting, method: str, seed: int, cfg: Config,
