@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from quest.config import Config, build_config, config_hash
+from quest.methods import get as get_method
 from quest.paths import Paths
 from quest.stages.common import resolve_location
 
@@ -207,11 +208,12 @@ def stage_config(
             raise ValueError("the student stage needs a method")
         # only what this method reads: editing student.kd does not retrain the ce student, and
         # student.methods is left out so that adding a method does not retrain the others
+        spec = get_method(method)
         section: dict[str, Any] = {"method": method, "arch": s.arch, "train": s.train}
-        if method.startswith("quest"):
-            section.update(layer=s.layer, quest=s.quest)
-        if method.endswith("kd"):
-            section["kd"] = s.kd
+        if spec.needs_codebook:
+            section["layer"] = s.layer
+        for name in spec.settings:  # the typed settings sections the method reads
+            section[name] = getattr(s, name)
         return {"student": config_hash(section), "augment": config_hash(augment)}
     if stage == "evaluate":
         return {"student.methods": config_hash({"methods": cfg.student.methods})}
@@ -245,9 +247,10 @@ def stage_inputs(stage: str, cfg: Config, paths: Paths, method: str | None = Non
     if stage == "student":
         assert method is not None
         files = [paths.prepared]
-        if method != "ce":
+        spec = get_method(method)
+        if spec.needs_teacher:
             files.append(paths.teacher_model)
-        if method.startswith("quest"):
+        if spec.needs_codebook:
             files += [paths.codebook, paths.codebook_meta]
         return files
     if stage == "evaluate":

@@ -41,6 +41,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.cache import cache_key_fn, output_digests, outputs_match, outputs_present
 from quest.config import Config, build_config, load_config, read_params
 from quest.errors import QuestError
+from quest.methods import needs_codebook
 from quest.paths import Paths
 from quest.runlock import run_lock
 
@@ -316,7 +317,7 @@ def _pipeline_body(root_path: Path, cfg: Config, track: bool, tracking_uri: str 
     run.run(teacher_task, "teacher")
     methods = list(cfg.student.methods)
     # dvc.yaml always has features and codebook; without a QuEST student only DVC needs them
-    if any(m.startswith("quest") for m in methods) or (root_path / ".dvc").is_dir():
+    if needs_codebook(methods) or (root_path / ".dvc").is_dir():
         run.run(features_task, "features")
         run.run(validate_task, "validate", "features")
         run.run(codebook_task, "codebook")

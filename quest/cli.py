@@ -237,12 +237,11 @@ def _dispatch(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
 
         run_codebook(cfg, paths)
     elif args.command == "student":
-        from quest.config import METHODS
+        from quest.methods import get
         from quest.stages.student import run_student
 
         for method in args.method or cfg.student.methods:
-            if method not in METHODS:
-                raise QuestError(f"unknown method '{method}': choose one of {', '.join(METHODS)}")
+            get(method)  # an unknown name fails before anything trains
             run_student(cfg, paths, method)
     elif args.command == "sweep":
         from quest.results import load_records, results_table

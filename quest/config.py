@@ -16,7 +16,6 @@ import yaml
 
 from quest.errors import QuestError
 
-METHODS = ("ce", "kd", "quest", "quest+kd")
 SCHEDULES = ("step", "cosine", "onecycle")
 
 
@@ -409,10 +408,12 @@ def validate(cfg: Config) -> None:
     _positive(cfg.codebook.k, "codebook.k")
     _positive(cfg.codebook.iterations, "codebook.iterations")
     _positive(cfg.features.max_vectors, "features.max_vectors")
+    from quest.methods import names
+
     if not cfg.student.methods:
-        raise QuestError("student.methods is empty: list at least one of " + ", ".join(METHODS))
+        raise QuestError("student.methods is empty: list at least one of " + ", ".join(names()))
     for m in cfg.student.methods:
-        _choice(m, METHODS, "student.methods entry")
+        _choice(m, names(), "student.methods entry")
     for name, opt in (("teacher.train", cfg.teacher.train), ("student.train", cfg.student.train)):
         _choice(opt.schedule, SCHEDULES, f"{name}.schedule")
         _positive(opt.epochs, f"{name}.epochs")

@@ -1,4 +1,5 @@
-"""Distillation methods: each returns the student's logits and a dict of named, weighted losses."""
+"""The distiller contract: a method returns the student's logits and a dict of named, weighted
+losses; the teacher stays frozen. The methods themselves live in quest.methods (one module each)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,6 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from quest.losses import QuestLoss, kd_loss
-from quest.models.taps import FeatureTap
 
 
 class FrozenTeacher(nn.Module):
@@ -60,81 +58,6 @@ class Distiller(nn.Module):
         return self.student
 
 
-class KD(Distiller):
-    """Hinton KD as in RepDistiller: ce_weight * CE + kd_weight * KL(T) * T^2."""
-
-    name = "kd"
-
-    def __init__(
-        self,
-        student: nn.Module,
-        teacher: nn.Module,
-        temperature: float = 4.0,
-        ce_weight: float = 0.1,
-        kd_weight: float = 0.9,
-    ) -> None:
-        super().__init__(student)
-        self.teacher = FrozenTeacher(teacher)
-        self.temperature, self.ce_weight, self.kd_weight = temperature, ce_weight, kd_weight
-
-    def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Student logits with the weighted CE and KD terms."""
-        t_logits = self.teacher(x)
-        logits = self.student(x)
-        return logits, {
-            "ce": self.ce_weight * F.cross_entropy(logits, y),
-            "kd": self.kd_weight * kd_loss(logits, t_logits, self.temperature),
-        }
-
-
-class Quest(Distiller):
-    """QuEST: CE + weight * KL(p_T || p_S) over the teacher's visual-word assignments."""
-
-    name = "quest"
-
-    def __init__(
-        self,
-        student: nn.Module,
-        teacher: nn.Module,
-        codebook: Tensor,
-        teacher_layer: str,
-        student_layer: str,
-        student_channels: int,
-        temperature: float = 5.0,
-        weight: float = 1.0,
-        init_scale: float = 3.0,
-        kd_settings: tuple[float, float, float] | None = None,
-        predictor: str = "learned_scale",
-    ) -> None:
-        super().__init__(student)
-        self.teacher = FrozenTeacher(teacher)
-        self.criterion = QuestLoss(codebook, student_channels, temperature, init_scale, predictor)
-        self.weight = weight
-        # (temperature, ce_weight, kd_weight) when the Hinton term is added (quest+kd)
-        self.kd_settings = kd_settings
-        self._t_tap = FeatureTap(self.teacher.model, [teacher_layer])
-        self._s_tap = FeatureTap(self.student, [student_layer])
-        self.teacher_layer, self.student_layer = teacher_layer, student_layer
-
-    def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Student logits with CE, the QuEST term and (for quest+kd) the KD term."""
-        t_logits = self.teacher(x)
-        t_feat = self._t_tap.outputs[self.teacher_layer]
-        logits = self.student(x)
-        s_feat = self._s_tap.outputs[self.student_layer]
-        terms = self.criterion.terms(s_feat, t_feat)
-        ce = F.cross_entropy(logits, y)
-        losses: dict[str, Tensor]
-        if self.kd_settings is None:
-            losses = {"ce": ce}
-        else:
-            temp, ce_w, kd_w = self.kd_settings
-            losses = {"ce": ce_w * ce, "kd": kd_w * kd_loss(logits, t_logits, temp)}
-        losses["quest"] = self.weight * terms.pop("loss")
-        self.monitors = terms
-        return logits, losses
-
-
 def build_distiller(
     method: str,
     student: nn.Module,
@@ -152,24 +75,20 @@ def build_distiller(
     kd_ce_weight: float = 0.1,
     kd_weight: float = 0.9,
 ) -> Distiller:
-    """Build the distiller for one method name: ce, kd, quest or quest+kd."""
-    if method == "ce":
-        return Distiller(student)
-    assert teacher is not None, "distillation needs a teacher"
-    if method == "kd":
-        return KD(student, teacher, kd_temperature, kd_ce_weight, kd_weight)
-    assert codebook is not None and teacher_layer and student_layer and student_channels
-    kd = (kd_temperature, kd_ce_weight, kd_weight) if method == "quest+kd" else None
-    return Quest(
-        student,
-        teacher,
-        codebook,
-        teacher_layer,
-        student_layer,
-        student_channels,
-        quest_temperature,
-        quest_weight,
-        init_scale,
-        kd_settings=kd,
-        predictor=quest_predictor,
-    )
+    """Build the distiller of a registered method from loose settings (scripts and tests; the
+    student stage passes its typed StudentConfig to the method's builder instead)."""
+    from types import SimpleNamespace
+
+    from quest.config import KDConfig, QuestConfig
+    from quest.methods import MethodContext, get
+
+    spec = get(method)
+    if spec.needs_teacher:
+        assert teacher is not None, f"method {method} needs a teacher"
+    settings = SimpleNamespace(
+        kd=KDConfig(kd_temperature, kd_ce_weight, kd_weight),
+        quest=QuestConfig(quest_temperature, quest_weight, init_scale, quest_predictor))
+    out = spec.build(MethodContext(student, teacher, settings, codebook, teacher_layer,
+                                   student_layer, student_channels))
+    assert isinstance(out, Distiller)
+    return out

@@ -16,6 +16,7 @@ import torch
 
 from quest.config import Config, config_hash
 from quest.io_utils import write_json_atomic
+from quest.methods import get as get_method
 
 RESULTS_DIR = "results"
 SCHEMA = 2
@@ -49,13 +50,6 @@ def device_name(device: torch.device) -> str:
     return f"cpu: {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
-# The config sections each method's result depends on, beside data and the student's recipe.
-_METHOD_SECTIONS = {
-    "ce": (),
-    "kd": ("teacher", "kd"),
-    "quest": ("teacher", "features", "codebook", "quest"),
-    "quest+kd": ("teacher", "features", "codebook", "quest", "kd"),
-}
 # Settings added after records were first written, with the value that reproduces the older
 # code: at that value they stay out of the hash, so the older records keep matching.
 _NEUTRAL = {("student", "train", "repeat"): 1, ("teacher", "train", "repeat"): 1}
@@ -76,9 +70,12 @@ def method_settings(cfg: Config, method: str) -> dict[str, Any]:
     student = {k: v for k, v in d["student"].items() if k not in ("methods", "quest", "kd")}
     student["train"] = {k: v for k, v in student["train"].items() if k != "seed"}
     out["student"] = student
-    for section in _METHOD_SECTIONS.get(method, ("teacher", "features", "codebook", "quest", "kd")):
-        src = d["student"] if section in ("quest", "kd") else d
-        out[section] = src[section]
+    spec = get_method(method)
+    # what the method reads (the registry says): upstream sections, then its student settings
+    for section in spec.config_sections():
+        out[section] = d[section]
+    for section in spec.settings:
+        out[section] = d["student"][section]
     for section, keys in _LOCATION_KEYS.items():
         if section in out:
             out[section] = {**out[section]}

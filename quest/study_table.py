@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from quest.io_utils import write_bytes_atomic, write_text_atomic
+from quest.methods import get as get_method
 from quest.results import params_hash
 from quest.stages.study import (
     Study,
@@ -24,7 +25,14 @@ SIZE_FIGURE = "top1_vs_images_per_class.png"
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
          2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
          2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-_ORDER = {"ce": 0, "kd": 1, "quest": 2, "quest+kd": 3}
+
+
+def _order(method: str) -> int:
+    """Registry order (ce, kd, quest, quest+kd, then plug-ins)."""
+    from quest.methods import names
+
+    order = names()
+    return order.index(method) if method in order else len(order)
 
 
 def t975(dof: int) -> float:
@@ -127,7 +135,7 @@ def render(study: Study, root: Path) -> str:
     for s in study.settings:
         by_m = data.get(s.name, {})
         ce, kd = base.get(s.name, {}).get("ce", {}), base.get(s.name, {}).get("kd", {})
-        for method in sorted(by_m, key=lambda m: _ORDER.get(m, 9)):
+        for method in sorted(by_m, key=lambda m: _order(m)):
             t = _top1(by_m[method])
             m, sd = mean_std(list(t.values()))
             seeds = ",".join(str(x) for x in sorted(t))
@@ -151,7 +159,7 @@ def render(study: Study, root: Path) -> str:
             lines.append(f"| {method} | {entry[0]} | {','.join(str(x) for x in sorted(t))} "
                          f"| {m:.2f} ± {sd:.2f} | {vs} |")
     diag = [(s.name, m, runs) for s in study.settings for m, runs in data.get(s.name, {}).items()
-            if m.startswith("quest")]
+            if get_method(m).needs_codebook]
     if diag:
         lines += ["", "QuEST diagnostics at the last epoch (mean over seeds): visual-word "
                   "accuracy, the teacher's mean max assignment, the student's mean max predicted "
@@ -178,7 +186,7 @@ def size_series(study: Study, root: Path) -> dict[str, dict[int, list[float]]]:
         sizes.add(n)
         variant = re.sub(r"^n\d+-?", "", s.name)
         for method, runs in sorted(data.get(s.name, {}).items(),
-                                   key=lambda kv: _ORDER.get(kv[0], 9)):
+                                   key=lambda kv: _order(kv[0])):
             label = method if not variant else f"{method} ({variant})"
             series.setdefault(label, {})[n] = list(_top1(runs).values())
     return series if len(sizes) > 1 else {}

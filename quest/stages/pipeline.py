@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from quest import methods
 from quest.config import Config
 from quest.paths import Paths
 from quest.progress import log
@@ -38,8 +39,7 @@ def run_pipeline(cfg: Config, paths: Paths,
 
     timed("prepare", run_prepare, cfg, paths)
     timed("teacher", run_teacher, cfg, paths)
-    needs_codebook = any(m.startswith("quest") for m in cfg.student.methods)
-    if needs_codebook:
+    if methods.needs_codebook(cfg.student.methods):
         timed("features", run_features, cfg, paths)
         timed("codebook", run_codebook, cfg, paths)
     for method in cfg.student.methods:

@@ -13,11 +13,11 @@ from quest import distributed
 from quest.checkpoint import save_model_file
 from quest.config import Config, config_hash
 from quest.data.prepared import data_hash
-from quest.distill import build_distiller
 from quest.engine import Trainer
 from quest.errors import QuestError
 from quest.fastpath import autocast_step, describe, maybe_compile
 from quest.io_utils import file_sha256, read_json, write_json_atomic
+from quest.methods import MethodContext, get
 from quest.models.taps import FeatureTap
 from quest.models.zoo import build_model, count_parameters, default_feature_layer
 from quest.paths import Paths
@@ -65,9 +65,10 @@ def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None =
     num_classes = len(ds.classes)
     image_shape = tuple(int(v) for v in ds.train.images.shape[1:])
     provenance: dict[str, Any] = {"data_sha256": data_hash(paths.prepared)}
+    spec = get(method)
     teacher = None
-    extra: dict[str, Any] = {}
-    if method != "ce":
+    ctx_extra: dict[str, Any] = {}
+    if spec.needs_teacher:
         teacher, _ = load_model_file(paths.teacher_model, "teacher model")
         teacher = to_device(teacher, device, cfg.runtime.channels_last)
         maybe_compile(teacher, cfg.runtime.compile)
@@ -76,31 +77,20 @@ def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None =
         # the student's and the predictor's initial weights depend on the seed alone
         torch.manual_seed(s.train.seed)
         student = to_device(build_model(s.arch, num_classes), device, cfg.runtime.channels_last)
-        if method.startswith("quest"):
+        if spec.needs_codebook:
             if not paths.codebook.is_file():
                 raise QuestError(f"{paths.codebook} does not exist: run `quest codebook` first")
             cb_meta = read_json(paths.codebook_meta)
             provenance["codebook_sha256"] = cb_meta["codebook_sha256"]
             s_layer = s.layer or default_feature_layer(s.arch)
-            extra = {
+            ctx_extra = {
                 "codebook": torch.from_numpy(np.load(paths.codebook)).to(device),
                 "teacher_layer": cb_meta["layer"],
                 "student_layer": s_layer,
                 "student_channels": student_channels(student, s_layer, image_shape),
-                "quest_temperature": s.quest.temperature,
-                "quest_weight": s.quest.weight,
-                "init_scale": s.quest.init_scale,
-                "quest_predictor": s.quest.predictor,
             }
-        distiller = build_distiller(
-            method,
-            student,
-            teacher,
-            kd_temperature=s.kd.temperature,
-            kd_ce_weight=s.kd.ce_weight,
-            kd_weight=s.kd.kd_weight,
-            **extra,
-        )
+        # the method's extra heads (QuEST's predictor) are built here, under the same seed
+        distiller = spec.build(MethodContext(student, teacher, s, **ctx_extra))
     maybe_compile(student, cfg.runtime.compile)
     train_loader, test_loader = make_loaders(ds, cfg, s.train, device)
     fingerprint = config_hash({"method": method, "student": config_hash(s), **provenance})

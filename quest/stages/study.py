@@ -33,7 +33,6 @@ from typing import Any
 import yaml
 
 from quest.config import (
-    METHODS,
     Config,
     _set_dotted,
     build_config,
@@ -42,6 +41,8 @@ from quest.config import (
     resolve_raw,
 )
 from quest.errors import QuestError
+from quest.methods import get as get_method
+from quest.methods import names as method_names
 from quest.paths import RUNS_DIR, Paths
 from quest.progress import log
 from quest.results import load_records, params_hash
@@ -110,9 +111,9 @@ def load_study(path: str | os.PathLike[str], root: Path) -> Study:
             raise QuestError(f"{p}: settings[{i}].set must map dotted keys to values")
         s_methods = _str_list(entry.get("methods", methods), "methods", p)
         for m in s_methods:
-            if m not in METHODS:
+            if m not in method_names():
                 raise QuestError(f"{p}: setting '{entry['name']}' has unknown method '{m}': "
-                                 f"choose from {', '.join(METHODS)}")
+                                 f"choose from {', '.join(method_names())}")
         s_seeds = [int(v) for v in _str_list(entry.get("seeds", seeds), "seeds", p)]
         settings.append(Setting(str(entry["name"]), dict(overrides), list(s_methods), s_seeds,
                                 str(entry.get("note", ""))))
@@ -318,8 +319,8 @@ def _train(study: Study, root: Path, setting: Setting, method: str, seed: int, c
     """Train one run of a study in its own scratch root; its record goes to `results`."""
     from quest.stages.student import run_student
 
-    needs_codebook = method.startswith("quest")
-    upstream = prepare_upstream(cfg, root, needs_codebook, method != "ce")
+    spec = get_method(method)
+    upstream = prepare_upstream(cfg, root, spec.needs_codebook, spec.needs_teacher)
     run_root = root / ".quest" / "studies" / study.name / setting.name / f"seed-{seed}"
     for parts in (("data", "prepared"), ("models", "teacher"), ("data", "features"),
                   ("models", "codebook")):

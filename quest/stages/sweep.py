@@ -15,6 +15,7 @@ from typing import Any
 
 from quest.config import Config
 from quest.errors import QuestError
+from quest.methods import needs_codebook
 from quest.paths import Paths
 from quest.progress import log
 from quest.results import load_records, params_hash
@@ -47,7 +48,7 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Train every (seed, method) not yet in results/ for this configuration; return new metrics."""
     missing = [p for p in (paths.prepared, paths.teacher_model) if not p.exists()]
-    if any(m.startswith("quest") for m in methods) and not paths.codebook.exists():
+    if needs_codebook(methods) and not paths.codebook.exists():
         missing.append(paths.codebook)
     if missing:
         raise QuestError(f"{missing[0]} does not exist: run `quest run` (or dvc repro) before "

@@ -1,0 +1,90 @@
+"""Methods are plug-ins: a method defined in this file alone runs through `quest student`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from quest import methods
+from quest.cli import main
+from quest.config import load_config
+from quest.distill import Distiller, FrozenTeacher
+from quest.errors import QuestError
+from quest.results import load_records, method_settings, params_hash
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class LogitMatch(Distiller):
+    """A toy method: CE plus the squared distance to the teacher's logits, with its own trainable
+    head (a learnable temperature) that is never exported."""
+
+    name = "toy"
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+        super().__init__(student)
+        self.teacher = FrozenTeacher(teacher)
+        self.log_t = torch.nn.Parameter(torch.zeros(()))
+
+    def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        t_logits = self.teacher(x).clone()  # an inference tensor: cloned before autograd saves it
+        logits = self.student(x)
+        match = F.mse_loss(logits * self.log_t.exp(), t_logits)
+        return logits, {"ce": F.cross_entropy(logits, y), "match": 0.01 * match}
+
+
+@pytest.fixture
+def toy() -> Iterator[methods.MethodSpec]:
+    spec = methods.register(methods.MethodSpec(
+        "toy", lambda ctx: LogitMatch(ctx.student, ctx.teacher), needs_teacher=True,
+        settings=("kd",), description="logit matching (a test plug-in)"))
+    try:
+        yield spec
+    finally:
+        methods.unregister("toy")
+
+
+def test_builtins_are_registered_with_what_they_need() -> None:
+    assert methods.names()[:4] == ("ce", "kd", "quest", "quest+kd")
+    assert not methods.get("ce").needs_teacher
+    assert methods.get("kd").settings == ("kd",) and not methods.get("kd").needs_codebook
+    assert methods.get("quest+kd").settings == ("quest", "kd")
+    assert methods.needs_codebook(["ce", "quest"]) and not methods.needs_codebook(["ce", "kd"])
+    with pytest.raises(QuestError, match="unknown method 'qeust' \\(did you mean 'quest'\\?\\)"):
+        methods.get("qeust")
+
+
+def test_a_method_defined_in_a_test_file_runs_through_quest_student(
+        toy: methods.MethodSpec, smoke_root: Path) -> None:
+    base = ["--root", str(smoke_root), "--preset", "smoke", "--set", "student.train.epochs=1"]
+    assert main(["teacher", *base]) == 0
+    assert main(["student", "--method", "toy", *base]) == 0
+    metrics = json.loads((smoke_root / "metrics" / "students" / "toy.json").read_text())
+    assert {"ce", "match", "loss"} <= set(metrics["history"][0])  # its named losses, logged
+    saved = torch.load(smoke_root / "models" / "students" / "toy.pt", weights_only=True)
+    assert not any("log_t" in k or "teacher" in k for k in saved["model"])  # heads not exported
+    (rec,) = load_records(smoke_root / "results" / "runs")
+    assert rec["method"] == "toy" and rec["teacher_sha256"] and "kd" in rec["settings"]
+    # the settings it declared, and only those, enter its runs' identity
+    cfg = load_config(REPO / "params.yaml", "smoke")
+    assert set(method_settings(cfg, "toy")) == {"data", "student", "teacher", "kd"}
+    other = load_config(REPO / "params.yaml", "smoke", ["student.quest.weight=3"])
+    assert params_hash(cfg, "toy") == params_hash(other, "toy")
+    # and params.yaml accepts it as a student method while it is registered
+    load_config(REPO / "params.yaml", "smoke", ["student.methods=[ce, toy]"])
+
+
+def test_unregistered_methods_are_one_line_errors(smoke_root: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["student", "--method", "toy", "--root", str(smoke_root), "--preset",
+                 "smoke"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown method 'toy'" in err[0]
+    with pytest.raises(QuestError, match="student.methods entry"):
+        load_config(REPO / "params.yaml", "smoke", ["student.methods=[toy]"])
