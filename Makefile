@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run smoke test lint bench clean mlflow-ui prefect-server serve gpu-study
+.PHONY: setup run smoke test test-fast lint bench clean mlflow-ui prefect-server serve gpu-study
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,11 @@ smoke: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# the everyday subset: every test not marked slow (make test still runs them all)
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -m "not slow and not cuda"
 
 # local servers listen on 127.0.0.1 only; QUEST_SERVER_HOST=<address> chooses another interface
 mlflow-ui: $(STAMP)

@@ -135,6 +135,9 @@ def render(study: Study, root: Path) -> str:
     for s in study.settings:
         by_m = data.get(s.name, {})
         ce, kd = base.get(s.name, {}).get("ce", {}), base.get(s.name, {}).get("kd", {})
+        if not by_m:  # declared, not trained yet: say so rather than leave it out
+            lines.append(f"| {s.name} | {', '.join(s.methods)} | – | not run yet | | |")
+            continue
         for method in sorted(by_m, key=lambda m: _order(m)):
             t = _top1(by_m[method])
             m, sd = mean_std(list(t.values()))
@@ -229,7 +232,8 @@ def update_tables(study: Study, root: Path, *, check: bool = False) -> list[Path
         new = text.rstrip("\n") + f"\n\n{start}\n{readme_body}\n{end}\n"
     table = study_results_dir(root, study) / "TABLE.md"
     link = f"\n![top-1 against training images per class]({SIZE_FIGURE})\n" if series else ""
-    table_text = f"# Study {study.name}\n\n{study.description}\n\n{body}\n{link}"
+    findings = f"{study.findings}\n\n" if study.findings else ""
+    table_text = f"# Study {study.name}\n\n{study.description}\n\n{findings}{body}\n{link}"
     changed = []
     if new != text:
         changed.append(readme)

@@ -145,6 +145,7 @@ def run_unchanged(root: Path, *args: str, **kw: int) -> subprocess.CompletedProc
 WHOLE = ("--set", "data.subset.train_per_class=null", "--set", "data.subset.test_per_class=null")
 
 
+@pytest.mark.slow
 def test_corrupt_images_in_archive_fail_or_are_skipped(project: Path, tmp_path: Path) -> None:
     bad = {"train/dog/broken.png": png(7)[:40], "train/cat/notes.jpg": b"not an image at all"}
     src = write_tar(tmp_path / "bad.tar.gz", {**good_files(), **bad})
@@ -217,6 +218,7 @@ def test_codebook_larger_than_the_feature_vectors(project: Path) -> None:
                      "lower codebook.k")
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(project: Path) -> None:
     # epoch 1 trains normally; a step schedule then multiplies the learning rate by 1e12
     ckpt = project / ".quest" / "checkpoints" / "student-ce.pt"
@@ -297,6 +299,7 @@ def test_checkpoint_with_code_is_refused_and_never_runs(project: Path, tmp_path:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_runs_started_at_once_do_not_interleave(project: Path) -> None:
     args = ["student", "--method", "ce", "--set", "student.arch=resnet8",
             "--set", "student.train.batch_size=20", "--set", "student.train.epochs=1",

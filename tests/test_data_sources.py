@@ -670,6 +670,7 @@ def cifar10_jpeg() -> tuple[PreparedDataset, float]:
     return ds, time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_real_cifar10_jpeg_archive(cifar10_jpeg: tuple[PreparedDataset, float]) -> None:
     ds, seconds = cifar10_jpeg
     print(f"prepared {CIFAR10_JPEG.name} in {seconds:.1f} s")

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # make test-fast leaves it out; make test runs it
+
 REPO = Path(__file__).resolve().parents[1]
 OVERRIDES = [
     "teacher.arch=resnet8", "teacher.checkpoint=null", "student.arch=resnet8",

@@ -25,6 +25,8 @@ import yaml
 from quest.cli import main as quest_main
 from quest.config import Config
 
+pytestmark = pytest.mark.slow  # make test-fast leaves it out; make test runs it
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: `quest` and `dvc` live here
 # The project trains one student, quest+kd (a '+' in stage names and file paths, and the code

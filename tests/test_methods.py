@@ -60,6 +60,7 @@ def test_builtins_are_registered_with_what_they_need() -> None:
         methods.get("qeust")
 
 
+@pytest.mark.slow
 def test_a_method_defined_in_a_test_file_runs_through_quest_student(
         toy: methods.MethodSpec, smoke_root: Path) -> None:
     base = ["--root", str(smoke_root), "--preset", "smoke", "--set", "student.train.epochs=1"]

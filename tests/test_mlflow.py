@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from quest.cli import main
+
+pytestmark = pytest.mark.slow  # make test-fast leaves it out; make test runs it
 from quest.errors import QuestError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,6 +19,7 @@ def run_cli(root: Path, *args: str) -> int:
     return main([*args[:1], "--root", str(root), "--preset", "smoke", *args[1:]])
 
 
+@pytest.mark.slow
 def test_smoke_chain_end_to_end(smoke_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # prepare is covered by the session fixture; run the remaining stages through the CLI
     for stage in ("teacher", "features", "codebook", "student", "evaluate"):
@@ -64,6 +65,7 @@ def test_codebook_larger_than_data_is_one_line_error(smoke_root: Path,
     assert not (smoke_root / "models" / "codebook" / "codebook.npy").exists()
 
 
+@pytest.mark.slow
 def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     cases = {
@@ -93,6 +95,7 @@ def test_missing_data_path_is_one_line_error(tmp_path: Path) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1 and "does not exist" in proc.stderr
 
 
+@pytest.mark.slow
 def test_help_lists_every_command() -> None:
     proc = subprocess.run([sys.executable, "-m", "quest.cli", "--help"], capture_output=True,
                           text=True, check=True)
@@ -156,6 +159,7 @@ def test_lock_of_a_killed_run_does_not_block_the_next(tmp_path: Path) -> None:
         assert "after the kill" in (tmp_path / ".quest" / "run.lock").read_text()
 
 
+@pytest.mark.slow
 def test_sigterm_stops_training_cleanly_and_the_rerun_resumes(smoke_root: Path) -> None:
     import signal
     import time

@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # make test-fast leaves it out; make test runs it
+
 REPO = Path(__file__).resolve().parents[1]
 # flows/ is a top-level package of the repository, not part of the installed distribution
 if str(REPO) not in sys.path:

@@ -25,6 +25,8 @@ from quest.engine import Trainer
 from quest.models.zoo import build_model
 from quest.stages.common import _EpochAware
 
+pytestmark = pytest.mark.slow  # make test-fast leaves it out; make test runs it
+
 EPOCHS = 2
 
 

@@ -66,6 +66,7 @@ def _study(root: Path, *args: str) -> int:
     return main(["study", str(root / "studies" / "tiny.yaml"), "--root", str(root), *args])
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end_resumes_and_detects_stale_tables(
         study_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # an interrupted study: only the first setting ran, seed 0 first
@@ -166,6 +167,7 @@ def test_committed_study_tables_are_current(study: Path) -> None:
     assert main(["study", str(study), "--root", str(REPO), "--check"]) == 0
 
 
+@pytest.mark.slow
 def test_make_run_then_the_table_checks_pass(tmp_path: Path, cifar_archive: Path,
                                              teacher_checkpoint: Path) -> None:
     """The README's two commands in the order a new user types them: `make run` (here on the
@@ -190,6 +192,7 @@ def test_make_run_then_the_table_checks_pass(tmp_path: Path, cifar_archive: Path
         assert main(["study", str(study), "--root", str(clone), "--check"]) == 0, study.name
 
 
+@pytest.mark.slow
 def test_gpu_study_is_the_published_protocol_and_runs_on_the_tiny_preset(
         study_root: Path) -> None:
     """studies/gpu-cifar10.yaml: CUDA, bf16, channels_last, compile, the cifar10-full schedule;

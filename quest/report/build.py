@@ -166,7 +166,8 @@ def study_sections(root: Path) -> list[tuple[str, str, str, Plot | None]]:
                 plot = Plot(f"study_{study.name}", f"study {study.name}: top-1 vs images per class",
                             png, "test top-1 against training images per class (mean ± std "
                                  "over seeds)")
-        out.append((study.name, study.description, render(study, root), plot))
+        text = study.description + (f"\n\n{study.findings}" if study.findings else "")
+        out.append((study.name, text, render(study, root), plot))
     return out
 
 

@@ -149,8 +149,9 @@ def render_html(r: Report) -> str:
     if r.studies:
         out.append('<h2 id="studies">When does QuEST help? (studies)</h2>')
         for name, description, body, plot in r.studies:
-            out += [f"<h3>{_esc(name)}</h3>", f'<p class="note">{_esc(description)}</p>',
-                    markdown_to_html(body)]
+            out += [f"<h3>{_esc(name)}</h3>"]
+            out += [f'<p class="note">{_esc(para)}</p>' for para in description.split("\n\n")]
+            out.append(markdown_to_html(body))
             if plot is not None:
                 out.append(_html_figure(plot))
     out.append("</body></html>")

@@ -72,6 +72,7 @@ class Study:
     params: Path
     preset: str | None
     settings: list[Setting] = field(default_factory=list)
+    findings: str = ""  # what the evidence says, in words (shown with the tables)
 
 
 def _str_list(value: Any, key: str, path: Path) -> list[Any]:
@@ -92,10 +93,10 @@ def load_study(path: str | os.PathLike[str], root: Path) -> Study:
     if not isinstance(raw, dict):
         raise QuestError(f"study file {p} must hold a mapping with a 'settings:' list")
     unknown = set(raw) - {"name", "description", "params", "preset", "methods", "seeds",
-                          "settings"}
+                          "settings", "findings"}
     if unknown:
         raise QuestError(f"{p}: unknown key(s) {', '.join(sorted(unknown))}: use name, "
-                         "description, params, preset, methods, seeds, settings")
+                         "description, params, preset, methods, seeds, settings, findings")
     methods = raw.get("methods", ["ce", "kd", "quest"])
     seeds = raw.get("seeds", [0])
     settings = []
@@ -123,7 +124,8 @@ def load_study(path: str | os.PathLike[str], root: Path) -> Study:
     study = Study(name=str(raw.get("name", p.stem)), path=p,
                   description=str(raw.get("description", "")).strip(),
                   params=root / str(raw.get("params", "params.yaml")),
-                  preset=raw.get("preset"), settings=settings)
+                  preset=raw.get("preset"), settings=settings,
+                  findings=str(raw.get("findings", "")).strip())
     for s in settings:  # every setting must build a valid config before anything runs
         setting_config(study, s, root)
     return study
