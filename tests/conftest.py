@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,18 @@ def smoke_root(tmp_path: Path, smoke_prepared: Path, cifar_archive: Path,
     monkeypatch.setenv("QUEST_DATA_LOCATION", str(cifar_archive))
     monkeypatch.setenv("QUEST_TEACHER_CHECKPOINT", str(teacher_checkpoint))
     return tmp_path
+
+
+def wait_http_ok(url: str, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    """Poll `url` until it answers 200; fail if `proc` (the server) exits or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{what} exited during startup"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{what} at {url} did not answer within {timeout}s")

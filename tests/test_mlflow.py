@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_http_ok
 
 from quest.cli import main
+from quest.errors import QuestError
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out; make test runs it
-from quest.errors import QuestError
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {
@@ -374,7 +375,6 @@ def test_make_serve_answers_like_the_pyfunc_and_rejects_malformed_bodies(
 ) -> None:
     """`make serve` (python -m flows.servers model): `mlflow models serve` of the champion on
     127.0.0.1, started without an activated venv (the venv's bin is not on PATH)."""
-    import time
     import urllib.error
     import urllib.request
 
@@ -391,17 +391,7 @@ def test_make_serve_answers_like_the_pyfunc_and_rejects_malformed_bodies(
                             stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "the model server did not start in 180 s"
-            time.sleep(1)
+        wait_http_ok(f"{base}/ping", proc, 180, "the model server (make serve)")
         images = np.load(root / "data" / "prepared" / "test_images.npy")[:6]
         images = images.transpose(0, 2, 3, 1).copy()  # N x H x W x C uint8, as users send them
 

@@ -15,13 +15,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from conftest import wait_http_ok
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out; make test runs it
 
@@ -67,17 +67,7 @@ def _free_port() -> int:
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "prefect server exited during startup"
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"prefect server at {url} not healthy after {timeout}s")
+    wait_http_ok(f"{url}/health", proc, timeout, "prefect server")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
