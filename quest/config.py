@@ -117,6 +117,22 @@ class KDConfig:
 
 
 @dataclass
+class FitNetConfig:
+    """FitNets hint settings, RepDistiller's: CE + weight * MSE(regressor(s_hint), t_hint)."""
+
+    weight: float = 100.0
+    hint_layer: int = 2  # index into the stage outputs [stem, stage 1, stage 2, ...]
+
+
+@dataclass
+class ATConfig:
+    """Attention transfer settings, RepDistiller's: CE + weight * sum over stage pairs."""
+
+    weight: float = 1000.0
+    p: float = 2.0
+
+
+@dataclass
 class StudentConfig:
     """Student architecture, the methods to train, and the training recipe."""
 
@@ -126,6 +142,8 @@ class StudentConfig:
     train: OptimConfig = field(default_factory=OptimConfig)
     quest: QuestConfig = field(default_factory=QuestConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    fitnet: FitNetConfig = field(default_factory=FitNetConfig)
+    at: ATConfig = field(default_factory=ATConfig)
 
 
 @dataclass

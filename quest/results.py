@@ -17,6 +17,7 @@ import torch
 from quest.config import Config, config_hash
 from quest.io_utils import write_json_atomic
 from quest.methods import get as get_method
+from quest.methods import names as method_names
 
 RESULTS_DIR = "results"
 SCHEMA = 2
@@ -67,7 +68,10 @@ def method_settings(cfg: Config, method: str) -> dict[str, Any]:
     """
     d = cfg.to_dict()
     out: dict[str, Any] = {"data": d["data"]}
-    student = {k: v for k, v in d["student"].items() if k not in ("methods", "quest", "kd")}
+    # every method's own settings section is left out here and added back for the method
+    # that reads it: a CE run is the same run whatever QuEST's, KD's or FitNets' knobs say
+    sections = {sec for name in method_names() for sec in get_method(name).settings}
+    student = {k: v for k, v in d["student"].items() if k not in {"methods", *sections}}
     student["train"] = {k: v for k, v in student["train"].items() if k != "seed"}
     out["student"] = student
     spec = get_method(method)

@@ -40,6 +40,7 @@ class MethodContext:
     teacher_layer: str | None = None
     student_layer: str | None = None
     student_channels: int | None = None
+    image_shape: tuple[int, ...] | None = None  # C x H x W of the inputs (dummy forwards)
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,16 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
+# tables and listings show the built-ins in this order, plug-ins after them as registered
+_BUILTIN_ORDER = ("ce", "kd", "quest", "quest+kd", "fitnet", "at")
+
+
 def names() -> tuple[str, ...]:
-    """Registered method names, in registration order (built-ins first)."""
-    return tuple(_REGISTRY)
+    """Registered method names: the built-ins first (baselines, then QuEST, then the feature
+    baselines), plug-ins after them in registration order."""
+    rank = {n: i for i, n in enumerate(_BUILTIN_ORDER)}
+    order = list(_REGISTRY)
+    return tuple(sorted(order, key=lambda n: (rank.get(n, len(rank)), order.index(n))))
 
 
 def get(name: str) -> MethodSpec:
@@ -95,7 +103,7 @@ def get(name: str) -> MethodSpec:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise QuestError(f"unknown method '{name}'{hint}: choose one of "
-                         f"{', '.join(_REGISTRY)}") from None
+                         f"{', '.join(names())}") from None
 
 
 def needs_codebook(methods: list[str] | tuple[str, ...]) -> bool:
@@ -104,4 +112,4 @@ def needs_codebook(methods: list[str] | tuple[str, ...]) -> bool:
 
 
 # the built-in methods register themselves on import (after the registry exists)
-from quest.methods import ce, kd, quest  # noqa: E402,F401
+from quest.methods import at, ce, fitnet, kd, quest  # noqa: E402,F401

@@ -82,6 +82,28 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     return model
 
 
+# The outputs RepDistiller's CIFAR models return as features, in order, without the final pooled
+# vector: [stem, stage 1, stage 2, ...]. FitNets' hint_layer indexes it, and attention transfer
+# takes every entry but the stem (RepDistiller's feat[1:-1]).
+_FEATURE_STAGES = {
+    "resnet_cifar": ("relu", "layer1", "layer2", "layer3"),
+    "wrn": ("conv1", "block1", "block2", "block3"),
+    "vgg": ("relu0", "relu1", "relu2", "relu3", "relu4"),
+}
+_TORCHVISION_STAGES = ("relu", "layer1", "layer2", "layer3", "layer4")
+
+
+def feature_stages(name: str) -> tuple[str, ...]:
+    """The model's stage outputs as RepDistiller's feature list orders them (stem first)."""
+    family = model_family(name)
+    if family in _FEATURE_STAGES:
+        return _FEATURE_STAGES[family]
+    if family == "torchvision" and name.startswith("resnet"):
+        return _TORCHVISION_STAGES
+    raise QuestError(f"{name} has no stage list for feature-based distillation (fitnet, at): "
+                     "use a resnet, wrn or vgg model")
+
+
 def default_feature_layer(name: str) -> str:
     """Return the module whose output is the model's last conv stage after its activation."""
     return _lookup(name)[2]

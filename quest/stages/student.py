@@ -90,7 +90,8 @@ def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None =
                 "student_channels": student_channels(student, s_layer, image_shape),
             }
         # the method's extra heads (QuEST's predictor) are built here, under the same seed
-        distiller = spec.build(MethodContext(student, teacher, s, **ctx_extra))
+        distiller = spec.build(MethodContext(student, teacher, s, image_shape=image_shape,
+                                             **ctx_extra))
     maybe_compile(student, cfg.runtime.compile)
     train_loader, test_loader = make_loaders(ds, cfg, s.train, device)
     fingerprint = config_hash({"method": method, "student": config_hash(s), **provenance})
