@@ -44,7 +44,7 @@ def test_zoo_lists_the_required_models() -> None:
     expected = {
         "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
         "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
-        "vgg8", "vgg11", "vgg13", "resnet18", "resnet34", "resnet50", "mobilenet_v2",
+        "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "resnet18", "resnet34", "resnet50", "mobilenet_v2",
     }  # fmt: skip
     assert set(MODEL_NAMES) == expected
     assert len(MODEL_NAMES) == len(expected)
@@ -54,6 +54,10 @@ def test_zoo_lists_the_required_models() -> None:
     ("name", "classes", "params"),
     [
         # RepDistiller's published counts
+        ("vgg16", 100, 14_774_436),
+        ("vgg16", 10, 14_728_266),
+        ("vgg19", 100, 20_086_692),
+        ("vgg19", 10, 20_040_522),
         ("resnet20", 100, 278_324),
         ("resnet56", 100, 861_620),
         ("resnet8x4", 100, 1_233_540),
