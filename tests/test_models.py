@@ -44,7 +44,7 @@ def test_zoo_lists_the_required_models() -> None:
     expected = {
         "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
         "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
-        "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "resnet18", "resnet34", "resnet50", "mobilenet_v2",
+        "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "resnet50_cifar", "resnet18", "resnet34", "resnet50", "mobilenet_v2",
     }  # fmt: skip
     assert set(MODEL_NAMES) == expected
     assert len(MODEL_NAMES) == len(expected)
@@ -54,6 +54,8 @@ def test_zoo_lists_the_required_models() -> None:
     ("name", "classes", "params"),
     [
         # RepDistiller's published counts
+        ("resnet50_cifar", 100, 23_705_252),
+        ("resnet50_cifar", 10, 23_520_842),
         ("vgg16", 100, 14_774_436),
         ("vgg16", 10, 14_728_266),
         ("vgg19", 100, 20_086_692),
@@ -336,3 +338,21 @@ def test_shared_checkpoint_loads_strict(shared_dir: Path) -> None:
     assert feat.shape == (4, 64, 8, 8) and feat.min().item() >= 0.0
     # trained BN statistics, not the fresh-init ones
     assert not torch.allclose(model.bn1.running_var, torch.ones_like(model.bn1.running_var))
+
+
+def test_resnet50_cifar_has_repdistillers_key_names_and_stages() -> None:
+    model = build_model("resnet50_cifar", 100)
+    keys = set(model.state_dict())
+    assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv3.weight", "layer1.0.bn3.bias",
+            "layer1.0.shortcut.0.weight", "layer4.2.bn3.running_var", "linear.weight"} <= keys
+    assert "layer1.1.shortcut.0.weight" not in keys and not any("relu" in k for k in keys)
+    out = {}
+    hooks = [getattr(model, n).register_forward_hook(lambda _m, _i, o, n=n: out.__setitem__(n, o))
+             for n in ("relu", "layer1", "layer2", "layer3", "layer4")]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    assert [tuple(out[n].shape[1:]) for n in ("relu", "layer1", "layer2", "layer3", "layer4")] == [
+        (64, 32, 32), (256, 32, 32), (512, 16, 16), (1024, 8, 8), (2048, 4, 4)]

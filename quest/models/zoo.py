@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from quest.errors import QuestError
 from quest.models.resnet_cifar import RESNET_CIFAR_SPECS, resnet_cifar
+from quest.models.resnet_cifar_v2 import RESNET_V2_SPECS, resnet_v2
 from quest.models.taps import dummy_forward
 from quest.models.vgg import VGG_SPECS, vgg_bn
 from quest.models.wrn import WRN_SPECS, wide_resnet
@@ -41,6 +42,8 @@ _TORCHVISION_LAYERS = {
 _REGISTRY: dict[str, tuple[str, Callable[[str, int], nn.Module], str]] = {
     # RepDistiller's blocks end in a ReLU, so a stage's output is already post-activation
     **{n: ("resnet_cifar", resnet_cifar, "layer3") for n in RESNET_CIFAR_SPECS},
+    # RepDistiller's CIFAR ResNet50 (resnetv2.py): four bottleneck stages, post-ReLU outputs
+    **{n: ("resnet_cifar_v2", resnet_v2, "layer4") for n in RESNET_V2_SPECS},
     # pre-activation WRN: the last stage is only activated by the final bn1 + relu
     **{n: ("wrn", wide_resnet, "relu") for n in WRN_SPECS},
     **{n: ("vgg", vgg_bn, "relu4") for n in VGG_SPECS},
@@ -87,6 +90,7 @@ def build_model(name: str, num_classes: int) -> nn.Module:
 # takes every entry but the stem (RepDistiller's feat[1:-1]).
 _FEATURE_STAGES = {
     "resnet_cifar": ("relu", "layer1", "layer2", "layer3"),
+    "resnet_cifar_v2": ("relu", "layer1", "layer2", "layer3", "layer4"),
     "wrn": ("conv1", "block1", "block2", "block3"),
     "vgg": ("relu0", "relu1", "relu2", "relu3", "relu4"),
 }
