@@ -323,7 +323,8 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `tree[a][b][c] = value` for the dotted key "a.b.c", creating sections on the way."""
     node = tree
     parts = dotted.split(".")
     for part in parts[:-1]:
@@ -370,10 +371,10 @@ def resolve_raw(
         raw = deep_merge(raw, presets[preset])
     for env, dotted in ENV_OVERRIDES.items():
         if os.environ.get(env):
-            _set_dotted(raw, dotted, os.environ[env])
+            set_dotted(raw, dotted, os.environ[env])
     for text in overrides or []:
         key, value = parse_override(text)
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     return raw
 
 

@@ -8,11 +8,13 @@ A study file (studies/NAME.yaml) reads::
     preset: null                    # optional preset applied to it
     methods: [ce, kd, quest]        # default methods of every setting
     seeds: [0, 1, 2]                # default seeds of every setting
+    findings: what the evidence says (optional; shown with the tables and in the report)
     settings:
       - name: defaults              # params.yaml as it is
       - name: quest-w10
         set: {student.quest.weight: 10}   # dotted overrides
         methods: [quest]            # this setting's own methods / seeds (optional)
+        note: why this setting      # optional
 
 Every run is identified by its method, its seed and the hash of the settings that method reads
 (quest.results.params_hash). A run already recorded anywhere under results/ (every study's
@@ -20,6 +22,8 @@ committed records; not results/runs/) is not trained again, so an interrupted st
 setting that changes only QuEST's knobs shares its CE and KD runs with the setting it derives from.
 Upstream stages are shared the same way: prepared data, teacher, features and codebook live in
 .quest/study-cache/<stage>-<hash of the sections they read>/, built once for all settings.
+A shared run is also labelled for every setting it serves (write_aliases), and `reproduce`
+retrains selected runs apart to compare them with the committed records.
 """
 
 from __future__ import annotations
@@ -34,11 +38,11 @@ import yaml
 
 from quest.config import (
     Config,
-    _set_dotted,
     build_config,
     config_hash,
     read_params,
     resolve_raw,
+    set_dotted,
 )
 from quest.errors import QuestError
 from quest.methods import get as get_method
@@ -135,9 +139,9 @@ def setting_config(study: Study, setting: Setting, root: Path, seed: int | None 
     """The validated config of one setting (and seed), input locations made absolute."""
     raw = resolve_raw(read_params(study.params), study.preset)
     for key, value in setting.overrides.items():
-        _set_dotted(raw, str(key), value)
+        set_dotted(raw, str(key), value)
     if seed is not None:
-        _set_dotted(raw, "student.train.seed", seed)
+        set_dotted(raw, "student.train.seed", seed)
     for dotted in ("data.location", "teacher.checkpoint"):
         section, key = dotted.split(".")
         value = raw.get(section, {}).get(key)
