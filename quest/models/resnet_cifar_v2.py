@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from quest.models.resnet_cifar import init_resnet_weights
+
 RESNET_V2_SPECS: dict[str, tuple[int, int, int, int]] = {"resnet50_cifar": (3, 4, 6, 3)}
 
 
@@ -55,12 +57,7 @@ class ResNetV2(nn.Module):
         self.layer4 = self._make_layer(512, num_blocks[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(512 * Bottleneck.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_resnet_weights(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = []
