@@ -26,7 +26,15 @@ def run_lock(root: str | os.PathLike[str], what: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            # the holder writes who it is right after taking the lock: a run refused in that
+            # instant waits for the line (briefly) instead of naming the holder "unknown"
+            holder = ""
+            for _ in range(100):
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+                if holder:
+                    break
+                time.sleep(0.01)
+            holder = holder or "unknown"
             raise QuestError(
                 f"another quest run is using {Path(root).resolve()} ({holder}): wait for it to "
                 "finish, runs on one project never overlap"
