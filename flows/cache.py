@@ -184,6 +184,8 @@ def stage_config(
     """The config sections a stage reads, each reduced to a config_hash."""
     d = cfg.data
     augment = _pick(d, ("padding", "flip", "loader"))
+    if d.padding_mode != "constant":  # added later: the default keeps older cache keys
+        augment["padding_mode"] = d.padding_mode
     if stage == "prepare":
         # like dvc.yaml, leave out data.download (it only allows fetching)
         keys = ("source", "image_size", "channels", "on_corrupt", "mean", "std", "subset")
@@ -199,7 +201,8 @@ def stage_config(
     if stage == "features":
         # like dvc.yaml, leave out features.batch_size (eval-mode throughput only)
         f = cfg.features
-        return {"features": config_hash(_pick(f, ("layer", "max_vectors", "dtype", "seed")))}
+        keys = ("layer", "max_vectors", "dtype", "seed", "pool")
+        return {"features": config_hash(_pick(f, keys))}
     if stage == "codebook":
         return {"codebook": config_hash(cfg.codebook)}
     if stage == "student":

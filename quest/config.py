@@ -17,6 +17,7 @@ import yaml
 from quest.errors import QuestError
 
 SCHEDULES = ("step", "cosine", "onecycle")
+PADDING_MODES = ("constant", "reflect")
 
 
 @dataclass
@@ -41,6 +42,8 @@ class DataConfig:
     mean: list[float] | None = None
     std: list[float] | None = None
     padding: int = 4
+    # how the crop's border is filled: constant (zeros, RepDistiller) or reflect (official QuEST)
+    padding_mode: str = "constant"
     flip: bool = True
     loader: str = "memory"
     subset: SubsetConfig = field(default_factory=SubsetConfig)
@@ -84,6 +87,9 @@ class FeaturesConfig:
     dtype: str = "float32"
     batch_size: int = 256
     seed: int = 0
+    # teacher-side average pooling (kernel = stride = pool) before k-means and in training alike:
+    # the official "downscale" of the cross-architecture pairs is 2
+    pool: int = 1
 
 
 @dataclass
@@ -410,6 +416,10 @@ def validate(cfg: Config) -> None:
 
     _choice(cfg.data.source, ("image_folder", "cifar10", "cifar100"), "data.source")
     _choice(cfg.data.on_corrupt, ("skip", "fail"), "data.on_corrupt")
+    _choice(cfg.data.padding_mode, PADDING_MODES, "data.padding_mode")
+    if cfg.features.pool < 1:
+        raise QuestError(f"features.pool must be 1 (no pooling) or more, got {cfg.features.pool}: "
+                         "fix it in params.yaml")
     _choice(cfg.data.loader, ("memory", "dataloader"), "data.loader")
     _choice(cfg.data.channels, (1, 3), "data.channels")  # type: ignore[arg-type]
     for key, vec in (("data.mean", cfg.data.mean), ("data.std", cfg.data.std)):

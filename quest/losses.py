@@ -116,14 +116,37 @@ def quest_kl(student_scores: Tensor, teacher_probs: Tensor) -> tuple[Tensor, Ten
     return kl.mean(), accuracy
 
 
+def pool_teacher_map(features: Tensor, pool: int) -> Tensor:
+    """Average-pool a teacher map with kernel = stride = `pool` (the official "downscale").
+
+    The features stage applies it before k-means and the QuEST loss at training time, so the
+    codebook is fit on the very vectors it later assigns."""
+    if pool == 1:
+        return features
+    h, w = features.shape[-2:]
+    if h < pool or w < pool:
+        raise QuestError(f"the teacher map is {h}x{w}, smaller than features.pool = {pool}: "
+                         "lower features.pool or tap an earlier teacher layer")
+    return F.avg_pool2d(features, pool)
+
+
 def match_spatial(teacher: Tensor, student: Tensor) -> tuple[Tensor, Tensor]:
-    """Average-pool whichever feature map is spatially larger down to the other one's size."""
+    """Average-pool a student map larger than the teacher's down to the teacher's size.
+
+    A teacher map larger than the student's is refused: the codebook was fit on the teacher's
+    vectors as the features stage saw them, and pooling them further here would assign
+    vectors k-means never saw (set features.pool so that both stages pool alike)."""
     th, tw = teacher.shape[-2:]
     sh, sw = student.shape[-2:]
     if (th, tw) == (sh, sw):
         return teacher, student
     if th >= sh and tw >= sw:
-        return F.adaptive_avg_pool2d(teacher, (sh, sw)), student
+        hint = (f"set features.pool: {th // sh}" if th % sh == 0 and tw % sw == 0
+                and th // sh == tw // sw else "tap layers whose sizes divide")
+        raise QuestError(
+            f"teacher map {th}x{tw} is larger than the student's {sh}x{sw}, and the codebook is "
+            f"fit on unpooled teacher vectors: {hint} (pools before k-means and in training alike)"
+        )
     if sh >= th and sw >= tw:
         return teacher, F.adaptive_avg_pool2d(student, (th, tw))
     raise QuestError(

@@ -24,13 +24,15 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
 
 
 def random_crop_flip(
-    images: Tensor, padding: int, flip: bool, generator: torch.Generator
+    images: Tensor, padding: int, flip: bool, generator: torch.Generator,
+    padding_mode: str = "constant",
 ) -> Tensor:
-    """Zero-pad, randomly crop back to size and randomly flip a whole batch with one gather."""
+    """Pad (zeros, or `padding_mode` "reflect"), randomly crop back to size and randomly flip a
+    whole batch with one gather."""
     b, _, h, w = images.shape
     out = images
     if padding > 0:
-        padded = F.pad(images, (padding, padding, padding, padding))
+        padded = F.pad(images, (padding, padding, padding, padding), mode=padding_mode)
         # drawn on the CPU generator (resume-identical), copied without a host-device sync
         off_y = _to_device(torch.randint(0, 2 * padding + 1, (b,), generator=generator),
                            images.device)
@@ -71,6 +73,7 @@ class InMemoryLoader:
         drop_last: bool | None = None,
         channels_last: bool = False,
         repeat: int = 1,
+        padding_mode: str = "constant",
     ) -> None:
         self.device = torch.device(device)
         arr = images if isinstance(images, Tensor) else np.asarray(images)
@@ -83,6 +86,7 @@ class InMemoryLoader:
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.train = train
         self.padding = padding if train else 0
+        self.padding_mode = padding_mode
         self.flip = flip and train
         self.seed = int(seed)
         self.epoch = 0
@@ -116,7 +120,7 @@ class InMemoryLoader:
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.images.index_select(0, idx)
             if self.train:
-                x = random_crop_flip(x, self.padding, self.flip, gen)
+                x = random_crop_flip(x, self.padding, self.flip, gen, self.padding_mode)
             x = normalize(x, self.mean, self.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -135,6 +139,7 @@ class ArrayDataset(Dataset):
         train: bool,
         padding: int = 4,
         flip: bool = True,
+        padding_mode: str = "constant",
     ) -> None:
         from torchvision.transforms import v2
 
@@ -143,7 +148,8 @@ class ArrayDataset(Dataset):
         steps: list[object] = []
         if train:
             if padding:
-                steps.append(v2.RandomCrop(images.shape[-1], padding=padding))
+                steps.append(v2.RandomCrop(images.shape[-1], padding=padding,
+                                          padding_mode=padding_mode))
             if flip:
                 steps.append(v2.RandomHorizontalFlip())
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
@@ -170,12 +176,13 @@ def make_dataloader(
     seed: int = 0,
     num_workers: int = 0,
     repeat: int = 1,
+    padding_mode: str = "constant",
 ) -> DataLoader:
     """A torch DataLoader with per-sample transforms, for datasets that do not fit in memory.
 
     A training epoch is `repeat` consecutive shuffles of the images (RandomSampler without
     replacement draws whole permutations back to back)."""
-    ds = ArrayDataset(images, labels, mean, std, train, padding, flip)
+    ds = ArrayDataset(images, labels, mean, std, train, padding, flip, padding_mode)
     gen = torch.Generator().manual_seed(seed)
     sampler = None
     if train and repeat > 1:

@@ -41,6 +41,7 @@ class MethodContext:
     student_layer: str | None = None
     student_channels: int | None = None
     image_shape: tuple[int, ...] | None = None  # C x H x W of the inputs (dummy forwards)
+    teacher_pool: int = 1  # the pooling the codebook's vectors had (features.pool)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quest.distill import Distiller, FrozenTeacher
-from quest.losses import QuestLoss, kd_loss
+from quest.losses import QuestLoss, kd_loss, pool_teacher_map
 from quest.methods import MethodContext, MethodSpec, register
 from quest.models.taps import FeatureTap
 
@@ -30,6 +30,7 @@ class Quest(Distiller):
         init_scale: float = 3.0,
         kd_settings: tuple[float, float, float] | None = None,
         predictor: str = "learned_scale",
+        teacher_pool: int = 1,
     ) -> None:
         super().__init__(student)
         self.teacher = FrozenTeacher(teacher)
@@ -40,11 +41,13 @@ class Quest(Distiller):
         self._t_tap = FeatureTap(self.teacher.model, [teacher_layer])
         self._s_tap = FeatureTap(self.student, [student_layer])
         self.teacher_layer, self.student_layer = teacher_layer, student_layer
+        self.teacher_pool = int(teacher_pool)
 
     def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Student logits with CE, the QuEST term and (for quest+kd) the KD term."""
         t_logits = self.teacher(x)
-        t_feat = self._t_tap.outputs[self.teacher_layer]
+        # pooled as the features stage pooled the vectors the codebook was fit on
+        t_feat = pool_teacher_map(self._t_tap.outputs[self.teacher_layer], self.teacher_pool)
         logits = self.student(x)
         s_feat = self._s_tap.outputs[self.student_layer]
         terms = self.criterion.terms(s_feat, t_feat)
@@ -68,7 +71,7 @@ def _build(ctx: MethodContext, with_kd: bool) -> Quest:
     return Quest(ctx.student, ctx.teacher, ctx.codebook, ctx.teacher_layer, ctx.student_layer,
                  ctx.student_channels, q.temperature, q.weight, q.init_scale,
                  kd_settings=(kd.temperature, kd.ce_weight, kd.kd_weight) if with_kd else None,
-                 predictor=q.predictor)
+                 predictor=q.predictor, teacher_pool=ctx.teacher_pool)
 
 
 def build(ctx: MethodContext) -> Quest:

@@ -47,6 +47,10 @@ def run_codebook(cfg: Config, paths: Paths) -> dict[str, Any]:
         "k": c.k,
         "dim": int(result.centroids.shape[1]),
         "layer": feats_meta["layer"],
+        # what training must apply to the teacher's map before assigning words (older
+        # features metadata has no pool: it was unpooled)
+        "pool": int(feats_meta.get("pool", 1)),
+        "map_shape": feats_meta.get("map_shape"),
         "teacher_sha256": feats_meta["teacher_sha256"],
         "features_sha256": file_sha256(paths.features),
         "codebook_sha256": file_sha256(paths.codebook),

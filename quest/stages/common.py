@@ -60,7 +60,8 @@ def make_loaders(
 ) -> tuple[Any, Any]:
     """Train and test loaders for the configured loader kind (in-memory or DataLoader)."""
     mean, std = norm_stats(ds)
-    common = {"mean": mean, "std": std, "padding": cfg.data.padding, "flip": cfg.data.flip}
+    common = {"mean": mean, "std": std, "padding": cfg.data.padding, "flip": cfg.data.flip,
+              "padding_mode": cfg.data.padding_mode}
     if cfg.data.loader == "dataloader":
         train = make_dataloader(ds.train.images, ds.train.labels, batch_size=opt.batch_size,
                                 train=True, seed=opt.seed, repeat=opt.repeat, **common)

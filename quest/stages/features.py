@@ -14,6 +14,7 @@ import torch
 from quest.config import Config
 from quest.data.loader import InMemoryLoader
 from quest.io_utils import atomic_path, file_sha256, write_json_atomic
+from quest.losses import pool_teacher_map
 from quest.models.taps import FeatureTap
 from quest.models.zoo import default_feature_layer
 from quest.paths import Paths
@@ -57,7 +58,9 @@ def run_features(cfg: Config, paths: Paths) -> dict[str, Any]:
         # one image tells the map shape, so the output can be preallocated
         first, _ = next(iter(loader))
         model(first[:1])
-        c, h, w = tap.outputs[layer].shape[1:]
+        raw_shape = [int(v) for v in tap.outputs[layer].shape[1:]]
+        # the map k-means sees is the one the QuEST loss will assign: pooled alike
+        c, h, w = pool_teacher_map(tap.outputs[layer], f.pool).shape[1:]
         per_image = h * w
         total = n_images * per_image
         keep = total if f.max_vectors is None else min(f.max_vectors, total)
@@ -75,7 +78,8 @@ def run_features(cfg: Config, paths: Paths) -> dict[str, Any]:
             for x, _ in track(loader, len(loader), "features", cfg.runtime.progress,
                               lines=True):
                 model(x)
-                vecs = tap.outputs[layer].float().permute(0, 2, 3, 1).reshape(-1, c)
+                fmap = pool_teacher_map(tap.outputs[layer].float(), f.pool)
+                vecs = fmap.permute(0, 2, 3, 1).reshape(-1, c)
                 end = start + vecs.shape[0]
                 if chosen is None:
                     rows = vecs
@@ -93,6 +97,8 @@ def run_features(cfg: Config, paths: Paths) -> dict[str, Any]:
         "teacher_arch": meta["arch"],
         "layer": layer,
         "map_shape": [int(c), int(h), int(w)],
+        "pool": f.pool,
+        "layer_shape": raw_shape,
         "images": int(n_images),
         "positions": int(total),
         "vectors": int(keep),
@@ -103,5 +109,6 @@ def run_features(cfg: Config, paths: Paths) -> dict[str, Any]:
         "images_per_s": round(n_images / seconds, 1),
     }
     write_json_atomic(paths.features_meta, info)
-    log.info("features: %d vectors of %s (%dx%dx%d) in %.1fs", keep, layer, c, h, w, seconds)
+    log.info("features: %d vectors of %s (%dx%dx%d%s) in %.1fs", keep, layer, c, h, w,
+             f", pooled {f.pool}x{f.pool}" if f.pool > 1 else "", seconds)
     return info

@@ -86,6 +86,7 @@ def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None =
             ctx_extra = {
                 "codebook": torch.from_numpy(np.load(paths.codebook)).to(device),
                 "teacher_layer": cb_meta["layer"],
+                "teacher_pool": int(cb_meta.get("pool", 1)),
                 "student_layer": s_layer,
                 "student_channels": student_channels(student, s_layer, image_shape),
             }
