@@ -132,3 +132,10 @@ def test_cross_size_codebook_is_fit_on_pooled_teacher_vectors(
     # training reads the pooling from the codebook: a 16x16 student map against the pooled 4x4
     metrics = run_student(cfg, paths, "quest")
     assert 0.0 <= metrics["top1"] <= 1.0
+    # the report's word gallery assigns the same pooled positions
+    from quest.report.gallery import build_gallery
+
+    g = build_gallery(model, "layer3", np.load(paths.codebook), np.array(ds.test.images[:4]),
+                      ds.meta["mean"], ds.meta["std"], temperature=5.0, words=3, patches=2,
+                      patch_scale=1.0, device=torch.device("cpu"), pool=meta["pool"])
+    assert g.map_shape == (4, 4) and g.positions == 4 * 16

@@ -109,7 +109,8 @@ def _gallery(cfg: Config, paths: Paths, run: RunData) -> tuple[Any, str]:
     layer = str(run.codebook_meta["layer"])
     g = build_gallery(teacher, layer, codebook, images, mean, std,
                       temperature=cfg.student.quest.temperature, words=r.gallery_words,
-                      patches=r.gallery_patches, patch_scale=r.patch_scale, device=device)
+                      patches=r.gallery_patches, patch_scale=r.patch_scale, device=device,
+                      pool=int(run.codebook_meta.get("pool", 1)))
     sh, sw = g.image_size
     h, w = g.map_shape
     note = (f"The {len(g.grids)} most frequent visual words among {g.positions:,} feature "

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from quest.losses import assignment_logits
+from quest.losses import assignment_logits, pool_teacher_map
 from quest.models.taps import FeatureTap
 
 PAD_VALUE = 128  # gray, so padding is told apart from black image content
@@ -53,7 +53,7 @@ class Gallery:
 
 def _assign(teacher: nn.Module, layer: str, images: np.ndarray, mean: list[float],
             std: list[float], codebook: torch.Tensor, temperature: float,
-            device: torch.device, batch: int = 250) -> tuple[np.ndarray, ...]:
+            device: torch.device, batch: int = 250, pool: int = 1) -> tuple[np.ndarray, ...]:
     """Nearest word, its log-probability and squared distance per position: N x H x W each."""
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
@@ -63,7 +63,10 @@ def _assign(teacher: nn.Module, layer: str, images: np.ndarray, mean: list[float
         for start in range(0, len(images), batch):
             x = torch.from_numpy(np.asarray(images[start : start + batch])).to(device)
             teacher((x.float() / 255.0 - m) / s)
-            logits = assignment_logits(tap.outputs[layer].float(), codebook, temperature)
+            # pooled as the codebook's vectors were (features.pool): the words it shows are
+            # the ones training assigned
+            fmap = pool_teacher_map(tap.outputs[layer].float(), pool)
+            logits = assignment_logits(fmap, codebook, temperature)
             best, word = logits.max(dim=-1)
             logp = best - torch.logsumexp(logits, dim=-1)
             words.append(word.cpu().numpy())
@@ -104,10 +107,12 @@ def grid_png(patches: list[np.ndarray], slots: int, side: int) -> bytes:
 
 def build_gallery(teacher: nn.Module, layer: str, codebook: np.ndarray, images: np.ndarray,
                   mean: list[float], std: list[float], *, temperature: float, words: int,
-                  patches: int, patch_scale: float, device: torch.device) -> Gallery:
+                  patches: int, patch_scale: float, device: torch.device,
+                  pool: int = 1) -> Gallery:
     """Rank positions of `images` (N x C x S x S uint8) by assignment to the top `words` words."""
     cb = torch.from_numpy(np.asarray(codebook, dtype=np.float32)).to(device)
-    word, logp, dist = _assign(teacher, layer, images, mean, std, cb, temperature, device)
+    word, logp, dist = _assign(teacher, layer, images, mean, std, cb, temperature, device,
+                               pool=pool)
     n, h, w = word.shape
     side = max(1, round(patch_scale * images.shape[2] / h))
     flat_word, flat_logp, flat_dist = word.ravel(), logp.ravel(), dist.ravel()
