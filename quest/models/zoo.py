@@ -9,8 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from quest.errors import QuestError
+from quest.models.mobilenetv2 import MOBILENETV2_SPECS, mobilenetv2
 from quest.models.resnet_cifar import RESNET_CIFAR_SPECS, resnet_cifar
 from quest.models.resnet_cifar_v2 import RESNET_V2_SPECS, resnet_v2
+from quest.models.shufflenet import SHUFFLENET_V1_SPECS, SHUFFLENET_V2_SPECS, shufflenet
 from quest.models.taps import dummy_forward
 from quest.models.vgg import VGG_SPECS, vgg_bn
 from quest.models.wrn import WRN_SPECS, wide_resnet
@@ -47,6 +49,13 @@ _REGISTRY: dict[str, tuple[str, Callable[[str, int], nn.Module], str]] = {
     # pre-activation WRN: the last stage is only activated by the final bn1 + relu
     **{n: ("wrn", wide_resnet, "relu") for n in WRN_SPECS},
     **{n: ("vgg", vgg_bn, "relu4") for n in VGG_SPECS},
+    # RepDistiller's mobile_half; the official QuEST configs tap conv2 (1x1 conv-BN-ReLU, 1280
+    # channels), which is post-ReLU as the ReLU sits inside it
+    **{n: ("mobilenetv2", mobilenetv2, "conv2") for n in MOBILENETV2_SPECS},
+    # ShuffleV1 has no head conv: its last stage (post-ReLU) is what QuEST's configs tap;
+    # ShuffleV2's is the ReLU after its 1x1 head conv2 (QuEST's relu2)
+    **{n: ("shufflenet", shufflenet, "layer3") for n in SHUFFLENET_V1_SPECS},
+    **{n: ("shufflenet", shufflenet, "relu2") for n in SHUFFLENET_V2_SPECS},
     **{n: ("torchvision", _torchvision, layer) for n, layer in _TORCHVISION_LAYERS.items()},
 }
 
@@ -67,7 +76,8 @@ def _lookup(name: str) -> tuple[str, Callable[[str, int], nn.Module], str]:
 
 
 def model_family(name: str) -> str:
-    """Return the family of a zoo model: resnet_cifar, wrn, vgg or torchvision."""
+    """Return the family of a zoo model: resnet_cifar, resnet_cifar_v2, wrn, vgg, mobilenetv2,
+    shufflenet or torchvision."""
     return _lookup(name)[0]
 
 
@@ -93,6 +103,11 @@ _FEATURE_STAGES = {
     "resnet_cifar_v2": ("relu", "layer1", "layer2", "layer3", "layer4"),
     "wrn": ("conv1", "block1", "block2", "block3"),
     "vgg": ("relu0", "relu1", "relu2", "relu3", "relu4"),
+    # RepDistiller's MobileNetV2 takes the stem and the outputs of stages 1, 2, 4 and 6 (of 0-6);
+    # the stages end in a BN (linear bottleneck), so those four maps are not rectified
+    "mobilenetv2": ("conv1", "blocks.1", "blocks.2", "blocks.4", "blocks.6"),
+    # both ShuffleNets: the stem's ReLU, then each stage's post-ReLU output
+    "shufflenet": ("relu1", "layer1", "layer2", "layer3"),
 }
 _TORCHVISION_STAGES = ("relu", "layer1", "layer2", "layer3", "layer4")
 
@@ -105,7 +120,8 @@ def feature_stages(name: str) -> tuple[str, ...]:
     if family == "torchvision" and name.startswith("resnet"):
         return _TORCHVISION_STAGES
     raise QuestError(f"{name} has no stage list for feature-based distillation (fitnet, at): "
-                     "use a resnet, wrn or vgg model")
+                     "use a CIFAR model (resnet, wrn, vgg, mobilenetv2_half, shufflev1, "
+                     "shufflev2) or a torchvision resnet")
 
 
 def default_feature_layer(name: str) -> str:
