@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from quest.config import Config, build_config, config_hash
+from quest.levels import level_config, level_names, level_paths
 from quest.methods import get as get_method
 from quest.paths import Paths
 from quest.stages.common import resolve_location
@@ -255,6 +256,9 @@ def stage_inputs(stage: str, cfg: Config, paths: Paths, method: str | None = Non
             files.append(paths.teacher_model)
         if spec.needs_codebook:
             files += [paths.codebook, paths.codebook_meta]
+            for name in level_names(cfg):
+                lp = level_paths(paths, name)
+                files += [lp.codebook, lp.codebook_meta]
         return files
     if stage == "evaluate":
         return [paths.prepared, paths.teacher_model,
@@ -275,8 +279,21 @@ def stage_inputs(stage: str, cfg: Config, paths: Paths, method: str | None = Non
     raise ValueError(f"unknown stage {stage!r}")
 
 
+# Stages that run once per QuEST level; for them `method` names the level (None: the first).
+LEVEL_STAGES = ("features", "codebook")
+
+
+def for_level(stage: str, cfg: Config, paths: Paths, method: str | None) -> tuple[Config, Paths]:
+    """The config and paths a level stage runs with (unchanged for other stages)."""
+    if stage not in LEVEL_STAGES or not method:
+        return cfg, paths
+    return level_config(cfg, method), level_paths(paths, method)
+
+
 def stage_outputs(stage: str, paths: Paths, method: str | None = None) -> list[Path]:
     """The files and directories a stage writes (what DVC versions, plus metrics and plots)."""
+    if stage in LEVEL_STAGES and method:
+        paths = level_paths(paths, method)
     if stage == "prepare":
         return [paths.prepared]
     if stage == "teacher":
@@ -284,8 +301,8 @@ def stage_outputs(stage: str, paths: Paths, method: str | None = None) -> list[P
     if stage == "features":
         return [paths.features, paths.features_meta]
     if stage == "codebook":
-        return [paths.codebook, paths.codebook_meta, paths.metrics / "codebook.json",
-                paths.plots / "codebook_objective.csv", paths.plots / "codebook_usage.csv"]
+        return [paths.codebook, paths.codebook_meta, paths.codebook_metrics,
+                paths.codebook_plot("objective"), paths.codebook_plot("usage")]
     if stage == "student":
         assert method is not None
         return [paths.student_model(method), paths.student_metrics(method),
@@ -331,8 +348,7 @@ def outputs_match(result: Any, paths: Paths) -> bool:
 def stage_key(stage: str, root: str | os.PathLike[str], config: dict[str, Any],
               method: str | None = None) -> str:
     """The cache key of one stage run: inputs' content, its config sections and its code."""
-    cfg = build_config(config)
-    paths = Paths(Path(root).resolve())
+    cfg, paths = for_level(stage, build_config(config), Paths(Path(root).resolve()), method)
     parts = {
         "schema": CACHE_SCHEMA,
         "stage": stage,
@@ -347,11 +363,11 @@ def stage_key(stage: str, root: str | os.PathLike[str], config: dict[str, Any],
 
 
 def cache_key_fn(stage: str) -> Callable[[Any, dict[str, Any]], str]:
-    """A Prefect ``cache_key_fn`` for a stage task taking (root, config[, method])."""
+    """A Prefect ``cache_key_fn`` for a stage task taking (root, config[, method or level])."""
 
     def key(context: Any, parameters: dict[str, Any]) -> str:
         return stage_key(stage, parameters["root"], parameters["config"],
-                         parameters.get("method"))
+                         parameters.get("method") or parameters.get("level"))
 
     key.__name__ = f"{stage}_cache_key"
     return key

@@ -38,9 +38,16 @@ from prefect.futures import PrefectFuture
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.cache import cache_key_fn, output_digests, outputs_match, outputs_present
+from flows.cache import (
+    LEVEL_STAGES,
+    cache_key_fn,
+    output_digests,
+    outputs_match,
+    outputs_present,
+)
 from quest.config import Config, build_config, load_config, read_params
 from quest.errors import QuestError
+from quest.levels import level_names
 from quest.methods import needs_codebook
 from quest.paths import Paths
 from quest.runlock import run_lock
@@ -109,6 +116,31 @@ def codebook_task(root: str, config: dict[str, Any]) -> dict[str, Any]:
     from quest.stages.codebook import run_codebook
 
     return _stage_result("codebook", root, run_codebook(*_cfg_paths(root, config)))
+
+
+@task(name="features-level", task_run_name="features[{level}]",
+      cache_key_fn=cache_key_fn("features"), **_TASK_OPTIONS)
+def features_level_task(root: str, config: dict[str, Any], level: str) -> dict[str, Any]:
+    """An extra QuEST level's teacher vectors into data/levels/<level>/ (quest features
+    --level L)."""
+    from quest.levels import level_config, level_paths
+    from quest.stages.features import run_features
+
+    cfg, paths = _cfg_paths(root, config)
+    summary = run_features(level_config(cfg, level), level_paths(paths, level))
+    return _stage_result("features", root, summary, level)
+
+
+@task(name="codebook-level", task_run_name="codebook[{level}]",
+      cache_key_fn=cache_key_fn("codebook"), **_TASK_OPTIONS)
+def codebook_level_task(root: str, config: dict[str, Any], level: str) -> dict[str, Any]:
+    """An extra QuEST level's vocabulary into models/levels/<level>/ (quest codebook --level L)."""
+    from quest.levels import level_config, level_paths
+    from quest.stages.codebook import run_codebook
+
+    cfg, paths = _cfg_paths(root, config)
+    summary = run_codebook(level_config(cfg, level), level_paths(paths, level))
+    return _stage_result("codebook", root, summary, level)
 
 
 @task(name="student", task_run_name="student[{method}]", cache_key_fn=cache_key_fn("student"),
@@ -197,10 +229,11 @@ class _Runner:
             opts["refresh_cache"] = True
         return task_obj.with_options(**opts)
 
-    def _kwargs(self, method: str | None) -> dict[str, Any]:
+    def _kwargs(self, stage: str, method: str | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"root": str(self.paths.root), "config": self.config}
         if method is not None:
-            kwargs["method"] = method
+            # the level stages' tasks name their extra argument `level`
+            kwargs["level" if stage in LEVEL_STAGES else "method"] = method
         return kwargs
 
     def _stale(self, stage: str, method: str | None, state: State, result: Any) -> bool:
@@ -213,10 +246,10 @@ class _Runner:
     def run(self, task_obj: Any, stage: str, method: str | None = None) -> Any:
         """Run one stage task now and return its result."""
         refresh = self._missing(stage, method)
-        state = self._task(task_obj, refresh)(**self._kwargs(method), return_state=True)
+        state = self._task(task_obj, refresh)(**self._kwargs(stage, method), return_state=True)
         result = state.result()
         if self._stale(stage, method, state, result):
-            state = self._task(task_obj, True)(**self._kwargs(method), return_state=True)
+            state = self._task(task_obj, True)(**self._kwargs(stage, method), return_state=True)
             result = state.result()
         self.states[_label(stage, method)] = str(state.name)
         return result
@@ -230,7 +263,7 @@ class _Runner:
             futures: dict[str, PrefectFuture[Any]] = {}
             for m in todo:
                 refresh = not first or self._missing(stage, m)
-                futures[m] = self._task(task_obj, refresh).submit(**self._kwargs(m))
+                futures[m] = self._task(task_obj, refresh).submit(**self._kwargs(stage, m))
             for f in futures.values():
                 f.wait()  # let every student finish before the first failure is raised
             todo = []
@@ -322,6 +355,9 @@ def _pipeline_body(root_path: Path, cfg: Config, track: bool, tracking_uri: str 
         run.run(validate_task, "validate", "features")
         run.run(codebook_task, "codebook")
         run.run(validate_task, "validate", "codebook")
+        for level in level_names(cfg):  # each extra QuEST level: a task per stage and level
+            run.run(features_level_task, "features", level)
+            run.run(codebook_level_task, "codebook", level)
     run.run_many(student_task, "student", methods)
     evaluation = run.run(evaluate_task, "evaluate")
     run.run(validate_task, "validate", "predictions")

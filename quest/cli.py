@@ -47,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage("prepare", "read the configured data source into data/prepared/")
     stage("teacher", "import or train the teacher; evaluate it; write models/teacher/")
-    stage("features", "extract the teacher's spatial feature vectors into data/features/")
-    stage("codebook", "fit the k-means visual-word vocabulary into models/codebook/")
+    level_help = ("an extra QuEST level named in student.quest.extra_levels (default: the "
+                  "first level; its files go under data/levels/NAME and models/levels/NAME)")
+    p = stage("features", "extract the teacher's spatial feature vectors into data/features/")
+    p.add_argument("--level", default="", metavar="NAME", help=level_help)
+    p = stage("codebook", "fit the k-means visual-word vocabulary into models/codebook/")
+    p.add_argument("--level", default="", metavar="NAME", help=level_help)
     p = stage("student", "train a student with one method (ce, kd, quest, quest+kd)")
     p.add_argument("--method", action="append", default=None,
                    help="method to train (repeatable; default: every one in student.methods)")
@@ -110,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only this setting (repeatable)")
     p.add_argument("--seed", type=int, action="append", default=None,
                    help="run only this seed (repeatable), e.g. seed 0 of every setting first")
+    p.add_argument("--method", action="append", default=None,
+                   help="run only this method (repeatable), e.g. the methods a goal compares")
     p.add_argument("--reproduce", nargs="?", const="", default=None, metavar="DIR",
                    help="train the selected runs again whatever results/ holds, record them in "
                         "DIR (default results/runs/reproduce-<study>, git-ignored) and compare "
@@ -229,13 +235,15 @@ def _dispatch(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
 
         run_teacher(cfg, paths)
     elif args.command == "features":
+        from quest.levels import level_config, level_paths
         from quest.stages.features import run_features
 
-        run_features(cfg, paths)
+        run_features(level_config(cfg, args.level), level_paths(paths, args.level))
     elif args.command == "codebook":
+        from quest.levels import level_config, level_paths
         from quest.stages.codebook import run_codebook
 
-        run_codebook(cfg, paths)
+        run_codebook(level_config(cfg, args.level), level_paths(paths, args.level))
     elif args.command == "student":
         from quest.methods import get
         from quest.stages.student import run_student
@@ -333,7 +341,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
                      else root / "results" / "runs" / f"reproduce-{study.name}")
         with run_lock(root / ".quest" / "studies" / study.name, f"quest study {study.name}"):
             run_study(study, root, dry_run=args.dry_run, only=args.setting, seeds=args.seed,
-                      reproduce=again)
+                      reproduce=again, methods=args.method)
         if args.dry_run:
             return 0
         if again is not None:

@@ -104,13 +104,30 @@ class CodebookConfig:
 
 
 @dataclass
+class QuestLevelConfig:
+    """One more quantized level (the official transfer setting quantizes layer3 and layer4):
+    its own teacher and student layers and codebook; unset values are the first level's."""
+
+    teacher_layer: str = ""
+    student_layer: str = ""
+    k: int | None = None  # None: codebook.k
+    temperature: float | None = None  # None: student.quest.temperature, and so on
+    weight: float | None = None
+    init_scale: float | None = None
+    predictor: str | None = None
+    pool: int | None = None  # None: 1 (features.pool is the first level's)
+
+
+@dataclass
 class QuestConfig:
-    """QuEST loss settings (DESIGN.md defaults)."""
+    """QuEST loss settings (DESIGN.md defaults). The first quantized level is features.layer
+    against student.layer with codebook.k words; `extra_levels` names further ones."""
 
     temperature: float = 5.0
     weight: float = 1.0
     init_scale: float = 3.0
     predictor: str = "learned_scale"
+    extra_levels: dict[str, QuestLevelConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -282,6 +299,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except QuestError:
                 continue
         raise QuestError(f"{key} must be {_type_name(tp)}, got {value!r}: fix it in params.yaml")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise QuestError(f"{key} must be a mapping, got {value!r}: fix it in params.yaml")
+        _, inner = typing.get_args(tp)
+        return {str(k): _coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise QuestError(f"{key} must be a list, got {value!r}: fix it in params.yaml")
@@ -410,6 +432,36 @@ def _positive(value: float | None, key: str) -> None:
         raise QuestError(f"{key} must be positive, got {value}")
 
 
+def _validate_levels(cfg: Config) -> None:
+    """Each extra QuEST level: a file-name-safe name, both layers present, sane values."""
+    import re
+
+    from quest.losses import PREDICTORS
+    from quest.models.taps import resolve_layer
+    from quest.models.zoo import build_model
+
+    for name, lv in cfg.student.quest.extra_levels.items():
+        key = f"student.quest.extra_levels.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise QuestError(f"{key}: a level name may hold letters, digits, _ and - only "
+                             "(it names the level's files)")
+        for side, arch, layer in (("teacher_layer", cfg.teacher.arch, lv.teacher_layer),
+                                  ("student_layer", cfg.student.arch, lv.student_layer)):
+            if not layer:
+                raise QuestError(f"{key}.{side} is missing: name the layer to quantize "
+                                 f"(`quest models --layers {arch}` lists them)")
+            try:
+                resolve_layer(build_model(arch, 10), layer)
+            except QuestError as exc:
+                raise QuestError(f"{key}.{side}: {exc}") from None
+        if lv.predictor is not None:
+            _choice(lv.predictor, PREDICTORS, f"{key}.predictor")
+        for field_name in ("k", "temperature", "init_scale", "pool"):
+            _positive(getattr(lv, field_name), f"{key}.{field_name}")
+        if lv.weight is not None and lv.weight < 0:
+            raise QuestError(f"{key}.weight must be 0 or more, got {lv.weight}")
+
+
 def validate(cfg: Config) -> None:
     """Check values that types alone do not: choices, ranges and architecture names."""
     from quest.models.zoo import MODEL_NAMES
@@ -434,6 +486,7 @@ def validate(cfg: Config) -> None:
     from quest.losses import PREDICTORS
 
     _choice(cfg.student.quest.predictor, PREDICTORS, "student.quest.predictor")
+    _validate_levels(cfg)
     _positive(cfg.codebook.k, "codebook.k")
     _positive(cfg.codebook.iterations, "codebook.iterations")
     _positive(cfg.features.max_vectors, "features.max_vectors")

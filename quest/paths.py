@@ -20,6 +20,21 @@ class Paths:
 
     root: Path
     results_dir: Path | None = None  # where run records go (default: results/runs/)
+    # a named extra QuEST level (student.quest.extra_levels): its own features and codebook
+    # under data/levels/<level>/ and models/levels/<level>/; "" is the first level
+    level: str = ""
+
+    @property
+    def _features_dir(self) -> Path:
+        if self.level:
+            return self.root / "data" / "levels" / self.level
+        return self.root / "data" / "features"
+
+    @property
+    def _codebook_dir(self) -> Path:
+        if self.level:
+            return self.root / "models" / "levels" / self.level
+        return self.root / "models" / "codebook"
 
     @property
     def prepared(self) -> Path:
@@ -29,12 +44,12 @@ class Paths:
     @property
     def features(self) -> Path:
         """Teacher spatial feature vectors (.npy, memory-mappable)."""
-        return self.root / "data" / "features" / "teacher_features.npy"
+        return self._features_dir / "teacher_features.npy"
 
     @property
     def features_meta(self) -> Path:
         """Metadata of the extracted features."""
-        return self.root / "data" / "features" / "teacher_features.json"
+        return self._features_dir / "teacher_features.json"
 
     @property
     def teacher_model(self) -> Path:
@@ -44,12 +59,25 @@ class Paths:
     @property
     def codebook(self) -> Path:
         """The visual-word vocabulary (K x C .npy)."""
-        return self.root / "models" / "codebook" / "codebook.npy"
+        return self._codebook_dir / "codebook.npy"
 
     @property
     def codebook_meta(self) -> Path:
         """Metadata of the codebook."""
-        return self.root / "models" / "codebook" / "codebook.json"
+        return self._codebook_dir / "codebook.json"
+
+    @property
+    def codebook_metrics(self) -> Path:
+        """The codebook's statistics (metrics/codebook.json; a level's beside its codebook)."""
+        if self.level:
+            return self._codebook_dir / "metrics.json"
+        return self.metrics / "codebook.json"
+
+    def codebook_plot(self, what: str) -> Path:
+        """A codebook CSV for plots: `what` is objective or usage."""
+        if self.level:
+            return self._codebook_dir / f"codebook_{what}.csv"
+        return self.plots / f"codebook_{what}.csv"
 
     def student_model(self, method: str) -> Path:
         """A trained student's model file (the plain architecture)."""

@@ -54,7 +54,8 @@ def device_name(device: torch.device) -> str:
 # Settings added after records were first written, with the value that reproduces the older
 # code: at that value they stay out of the hash, so the older records keep matching.
 _NEUTRAL = {("student", "train", "repeat"): 1, ("teacher", "train", "repeat"): 1,
-            ("data", "padding_mode"): "constant", ("features", "pool"): 1}
+            ("data", "padding_mode"): "constant", ("features", "pool"): 1,
+            ("quest", "extra_levels"): {}}
 # Keys that name where inputs live or how progress shows, not what is computed.
 _LOCATION_KEYS = {"data": ("location", "download"), "teacher": ("checkpoint",)}
 

@@ -216,14 +216,16 @@ def leaves(tree: dict[str, Any], prefix: str = "") -> set[str]:
     keys = set()
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        keys |= leaves(value, dotted + ".") if isinstance(value, dict) else {dotted}
+        # an empty mapping (student.quest.extra_levels: {}) is tracked as one param
+        keys |= leaves(value, dotted + ".") if isinstance(value, dict) and value else {dotted}
     return keys
 
 
 def test_dvc_yaml_params_cover_every_setting() -> None:
     # a setting missing from every stage's params would change results without any rerun
     spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    listed = {p for ps in stage_params(spec).values() for p in ps}
+    # a per-level stage tracks its own entry of student.quest.extra_levels
+    listed = {p.removesuffix(".${key}") for ps in stage_params(spec).values() for p in ps}
     settings = leaves(Config().to_dict())
     assert listed <= settings, f"unknown params in dvc.yaml: {sorted(listed - settings)}"
     assert UNTRACKED <= settings
@@ -367,3 +369,25 @@ def test_push_then_pull_in_a_fresh_clone(project: Project, tmp_path: Path) -> No
             "models/codebook/codebook.npy")
     for rel in same:
         assert (clone / rel).read_bytes() == (project.root / rel).read_bytes(), rel
+
+
+def test_an_extra_quest_level_gets_its_own_stages(project: Project) -> None:
+    # the official transfer setting's second level: layer2 of both nets, its own K and T
+    project.set_param("student.quest.extra_levels",
+                      {"l2": {"teacher_layer": "layer2", "student_layer": "layer2", "k": 16,
+                              "temperature": 500.0}})
+    dot = project.dvc("dag", "--dot")
+    edges = set(re.findall(r'"([^"]+)" -> "([^"]+)"', dot))
+    assert {("teacher", "features-level@l2"), ("features-level@l2", "codebook-level@l2"),
+            ("codebook-level@l2", "student@quest+kd")} <= edges
+    out = project.dvc("repro", label="repro: extra level")
+    # a foreach template has one deps list: every student depends on models/levels
+    assert ran_stages(out) == {"features-level@l2", "codebook-level@l2", *STUDENTS, "evaluate",
+                               "report", "validate-predictions"}
+    meta = json.loads((project.root / "models/levels/l2/codebook.json").read_text())
+    assert (meta["layer"], meta["k"]) == ("layer2", 16)
+    metrics = project.root / "metrics" / "students" / "quest+kd.json"
+    history = json.loads(metrics.read_text())["history"]
+    assert history[-1]["quest_l2"] > 0
+    project.commit("extra level l2")
+    assert status_clean(project)

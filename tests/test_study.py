@@ -69,7 +69,9 @@ def _study(root: Path, *args: str) -> int:
 @pytest.mark.slow
 def test_tiny_study_end_to_end_resumes_and_detects_stale_tables(
         study_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # an interrupted study: only the first setting ran, seed 0 first
+    # an interrupted study: only the first setting ran, seed 0 first, QuEST before CE
+    assert _study(study_root, "--setting", "base", "--seed", "0", "--method", "quest") == 0
+    assert [r["method"] for r in load_records(study_root / "results" / "tiny")] == ["quest"]
     assert _study(study_root, "--setting", "base", "--seed", "0") == 0
     assert len(load_records(study_root / "results" / "tiny")) == 2
     assert _study(study_root, "--setting", "base") == 0
@@ -155,6 +157,9 @@ def test_bad_study_files_are_one_line_errors(study_root: Path,
         assert len(err) == 1 and needle in err[0], (text, err)
     assert main(["study", str(study_root / "studies" / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (study_root / "studies" / "tiny.yaml").write_text("settings:\n  - name: a\n")
+    assert _study(study_root, "--method", "fitnet", "--dry-run") == 2
+    assert "runs method 'fitnet'" in capsys.readouterr().err
 
 
 def _committed_studies() -> list[Path]:

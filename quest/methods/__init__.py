@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
@@ -42,6 +42,8 @@ class MethodContext:
     student_channels: int | None = None
     image_shape: tuple[int, ...] | None = None  # C x H x W of the inputs (dummy forwards)
     teacher_pool: int = 1  # the pooling the codebook's vectors had (features.pool)
+    # further quantized levels (quest.levels.LevelInputs), each with its own codebook
+    extra_levels: list[Any] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

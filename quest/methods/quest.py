@@ -7,13 +7,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quest.distill import Distiller, FrozenTeacher
+from quest.levels import LevelInputs
 from quest.losses import QuestLoss, kd_loss, pool_teacher_map
 from quest.methods import MethodContext, MethodSpec, register
 from quest.models.taps import FeatureTap
 
 
 class Quest(Distiller):
-    """QuEST: CE + weight * KL(p_T || p_S) over the teacher's visual-word assignments."""
+    """QuEST: CE + weight * KL(p_T || p_S) over the teacher's visual-word assignments, plus one
+    such term (quest_<name>) per extra quantized level, each with its own codebook."""
 
     name = "quest"
 
@@ -31,6 +33,7 @@ class Quest(Distiller):
         kd_settings: tuple[float, float, float] | None = None,
         predictor: str = "learned_scale",
         teacher_pool: int = 1,
+        extra_levels: list[LevelInputs] | None = None,
     ) -> None:
         super().__init__(student)
         self.teacher = FrozenTeacher(teacher)
@@ -38,10 +41,19 @@ class Quest(Distiller):
         self.weight = weight
         # (temperature, ce_weight, kd_weight) when the Hinton term is added (quest+kd)
         self.kd_settings = kd_settings
-        self._t_tap = FeatureTap(self.teacher.model, [teacher_layer])
-        self._s_tap = FeatureTap(self.student, [student_layer])
         self.teacher_layer, self.student_layer = teacher_layer, student_layer
         self.teacher_pool = int(teacher_pool)
+        levels = list(extra_levels or [])
+        # one criterion (codebook + predictor) per extra level, trained with the student
+        self.level_criteria = nn.ModuleList(
+            QuestLoss(lv.codebook, lv.student_channels, lv.level.temperature,
+                      lv.level.init_scale, lv.level.predictor) for lv in levels)
+        self.levels = [(lv.level.name, lv.teacher_layer, lv.student_layer, lv.teacher_pool,
+                        lv.level.weight) for lv in levels]
+        self._t_tap = FeatureTap(self.teacher.model,
+                                 [teacher_layer, *(lv.teacher_layer for lv in levels)])
+        self._s_tap = FeatureTap(self.student,
+                                 [student_layer, *(lv.student_layer for lv in levels)])
 
     def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Student logits with CE, the QuEST term and (for quest+kd) the KD term."""
@@ -59,7 +71,14 @@ class Quest(Distiller):
             temp, ce_w, kd_w = self.kd_settings
             losses = {"ce": ce_w * ce, "kd": kd_w * kd_loss(logits, t_logits, temp)}
         losses["quest"] = self.weight * terms.pop("loss")
-        self.monitors = terms
+        monitors = terms
+        for (name, t_layer, s_layer, pool, weight), crit in zip(
+                self.levels, self.level_criteria, strict=True):
+            t_map = pool_teacher_map(self._t_tap.outputs[t_layer], pool)
+            level_terms = crit.terms(self._s_tap.outputs[s_layer], t_map)
+            losses[f"quest_{name}"] = weight * level_terms.pop("loss")
+            monitors.update({f"{k}_{name}": v for k, v in level_terms.items()})
+        self.monitors = monitors
         return logits, losses
 
 
@@ -71,7 +90,8 @@ def _build(ctx: MethodContext, with_kd: bool) -> Quest:
     return Quest(ctx.student, ctx.teacher, ctx.codebook, ctx.teacher_layer, ctx.student_layer,
                  ctx.student_channels, q.temperature, q.weight, q.init_scale,
                  kd_settings=(kd.temperature, kd.ce_weight, kd.kd_weight) if with_kd else None,
-                 predictor=q.predictor, teacher_pool=ctx.teacher_pool)
+                 predictor=q.predictor, teacher_pool=ctx.teacher_pool,
+                 extra_levels=ctx.extra_levels)
 
 
 def build(ctx: MethodContext) -> Quest:

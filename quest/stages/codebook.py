@@ -74,16 +74,16 @@ def run_codebook(cfg: Config, paths: Paths) -> dict[str, Any]:
         "seconds": round(result.seconds, 2),
         "backend": result.backend,
     }
-    write_json_atomic(paths.metrics / "codebook.json", metrics)
+    write_json_atomic(paths.codebook_metrics, metrics)
     write_csv_atomic(
-        paths.plots / "codebook_objective.csv",
+        paths.codebook_plot("objective"),
         [{"iteration": i + 1, "objective": v} for i, v in enumerate(result.objective)],
     )
     usage = np.asarray(stats["usage"])
     order = np.argsort(-usage, kind="stable")
     # the word-usage histogram, most used first (rank for plotting, word for lookup)
     write_csv_atomic(
-        paths.plots / "codebook_usage.csv",
+        paths.codebook_plot("usage"),
         [{"rank": r + 1, "word": int(w), "count": int(usage[w])} for r, w in enumerate(order)],
     )
     log.info("codebook: perplexity %.1f of K=%d, %d dead words, %d re-seeded, %.1fs",

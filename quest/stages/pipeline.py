@@ -8,6 +8,7 @@ from typing import Any
 
 from quest import methods
 from quest.config import Config
+from quest.levels import level_config, level_names, level_paths
 from quest.paths import Paths
 from quest.progress import log
 from quest.stages.codebook import run_codebook
@@ -42,6 +43,10 @@ def run_pipeline(cfg: Config, paths: Paths,
     if methods.needs_codebook(cfg.student.methods):
         timed("features", run_features, cfg, paths)
         timed("codebook", run_codebook, cfg, paths)
+        for name in level_names(cfg):  # every extra quantized level: the same two stages
+            lcfg, lpaths = level_config(cfg, name), level_paths(paths, name)
+            timed(f"features[{name}]", run_features, lcfg, lpaths)
+            timed(f"codebook[{name}]", run_codebook, lcfg, lpaths)
     for method in cfg.student.methods:
         timed(f"student[{method}]", run_student, cfg, paths, method)
     evaluation = timed("evaluate", run_evaluate, cfg, paths)

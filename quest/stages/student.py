@@ -17,6 +17,7 @@ from quest.engine import Trainer
 from quest.errors import QuestError
 from quest.fastpath import autocast_step, describe, maybe_compile
 from quest.io_utils import file_sha256, read_json, write_json_atomic
+from quest.levels import LevelInputs, level_paths, quest_levels
 from quest.methods import MethodContext, get
 from quest.models.taps import FeatureTap
 from quest.models.zoo import build_model, count_parameters, default_feature_layer
@@ -48,6 +49,26 @@ def student_channels(model: torch.nn.Module, layer: str, image_shape: tuple[int,
 
 # Students may be built in parallel threads (the Prefect flow); the global RNG must not interleave.
 _INIT_LOCK = threading.Lock()
+
+
+def _extra_levels(cfg: Config, paths: Paths, student: torch.nn.Module,
+                  image_shape: tuple[int, ...], device: torch.device,
+                  provenance: dict[str, Any]) -> list[LevelInputs]:
+    """Each extra QuEST level's codebook and resolved layers (student.quest.extra_levels)."""
+    out = []
+    for level in quest_levels(cfg)[1:]:
+        lp = level_paths(paths, level.name)
+        if not lp.codebook.is_file():
+            raise QuestError(f"{lp.codebook} does not exist: run `quest features --level "
+                             f"{level.name}` and `quest codebook --level {level.name}` first")
+        meta = read_json(lp.codebook_meta)
+        provenance[f"codebook_{level.name}_sha256"] = meta["codebook_sha256"]
+        assert level.student_layer  # validated: extra levels name both layers
+        out.append(LevelInputs(
+            level, torch.from_numpy(np.load(lp.codebook)).to(device), str(meta["layer"]),
+            level.student_layer, student_channels(student, level.student_layer, image_shape),
+            int(meta.get("pool", 1))))
+    return out
 
 
 def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None = None,
@@ -89,6 +110,8 @@ def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None =
                 "teacher_pool": int(cb_meta.get("pool", 1)),
                 "student_layer": s_layer,
                 "student_channels": student_channels(student, s_layer, image_shape),
+                "extra_levels": _extra_levels(cfg, paths, student, image_shape, device,
+                                              provenance),
             }
         # the method's extra heads (QuEST's predictor) are built here, under the same seed
         distiller = spec.build(MethodContext(student, teacher, s, image_shape=image_shape,

@@ -244,9 +244,10 @@ def planned_runs(study: Study, root: Path) -> list[tuple[Setting, str, int, Conf
 
 def run_study(study: Study, root: Path, *, dry_run: bool = False,
               only: list[str] | None = None, seeds: list[int] | None = None,
-              reproduce: Path | None = None) -> list[dict[str, Any]]:
-    """Train every planned run not yet recorded (of the settings in `only` and the `seeds`, when
-    given); return the new metrics (dry_run: list the runs, train nothing).
+              reproduce: Path | None = None,
+              methods: list[str] | None = None) -> list[dict[str, Any]]:
+    """Train every planned run not yet recorded (of the settings in `only`, the `seeds` and the
+    `methods`, when given); return the new metrics (dry_run: list the runs, train nothing).
 
     With `reproduce` (a directory), train the planned runs again whatever results/ holds and
     record them there instead (runs already there are skipped, so a reproduction resumes too);
@@ -260,6 +261,12 @@ def run_study(study: Study, root: Path, *, dry_run: bool = False,
         plan = [p for p in plan if p[0].name in only]
     if seeds:
         plan = [p for p in plan if p[2] in seeds]
+    if methods:
+        unknown = set(methods) - {p[1] for p in plan}
+        if unknown:
+            raise QuestError(f"no selected setting of {study.path} runs method "
+                             f"{sorted(unknown)[0]!r}: check --method and the study's methods")
+        plan = [p for p in plan if p[1] in methods]
     if reproduce is None:
         done = recorded_runs(root)
     else:
