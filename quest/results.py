@@ -118,12 +118,24 @@ HISTORY_KEYS = ("epoch", "loss", "ce", "kd", "quest", "word_accuracy", "mean_max
                 "test_accuracy", "test_top5", "lr", "seconds")
 
 
+def _history_key(key: str) -> bool:
+    """Whether a record keeps this per-epoch value: the listed ones, and their per-level forms
+    (quest_<level>, word_accuracy_<level>, ... of student.quest.extra_levels)."""
+    return key in HISTORY_KEYS or any(key.startswith(f"{k}_") for k in _LEVEL_KEYS)
+
+
+# The per-level terms and diagnostics the QuEST method logs for each extra level.
+_LEVEL_KEYS = ("quest", "word_accuracy", "mean_max_assignment", "student_mean_max",
+               "predictor_scale", "teacher_perplexity")
+
+
 def build_record(cfg: Config, metrics: dict[str, Any], *, device: torch.device,
                  teacher_arch: str | None, wall_seconds: float,
                  setting: str | None = None, study: str | None = None) -> dict[str, Any]:
     """The provenance record of one finished student run (with its per-epoch diagnostics)."""
     method = metrics["method"]
-    history = [{k: row[k] for k in HISTORY_KEYS if k in row} for row in metrics.get("history", [])]
+    history = [{k: v for k, v in row.items() if _history_key(k)}
+               for row in metrics.get("history", [])]
     return {
         "schema": SCHEMA,
         "study": study,

@@ -116,3 +116,23 @@ def test_unknown_level_on_the_command_line_is_a_one_line_error(
                  "smoke"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown QuEST level 'nope'" in err[0]
+
+
+def test_a_study_setting_with_two_levels_shares_and_records_them(smoke_root: Path) -> None:
+    from quest.results import load_records
+
+    (smoke_root / "studies").mkdir()
+    (smoke_root / "README.md").write_text("# project\n")
+    (smoke_root / "studies" / "lv.yaml").write_text(
+        "name: lv\ndescription: one level or two\npreset: tiny\nmethods: [quest]\nseeds: [0]\n"
+        "settings:\n  - name: one\n    set: {student.train.epochs: 1}\n"
+        "  - name: two\n    set: {student.train.epochs: 1, student.quest.extra_levels: "
+        "{l2: {teacher_layer: layer2, student_layer: layer2, k: 16, temperature: 500.0}}}\n")
+    assert main(["study", str(smoke_root / "studies" / "lv.yaml"), "--root",
+                 str(smoke_root)]) == 0
+    recs = {r["setting"]: r for r in load_records(smoke_root / "results" / "lv")}
+    assert set(recs) == {"one", "two"} and recs["one"]["params_hash"] != recs["two"]["params_hash"]
+    assert "quest_l2" in recs["two"]["history"][-1] and "quest_l2" not in recs["one"]["history"][-1]
+    # the level's features and codebook were built once, in the study cache
+    cached = list((smoke_root / ".quest" / "study-cache").glob("level-l2-*/models/levels/l2"))
+    assert len(cached) == 1 and (cached[0] / "codebook.npy").is_file()

@@ -197,6 +197,37 @@ def _stage_fn(name: str) -> Callable[[Config, Paths], Any]:
             "codebook": run_codebook}[name]
 
 
+def _level_upstream(cfg: Config, d: dict[str, Any], cache: Path,
+                    links: list[tuple[Path, Path]], keys: list[str]) -> list[tuple[Path, Path]]:
+    """Features and codebook of every extra QuEST level, cached like the first level's."""
+    from quest.levels import get_level, level_config, level_names, level_paths
+    from quest.stages.codebook import run_codebook
+    from quest.stages.features import run_features
+
+    upstream = [(src, rel) for src, rel in links if rel.parts[:2] != ("data", "features")
+                and rel.parts[:2] != ("models", "codebook")]
+    out: list[tuple[Path, Path]] = []
+    for name in level_names(cfg):
+        level = get_level(cfg, name)
+        settings = {"data": d["data"], "teacher": d["teacher"], "features": d["features"],
+                    "codebook": d["codebook"], "level": [level.teacher_layer, level.k,
+                                                         level.pool]}
+        key = f"level-{name}-{config_hash(settings)}"
+        keys.append(key)
+        stage_root = cache / key
+        for src, rel in upstream:  # prepared data and teacher
+            _link(src, stage_root / rel)
+        lcfg, lpaths = level_config(cfg, name), level_paths(Paths(stage_root), name)
+        if not (stage_root / ".done").is_file():
+            log.info("study: running shared stages of level %s (%s)", name, key)
+            run_features(lcfg, lpaths)
+            run_codebook(lcfg, lpaths)
+            (stage_root / ".done").write_text("ok\n")
+        out += [(stage_root / "data" / "levels" / name, Path("data", "levels", name)),
+                (stage_root / "models" / "levels" / name, Path("models", "levels", name))]
+    return out
+
+
 def prepare_upstream(cfg: Config, root: Path, needs_codebook: bool, needs_teacher: bool) -> Path:
     """Build (once) the shared upstream outputs a setting needs; return a root linking them."""
     d = cfg.to_dict()
@@ -225,6 +256,8 @@ def prepare_upstream(cfg: Config, root: Path, needs_codebook: bool, needs_teache
             _stage_fn(name)(cfg, Paths(stage_root))
             done.write_text("ok\n")
         links += [(stage_root.joinpath(*parts), Path(*parts)) for parts in outs]
+    if needs_codebook:
+        links += _level_upstream(cfg, d, cache, links, keys)
     work = cache / ("work-" + config_hash(keys))
     for src, rel in links:
         _link(src, work / rel)
@@ -335,8 +368,11 @@ def _train(study: Study, root: Path, setting: Setting, method: str, seed: int, c
     spec = get_method(method)
     upstream = prepare_upstream(cfg, root, spec.needs_codebook, spec.needs_teacher)
     run_root = root / ".quest" / "studies" / study.name / setting.name / f"seed-{seed}"
+    from quest.levels import level_names
+
+    levels = [(top, "levels", name) for name in level_names(cfg) for top in ("data", "models")]
     for parts in (("data", "prepared"), ("models", "teacher"), ("data", "features"),
-                  ("models", "codebook")):
+                  ("models", "codebook"), *levels):
         src = upstream.joinpath(*parts)
         if src.exists():
             _link(src, run_root.joinpath(*parts))
