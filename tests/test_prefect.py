@@ -146,6 +146,8 @@ def project(tmp_path_factory: pytest.TempPathFactory, server_process: dict[str, 
     _run(["git", "init", "-q"], root)
     _run([str(VENV_BIN / "dvc"), "init", "-q"], root)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    # the committed folder the DVC student stages depend on (extra QuEST levels' codebooks)
+    shutil.copytree(REPO / "models" / "levels", root / "models" / "levels")
     shutil.copytree(REPO / "quest", root / "quest",
                     ignore=shutil.ignore_patterns("__pycache__"))
     # what `quest config --preset tiny` prints (JSON is YAML), with the shared files' absolute
@@ -396,3 +398,25 @@ def test_deployments_on_a_real_server(server: str, project: dict[str, Any],
             _stop(worker)
     print("real server timings (s, cumulative): "
           + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+
+
+def test_an_extra_quest_level_runs_as_its_own_cached_tasks(project: dict[str, Any]) -> None:
+    """A level is a features and a codebook task of its own, cached per level; ce and kd, which
+    read no codebook, stay cached."""
+    from flows.pipeline import quest_pipeline
+
+    root = project["root"]
+    level = ("student.quest.extra_levels={l2: {teacher_layer: layer2, student_layer: layer2, "
+             "k: 16, temperature: 500.0}}")
+    states = quest_pipeline(root=str(root), overrides=[level])["states"]
+    assert {k: states[k] for k in ("features[l2]", "codebook[l2]", "student[quest]")} == \
+        dict.fromkeys(("features[l2]", "codebook[l2]", "student[quest]"), "Completed")
+    assert states["features"] == states["codebook"] == states["student[ce]"] == "Cached"
+    assert (root / "models" / "levels" / "l2" / "codebook.npy").is_file()
+    history = json.loads((root / "metrics" / "students" / "quest.json").read_text())["history"]
+    assert history[-1]["quest_l2"] > 0
+    again = quest_pipeline(root=str(root), overrides=[level])["states"]
+    assert set(again.values()) == {"Cached"}, again
+    # back to params.yaml: the first level's student again, and DVC agrees
+    quest_pipeline(root=str(root))
+    assert dvc_status(root) == {}
