@@ -33,46 +33,56 @@ class _FusedQuestKL(torch.autograd.Function):
         block: int,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         n, k = student.shape[0], weight.shape[0]
-        grad_scores = torch.empty(n, k, dtype=student.dtype, device=student.device)
+        # d loss / d scores = (p_S - p_T) / N is multiplied into the gradients of the student
+        # vectors and of the weight block by block, while the block is hot in cache, so no
+        # N x K gradient is stored; backward only scales these by the incoming gradient
+        want_s, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        grad_student = torch.zeros_like(student) if want_s else None
+        grad_weight = torch.zeros_like(weight) if want_w else None
+        grad_bias = torch.zeros_like(bias) if want_b and bias is not None else None
         kl_sum = student.new_zeros(())
         hits = student.new_zeros(())
         max_sum = student.new_zeros(())
         s_max_sum = student.new_zeros(())
         usage = student.new_zeros(k)
-        c_sq = codebook.pow(2).sum(dim=1)
+        # -T ||f - c||^2 = 2T f.c - T ||c||^2 - T ||f||^2; the last term is the same for every
+        # word of a position, and neither the softmax nor KL = sum p_T (t - s) - lse_t + lse_s
+        # changes when a row's logits shift, so it is never computed
+        c_bias = codebook.pow(2).sum(dim=1).mul_(-temperature)
+        ct = codebook.t().mul(2.0 * temperature)
         wt = weight.t()
-        ct = codebook.t()
         for start in range(0, n, block):
-            f = teacher[start : start + block]
-            f_sq = f.pow(2).sum(dim=1, keepdim=True)
-            t_logits = torch.addmm((f_sq + c_sq).mul_(-temperature), f, ct,
-                                   beta=1.0, alpha=2.0 * temperature)
-            scores = student[start : start + block] @ wt
+            stop = min(start + block, n)
+            t_logits = torch.addmm(c_bias, teacher[start:stop], ct)
+            scores = student[start:stop] @ wt
             if bias is not None:
                 scores += bias
-            # one max (with its index) and one exp pass per side; the max entry of each
-            # softmax is exp(0) / sum, so the mean max assignment comes for free
-            t_max, t_arg = t_logits.max(dim=1, keepdim=True)
-            s_max, s_arg = scores.max(dim=1, keepdim=True)
-            p_t = (t_logits - t_max).exp_()
-            t_sum = p_t.sum(dim=1, keepdim=True)
-            p_t.div_(t_sum)
-            p_s = (scores - s_max).exp_()
-            s_sum = p_s.sum(dim=1, keepdim=True)
-            p_s.div_(s_sum)
-            lse_t = t_max + t_sum.log()
-            lse_s = s_max + s_sum.log()
-            # KL = sum_k p_T (t_k - s_k) - lse_t + lse_s, as sum_k p_T = 1
-            cross = (p_t * (t_logits - scores)).sum()
+            # torch's softmax is one fused pass per row; the max probability, its word and the
+            # logit there give the log-partition back: lse = logit[argmax] - log(max p)
+            p_t = torch.softmax(t_logits, dim=1)
+            p_s = torch.softmax(scores, dim=1)
+            t_pmax, t_arg = p_t.max(dim=1, keepdim=True)
+            s_pmax, s_arg = p_s.max(dim=1, keepdim=True)
+            lse_t = t_logits.gather(1, t_arg) - t_pmax.log()
+            lse_s = scores.gather(1, s_arg) - s_pmax.log()
+            # sum over the block of p_T (t - s): one dot product, no product tensor
+            cross = torch.dot(p_t.view(-1), t_logits.sub_(scores).view(-1))
             kl_sum += cross - lse_t.sum() + lse_s.sum()
             hits += (s_arg == t_arg).sum()
-            max_sum += t_sum.reciprocal().sum()
-            s_max_sum += s_sum.reciprocal().sum()
+            max_sum += t_pmax.sum()
+            s_max_sum += s_pmax.sum()
             usage += p_t.sum(dim=0)
-            grad_scores[start : start + block] = p_s.sub_(p_t)
-        ctx.save_for_backward(student, weight, grad_scores)
+            if want_s or want_w or want_b:
+                g = p_s.sub_(p_t)
+                if grad_student is not None:
+                    torch.mm(g, weight, out=grad_student[start:stop])
+                if grad_weight is not None:
+                    grad_weight.addmm_(g.t(), student[start:stop])
+                if grad_bias is not None:
+                    grad_bias += g.sum(dim=0)
+        ctx.grads = (grad_student, grad_weight, grad_bias)
         ctx.n = n
-        ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(hits, max_sum, usage, s_max_sum)
         return kl_sum / n, hits / n, max_sum / n, usage / n, s_max_sum / n
 
@@ -80,12 +90,9 @@ class _FusedQuestKL(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_loss: Tensor, *_: Tensor
     ) -> tuple[Tensor | None, ...]:
-        student, weight, grad_scores = ctx.saved_tensors
-        g = grad_scores * (grad_loss / ctx.n)
-        grad_student = g @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = g.t() @ student if ctx.needs_input_grad[1] else None
-        grad_bias = g.sum(dim=0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_student, grad_weight, grad_bias, None, None, None, None
+        scale = grad_loss / ctx.n
+        grads = [None if g is None else g * scale for g in ctx.grads]
+        return grads[0], grads[1], grads[2], None, None, None, None
 
 
 def fused_quest_kl(
@@ -96,6 +103,9 @@ def fused_quest_kl(
     mean max student probability); ``bias`` ([K]) is added to every position's scores."""
     block = _GPU_BLOCK if student.is_cuda else _CPU_BLOCK
     # float32 under autocast too: softmax(-T ||f - c||^2) of logits in the hundreds needs it
+    if not torch.is_grad_enabled():  # forward computes the gradients only when they are wanted
+        student, weight = student.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
     with torch.autocast(device_type=student.device.type, enabled=False):
         return _FusedQuestKL.apply(student.float(), weight.float(),
                                    None if bias is None else bias.float(),

@@ -306,3 +306,17 @@ def test_unknown_predictor_is_a_clear_error() -> None:
 
     with pytest.raises(QuestError, match="unknown QuEST predictor 'cosine'.*learned_scale"):
         QuestLoss(torch.randn(4, 3), student_channels=2, predictor="cosine")
+
+
+def test_fused_head_without_grad_mode_gives_the_same_terms() -> None:
+    # forward folds the gradients in when they are wanted; under no_grad it must skip that and
+    # still give the same value and statistics
+    torch.manual_seed(8)
+    crit = QuestLoss(torch.randn(24, 6), student_channels=5, temperature=2.0)
+    s, t = torch.randn(2, 5, 4, 4, requires_grad=True), torch.randn(2, 6, 4, 4)
+    with_grad = crit.terms(s, t)
+    with torch.no_grad():
+        without = crit.terms(s, t)
+    assert without["loss"].grad_fn is None and with_grad["loss"].grad_fn is not None
+    for key in ("loss", "word_accuracy", "mean_max_assignment", "student_mean_max"):
+        assert without[key].item() == pytest.approx(with_grad[key].item(), rel=1e-6)
