@@ -370,32 +370,73 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
-def read_params(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a params YAML file into a dict (empty file -> empty dict)."""
-    p = Path(path)
-    if not p.is_file():
-        raise QuestError(f"params file {p} does not exist: pass --params PATH or create it")
+def _read_mapping(p: Path, what: str, holds: str) -> dict[str, Any]:
+    """Parse the YAML file `p` (a `what` holding `holds`, for messages) into a dict; an empty
+    file gives an empty dict."""
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
-        raise QuestError(f"params file {p} is not valid YAML{where}: fix its syntax") from None
+        raise QuestError(f"{what} {p} is not valid YAML{where}: fix its syntax") from None
     if not isinstance(raw, dict):
-        raise QuestError(f"params file {p} must hold a mapping of sections")
+        raise QuestError(f"{what} {p} must hold a mapping of {holds}")
     return raw
 
 
+def read_params(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a params YAML file into a dict (empty file -> empty dict)."""
+    p = Path(path)
+    if not p.is_file():
+        raise QuestError(f"params file {p} does not exist: pass --params PATH or create it")
+    return _read_mapping(p, "params file", "sections")
+
+
+# Beside the params file: more named presets, each *.yaml there a mapping of name -> overrides
+# shaped like the params file's `presets:` entries (presets/official.yaml: the official configs).
+PRESETS_DIR = "presets"
+
+
+def read_preset_files(directory: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The presets of every ``*.yaml`` file in `directory`, name -> overrides (files in name
+    order; no directory: none). A name defined in two files is an error."""
+    folder = Path(directory)
+    found: dict[str, dict[str, Any]] = {}
+    origin: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.glob("*.yaml")):
+        for name, over in _read_mapping(path, "presets file", "presets").items():
+            if name in origin:
+                raise QuestError(f"preset '{name}' is defined in both {origin[name]} and {path}: "
+                                 "rename one of them")
+            if not isinstance(over, dict):
+                raise QuestError(f"preset '{name}' in {path} must be a mapping of settings")
+            found[str(name)], origin[str(name)] = over, path
+    return found
+
+
 def resolve_raw(
-    raw: dict[str, Any], preset: str | None = None, overrides: list[str] | None = None
+    raw: dict[str, Any],
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    preset_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Apply a named preset, then environment overrides, then ``key=value`` overrides."""
+    """Apply a named preset, then environment overrides, then ``key=value`` overrides.
+
+    The preset is looked up in `raw`'s ``presets:`` first, then in the ``*.yaml`` files of
+    `preset_dir` (see `read_preset_files`; None: params presets only)."""
     raw = copy.deepcopy(raw)
     presets = raw.pop("presets", {}) or {}
     if preset:
         if preset not in presets:
-            choices = ", ".join(sorted(presets)) or "none defined"
-            raise QuestError(f"unknown preset '{preset}': choose one of {choices} (params.yaml)")
+            files = read_preset_files(preset_dir) if preset_dir is not None else {}
+            if preset not in files:
+                choices = ", ".join(sorted(map(str, {*presets, *files}))) or "none defined"
+                where = "params.yaml presets:" + (
+                    f" or {Path(preset_dir) / '*.yaml'}" if preset_dir is not None else "")
+                raise QuestError(f"unknown preset '{preset}': choose one of {choices} ({where})")
+            presets = files
         raw = deep_merge(raw, presets[preset])
     for env, dotted in ENV_OVERRIDES.items():
         if os.environ.get(env):
@@ -418,8 +459,10 @@ def load_config(
     preset: str | None = None,
     overrides: list[str] | None = None,
 ) -> Config:
-    """Load params.yaml, apply a preset and overrides, and validate everything."""
-    return build_config(resolve_raw(read_params(path), preset, overrides))
+    """Load params.yaml, apply a preset (from its ``presets:``, else from the presets/*.yaml
+    files beside it) and overrides, and validate everything."""
+    return build_config(resolve_raw(read_params(path), preset, overrides,
+                                    preset_dir=Path(path).parent / PRESETS_DIR))
 
 
 def _choice(value: Any, choices: tuple[str, ...], key: str) -> None:

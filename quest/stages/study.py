@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from quest.config import (
+    PRESETS_DIR,
     Config,
     build_config,
     config_hash,
@@ -137,7 +138,8 @@ def load_study(path: str | os.PathLike[str], root: Path) -> Study:
 
 def setting_config(study: Study, setting: Setting, root: Path, seed: int | None = None) -> Config:
     """The validated config of one setting (and seed), input locations made absolute."""
-    raw = resolve_raw(read_params(study.params), study.preset)
+    raw = resolve_raw(read_params(study.params), study.preset,
+                      preset_dir=Path(study.params).parent / PRESETS_DIR)
     for key, value in setting.overrides.items():
         set_dotted(raw, str(key), value)
     if seed is not None:
