@@ -105,3 +105,16 @@ def save_model_file(
     """Save a deployable model file: its state_dict under 'model' plus plain metadata."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     save_checkpoint(path, {"model": state, **meta})
+
+
+def load_model_file(path: Path, what: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model saved by save_model_file (arch and num_classes come from its metadata)."""
+    if not path.is_file():
+        raise QuestError(f"{what} {path} does not exist: run the stage that makes it first")
+    from quest.models.zoo import build_model  # the zoo's builders; checkpoints stay model-free
+
+    obj = load_checkpoint(path)
+    model = build_model(str(obj["arch"]), int(obj["num_classes"]))
+    load_state_strict(model, extract_state_dict(obj), f"{what} {path}")
+    meta = {k: v for k, v in obj.items() if k != "model"}
+    return model, meta

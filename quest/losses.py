@@ -215,8 +215,7 @@ class QuestLoss(nn.Module):
         pred = self.predictor
         loss, acc, mean_max, usage, student_max = fused_quest_kl(
             student, pred.scaled_weight(), teacher, self.codebook, self.temperature, pred.bias)
-        with torch.no_grad():
-            perplexity = torch.exp(-torch.xlogy(usage, usage).sum())
+        perplexity = distribution_perplexity(usage)
         # diagnostics of whether the word task is learned: how peaked the targets are, how
         # peaked the predictions are, and the scale that bounds how peaked they can get
         return {"loss": loss, "word_accuracy": acc, "mean_max_assignment": mean_max,
@@ -234,9 +233,14 @@ def assignment_stats(teacher_probs: Tensor) -> dict[str, Tensor]:
     with torch.no_grad():
         flat = teacher_probs.reshape(-1, teacher_probs.shape[-1]).float()
         mean_max = flat.max(dim=-1).values.mean()
-        usage = flat.mean(dim=0)
-        perplexity = torch.exp(-(torch.xlogy(usage, usage)).sum())
-    return {"mean_max_assignment": mean_max, "teacher_perplexity": perplexity}
+    return {"mean_max_assignment": mean_max,
+            "teacher_perplexity": distribution_perplexity(flat.mean(dim=0))}
+
+
+def distribution_perplexity(p: Tensor) -> Tensor:
+    """exp(entropy) of a probability vector: K if uniform over K words, 1 if one word."""
+    with torch.no_grad():
+        return torch.exp(-torch.xlogy(p, p).sum())
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:

@@ -97,8 +97,9 @@ def test_bad_padding_mode_and_pool_are_one_line_errors() -> None:
 
 def test_cross_size_codebook_is_fit_on_pooled_teacher_vectors(
         tmp_path: Path, smoke_prepared: Path, teacher_checkpoint: Path) -> None:
+    from quest.checkpoint import load_model_file
     from quest.stages.codebook import run_codebook
-    from quest.stages.common import load_data, load_model_file
+    from quest.stages.common import load_data
     from quest.stages.features import run_features
     from quest.stages.student import run_student
     from quest.stages.teacher import run_teacher

@@ -89,8 +89,9 @@ def codebook_table(runs: list[RunData]) -> Table | None:
 
 def _gallery(cfg: Config, paths: Paths, run: RunData) -> tuple[Any, str]:
     """The visual-word gallery of the main run (None and a note when there is no codebook)."""
+    from quest.checkpoint import load_model_file
     from quest.report.gallery import build_gallery
-    from quest.stages.common import load_data, load_model_file, norm_stats, resolve_device
+    from quest.stages.common import load_data, norm_stats, resolve_device
 
     if run.codebook_meta is None or not paths.codebook.is_file():
         return None, ("no codebook in this run (no QuEST method, or `quest codebook` not run): "

@@ -10,13 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from quest.checkpoint import extract_state_dict, load_checkpoint, load_state_strict
 from quest.config import Config, OptimConfig
 from quest.data.loader import InMemoryLoader, make_dataloader
 from quest.data.prepared import PreparedDataset, load_prepared
 from quest.errors import QuestError
 from quest.io_utils import atomic_path
-from quest.models.zoo import build_model
 from quest.paths import Paths
 
 
@@ -98,17 +96,6 @@ class _EpochAware:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         for x, y in self.loader:
             yield x.to(self.device).contiguous(memory_format=fmt), y.to(self.device)
-
-
-def load_model_file(path: Path, what: str) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model saved by save_model_file (arch and num_classes come from its metadata)."""
-    if not path.is_file():
-        raise QuestError(f"{what} {path} does not exist: run the stage that makes it first")
-    obj = load_checkpoint(path)
-    model = build_model(str(obj["arch"]), int(obj["num_classes"]))
-    load_state_strict(model, extract_state_dict(obj), f"{what} {path}")
-    meta = {k: v for k, v in obj.items() if k != "model"}
-    return model, meta
 
 
 def to_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from quest.checkpoint import load_model_file
 from quest.config import Config
 from quest.data.loader import InMemoryLoader
 from quest.engine import evaluate
@@ -11,7 +12,7 @@ from quest.io_utils import write_json_atomic
 from quest.models.zoo import count_macs, count_parameters
 from quest.paths import Paths, method_slug
 from quest.progress import log
-from quest.stages.common import load_data, load_model_file, norm_stats, resolve_device, to_device
+from quest.stages.common import load_data, norm_stats, resolve_device, to_device
 
 
 def run_evaluate(cfg: Config, paths: Paths) -> dict[str, Any]:

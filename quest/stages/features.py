@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from quest.checkpoint import load_model_file
 from quest.config import Config
 from quest.data.loader import InMemoryLoader
 from quest.io_utils import atomic_path, file_sha256, write_json_atomic
@@ -19,7 +20,7 @@ from quest.models.taps import FeatureTap
 from quest.models.zoo import default_feature_layer
 from quest.paths import Paths
 from quest.progress import log, track
-from quest.stages.common import load_data, load_model_file, norm_stats, resolve_device, to_device
+from quest.stages.common import load_data, norm_stats, resolve_device, to_device
 
 
 def _reserve(path: Path) -> None:

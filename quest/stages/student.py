@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from quest import distributed
-from quest.checkpoint import save_model_file
+from quest.checkpoint import load_model_file, save_model_file
 from quest.config import Config, config_hash
 from quest.data.prepared import data_hash
 from quest.engine import Trainer
@@ -26,7 +26,6 @@ from quest.progress import log
 from quest.results import build_record, write_record
 from quest.stages.common import (
     load_data,
-    load_model_file,
     make_loaders,
     norm_stats,
     resolve_device,

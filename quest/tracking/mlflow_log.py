@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from quest.config import Config
 from quest.errors import QuestError
 from quest.io_utils import file_sha256, read_json, write_json_atomic
 from quest.paths import Paths, method_slug
+from quest.results import git_commit
 
 RUN_FILE = "mlflow_run.json"
 # MLflow's log_batch limits per request
@@ -67,16 +67,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[full] = value
     return out
-
-
-def git_commit(root: Path) -> str:
-    """HEAD of the git repository holding `root`, or 'unknown'."""
-    try:
-        res = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
 
 
 def _need(path: Path, fix: str) -> Any:
@@ -205,7 +195,7 @@ def track_pipeline(
     if (paths.metrics / "codebook.json").is_file() and paths.codebook_meta.is_file():
         codebook_metrics = read_json(paths.metrics / "codebook.json")
     codebook_meta = read_json(paths.codebook_meta) if paths.codebook_meta.is_file() else {}
-    commit = git_commit(root)
+    commit = git_commit(root) or "unknown"  # the run records' helper (-dirty when edited)
     uri = resolve_tracking_uri(root, tracking_uri)
     params = flatten(cfg.to_dict())
     result: dict[str, Any] = {"tracking_uri": uri, "experiment": experiment, "git_commit": commit}

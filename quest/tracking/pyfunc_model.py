@@ -26,7 +26,7 @@ class QuestImageClassifier(mlflow.pyfunc.PythonModel):
         """Rebuild the network from the logged model file and keep its normalisation stats."""
         import torch
 
-        from quest.stages.common import load_model_file
+        from quest.checkpoint import load_model_file
 
         path = Path(context.artifacts[MODEL_FILE_ARTIFACT])
         model, meta = load_model_file(path, "logged model")

@@ -220,7 +220,7 @@ def features_suite(cfg: Config, paths: Paths) -> Suite:
 
 def codebook_suite(cfg: Config, paths: Paths) -> Suite:
     """Codebook: finite words, few dead words, perplexity high enough, on the features it fits."""
-    from quest.codebook import codebook_stats, sample_training_set
+    from quest.codebook import codebook_stats, sample_training_set, usage_perplexity
     from quest.stages.common import resolve_device
 
     _need(paths.codebook, "run `quest codebook` first")
@@ -243,9 +243,7 @@ def codebook_suite(cfg: Config, paths: Paths) -> Suite:
         stats = codebook_stats(np.ascontiguousarray(sample, dtype=np.float32), words[finite],
                                device=str(resolve_device(cfg)))
         usage[finite] = stats["usage"]
-    p = usage / max(int(usage.sum()), 1)
-    nz = p[p > 0]
-    perplexity = float(np.exp(-(nz * np.log(nz)).sum())) if nz.size else 0.0
+    perplexity = usage_perplexity(usage)
     v = cfg.validation.codebook
     word_frame = pd.DataFrame({"word": np.arange(k), "nonfinite": bad, "usage": usage})
     word_exps = [
@@ -274,10 +272,10 @@ def student_probabilities(cfg: Config, paths: Paths) -> tuple[dict[str, np.ndarr
     """Softmax outputs of every student in student.methods on the prepared test split."""
     import torch
 
+    from quest.checkpoint import load_model_file
     from quest.data.loader import InMemoryLoader
     from quest.stages.common import (
         load_data,
-        load_model_file,
         norm_stats,
         resolve_device,
         to_device,
