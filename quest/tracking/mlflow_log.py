@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +173,123 @@ def _evaluation_metrics(evaluation: dict[str, Any]) -> list[tuple[str, float, in
     ]
 
 
+@dataclass
+class _Collected:
+    """Everything a finished pipeline left that track_pipeline logs (read before logging)."""
+
+    teacher: dict[str, Any]
+    evaluation: dict[str, Any]
+    students: dict[str, dict[str, Any]]
+    codebook: dict[str, Any] | None
+    codebook_meta: dict[str, Any]
+    commit: str
+    data_sha: str | None
+
+
+def _collect(cfg: Config, paths: Paths) -> _Collected:
+    """Read the pipeline's metrics; a missing one is a one-line error naming its stage (the
+    earliest stage first)."""
+    teacher = _need(paths.metrics / "teacher.json", "run `quest teacher` first")
+    evaluation = _need(paths.metrics / "evaluation.json", "run `quest evaluate` first")
+    students = {
+        m: _need(paths.student_metrics(m), f"run `quest student --method {m}` first")
+        for m in cfg.student.methods
+    }
+    codebook = None
+    if (paths.metrics / "codebook.json").is_file() and paths.codebook_meta.is_file():
+        codebook = read_json(paths.metrics / "codebook.json")
+    return _Collected(
+        teacher=teacher,
+        evaluation=evaluation,
+        students=students,
+        codebook=codebook,
+        codebook_meta=read_json(paths.codebook_meta) if paths.codebook_meta.is_file() else {},
+        commit=git_commit(paths.root) or "unknown",  # the run records' helper (-dirty if edited)
+        data_sha=next((s["data_sha256"] for s in students.values() if "data_sha256" in s),
+                      None))
+
+
+def _log_parent_files(paths: Paths) -> None:
+    """The run's reports, metrics, plots and codebook metadata as the parent's artifacts."""
+    import mlflow
+
+    # the Great Expectations reports and Data Docs (the same artifact paths as a reports/ glob
+    # would give them, so logging both never duplicates an artifact)
+    _log_files([(paths.root / "reports" / "validation", "**/*", "reports/validation")])
+    _log_files([(paths.metrics, "**/*.json", "metrics"), (paths.plots, "**/*.csv", "plots")])
+    # `quest report`'s HTML page, Markdown and figures, when the run has one
+    _log_files([(paths.reports, "**/*", "reports")])
+    if paths.codebook_meta.is_file():
+        mlflow.log_artifact(str(paths.codebook_meta), "models/codebook")
+
+
+def _log_teacher(client: Any, rid: str, cfg: Config, paths: Paths, c: _Collected,
+                 example: Any) -> int | None:
+    """The teacher child run: settings, final numbers, history; its registered version."""
+    from quest.tracking import registry
+
+    _log_params(client, rid, flatten({"teacher": cfg.to_dict()["teacher"]}))
+    _log_metrics(client, rid, [
+        (k, c.teacher[k], 0) for k in ("top1", "top5", "params", "macs")
+        if _numeric(c.teacher.get(k))
+    ] + history_metrics(c.teacher.get("history") or []))
+    if example is None:
+        return None
+    return registry.log_and_register(
+        paths.teacher_model, registry.TEACHER_MODEL, example, _num_classes(paths.teacher_model),
+        {"role": "teacher", "arch": c.teacher["arch"],
+         "test_top1": c.evaluation["models"]["teacher"]["top1"],
+         "data_sha256": c.data_sha or "unknown", "git_commit": c.commit,
+         "model_sha256": file_sha256(paths.teacher_model)})
+
+
+def _log_codebook(client: Any, rid: str, cfg: Config, paths: Paths, c: _Collected) -> None:
+    """The codebook child run: settings, statistics and the k-means objective curve."""
+    import mlflow
+
+    assert c.codebook is not None
+    _log_params(client, rid, flatten({"codebook": cfg.to_dict()["codebook"]}))
+    rows = [(k, v, 0) for k, v in c.codebook.items() if _numeric(v)]
+    curve = paths.plots / "codebook_objective.csv"
+    if curve.is_file():
+        rows += [("objective", float(r["objective"]), int(r["iteration"]))
+                 for r in _read_csv(curve)]
+    _log_metrics(client, rid, rows)
+    mlflow.set_tag("codebook_sha256", c.codebook_meta.get("codebook_sha256", ""))
+    mlflow.log_artifact(str(paths.codebook_meta), "models/codebook")
+
+
+def _log_student(client: Any, rid: str, method: str, cfg: Config, paths: Paths, c: _Collected,
+                 example: Any, teacher_version: Any) -> int | None:
+    """One student's child run: settings, per-epoch history, files; its registered version."""
+    import mlflow
+
+    from quest.tracking import registry
+
+    sm = c.students[method]
+    _log_params(client, rid, {"method": method, **flatten(
+        {"student": cfg.to_dict()["student"]})})
+    _log_metrics(client, rid, [
+        # final numbers under names the per-epoch history does not use
+        (k, sm[k], 0) for k in ("top1", "top5", "params", "seconds") if _numeric(sm.get(k))
+    ] + history_metrics(sm.get("history") or []))
+    for f in (paths.student_metrics(method), paths.student_curve(method)):
+        if f.is_file():
+            mlflow.log_artifact(str(f), f"students/{method_slug(method)}")
+    if example is None:
+        return None
+    top1 = c.evaluation["models"].get(method_slug(method), {}).get("top1", sm["top1"])
+    return registry.log_and_register(
+        paths.student_model(method), registry.STUDENT_MODEL, example,
+        _num_classes(paths.student_model(method)), {
+            "role": "student", "method": method, "arch": sm["arch"],
+            "teacher_version": teacher_version or "unknown",
+            "codebook_sha256": sm.get("codebook_sha256")
+            or c.codebook_meta.get("codebook_sha256", "none"),
+            "data_sha256": sm.get("data_sha256", "unknown"), "git_commit": c.commit,
+            "test_top1": top1, "model_sha256": file_sha256(paths.student_model(method))})
+
+
 def track_pipeline(
     cfg: Config,
     paths: Paths,
@@ -185,127 +303,54 @@ def track_pipeline(
     from quest.tracking import registry
 
     root = paths.root
-    teacher_metrics = _need(paths.metrics / "teacher.json", "run `quest teacher` first")
-    evaluation = _need(paths.metrics / "evaluation.json", "run `quest evaluate` first")
-    students = {
-        m: _need(paths.student_metrics(m), f"run `quest student --method {m}` first")
-        for m in cfg.student.methods
-    }
-    codebook_metrics = None
-    if (paths.metrics / "codebook.json").is_file() and paths.codebook_meta.is_file():
-        codebook_metrics = read_json(paths.metrics / "codebook.json")
-    codebook_meta = read_json(paths.codebook_meta) if paths.codebook_meta.is_file() else {}
-    commit = git_commit(root) or "unknown"  # the run records' helper (-dirty when edited)
+    c = _collect(cfg, paths)
     uri = resolve_tracking_uri(root, tracking_uri)
-    params = flatten(cfg.to_dict())
-    result: dict[str, Any] = {"tracking_uri": uri, "experiment": experiment, "git_commit": commit}
+    result: dict[str, Any] = {"tracking_uri": uri, "experiment": experiment,
+                              "git_commit": c.commit}
     example = registry.example_images(paths.prepared) if register else None
-    data_sha = next((s["data_sha256"] for s in students.values() if "data_sha256" in s), None)
-
     with using_tracking_uri(uri):
         client = mlflow.MlflowClient()
-        exp_id = _experiment_id(client, experiment, uri)
-        result["experiment_id"] = exp_id
+        exp_id = result["experiment_id"] = _experiment_id(client, experiment, uri)
         children: dict[str, str] = {}
-        base_tags = {"quest.git_commit": commit, "quest.root": str(root)}
+        base_tags = {"quest.git_commit": c.commit, "quest.root": str(root)}
+
+        def child(stage: str, **tags: str) -> Any:
+            return mlflow.start_run(experiment_id=exp_id, run_name=stage, nested=True,
+                                    tags={**base_tags, "quest.stage": stage, **tags})
+
         with mlflow.start_run(experiment_id=exp_id, run_name="pipeline",
                               tags={**base_tags, "quest.stage": "pipeline"}) as parent:
-            pid = parent.info.run_id
-            result["parent_run_id"] = pid
-            _log_params(client, pid, params)
-            _log_metrics(client, pid, _evaluation_metrics(evaluation) + _validation_metrics(paths))
-            # the Great Expectations reports and Data Docs (the same artifact paths as a
-            # reports/ glob would give them, so logging both never duplicates an artifact)
-            _log_files([(paths.root / "reports" / "validation", "**/*", "reports/validation")])
-            _log_files([(paths.metrics, "**/*.json", "metrics"),
-                        (paths.plots, "**/*.csv", "plots")])
-            # `quest report`'s HTML page, Markdown and figures, when the run has one
-            _log_files([(paths.reports, "**/*", "reports")])
-            if paths.codebook_meta.is_file():
-                mlflow.log_artifact(str(paths.codebook_meta), "models/codebook")
-
-            def child(stage: str, **tags: str) -> Any:
-                return mlflow.start_run(experiment_id=exp_id, run_name=stage, nested=True,
-                                        tags={**base_tags, "quest.stage": stage, **tags})
-
-            # teacher
+            pid = result["parent_run_id"] = parent.info.run_id
+            _log_params(client, pid, flatten(cfg.to_dict()))
+            _log_metrics(client, pid,
+                         _evaluation_metrics(c.evaluation) + _validation_metrics(paths))
+            _log_parent_files(paths)
             with child("teacher") as run:
-                rid = children["teacher"] = run.info.run_id
-                _log_params(client, rid, flatten({"teacher": cfg.to_dict()["teacher"]}))
-                _log_metrics(client, rid, [
-                    (k, teacher_metrics[k], 0) for k in ("top1", "top5", "params", "macs")
-                    if _numeric(teacher_metrics.get(k))
-                ] + history_metrics(teacher_metrics.get("history") or []))
-                if register:
-                    assert example is not None
-                    teacher_top1 = evaluation["models"]["teacher"]["top1"]
-                    tv = registry.log_and_register(
-                        paths.teacher_model, registry.TEACHER_MODEL, example,
-                        _num_classes(paths.teacher_model), {
-                            "role": "teacher",
-                            "arch": teacher_metrics["arch"],
-                            "test_top1": teacher_top1,
-                            "data_sha256": data_sha or "unknown",
-                            "git_commit": commit,
-                            "model_sha256": file_sha256(paths.teacher_model),
-                        })
+                children["teacher"] = run.info.run_id
+                tv = _log_teacher(client, run.info.run_id, cfg, paths, c, example)
+                if tv is not None:
                     result["teacher_version"] = tv
-            # codebook
-            if codebook_metrics is not None:
+            if c.codebook is not None:
                 with child("codebook") as run:
-                    rid = children["codebook"] = run.info.run_id
-                    _log_params(client, rid, flatten({"codebook": cfg.to_dict()["codebook"]}))
-                    rows = [(k, v, 0) for k, v in codebook_metrics.items() if _numeric(v)]
-                    curve = paths.plots / "codebook_objective.csv"
-                    if curve.is_file():
-                        rows += [("objective", float(r["objective"]), int(r["iteration"]))
-                                 for r in _read_csv(curve)]
-                    _log_metrics(client, rid, rows)
-                    mlflow.set_tag("codebook_sha256", codebook_meta.get("codebook_sha256", ""))
-                    mlflow.log_artifact(str(paths.codebook_meta), "models/codebook")
-            # students
+                    children["codebook"] = run.info.run_id
+                    _log_codebook(client, run.info.run_id, cfg, paths, c)
             student_versions: dict[str, int] = {}
-            for method, sm in students.items():
+            for method in c.students:
                 with child(f"student[{method}]", **{"quest.method": method}) as run:
-                    rid = children[f"student[{method}]"] = run.info.run_id
-                    _log_params(client, rid, {"method": method, **flatten(
-                        {"student": cfg.to_dict()["student"]})})
-                    _log_metrics(client, rid, [
-                        # final numbers under names the per-epoch history does not use
-                        (k, sm[k], 0) for k in ("top1", "top5", "params", "seconds")
-                        if _numeric(sm.get(k))
-                    ] + history_metrics(sm.get("history") or []))
-                    for f in (paths.student_metrics(method), paths.student_curve(method)):
-                        if f.is_file():
-                            mlflow.log_artifact(str(f), f"students/{method_slug(method)}")
-                    if register:
-                        assert example is not None
-                        top1 = evaluation["models"].get(method_slug(method), {}).get(
-                            "top1", sm["top1"])
-                        student_versions[method] = registry.log_and_register(
-                            paths.student_model(method), registry.STUDENT_MODEL, example,
-                            _num_classes(paths.student_model(method)), {
-                                "role": "student",
-                                "method": method,
-                                "arch": sm["arch"],
-                                "teacher_version": result.get("teacher_version", "unknown"),
-                                "codebook_sha256": sm.get("codebook_sha256")
-                                or codebook_meta.get("codebook_sha256", "none"),
-                                "data_sha256": sm.get("data_sha256", "unknown"),
-                                "git_commit": commit,
-                                "test_top1": top1,
-                                "model_sha256": file_sha256(paths.student_model(method)),
-                            })
-            # evaluate
+                    children[f"student[{method}]"] = run.info.run_id
+                    sv = _log_student(client, run.info.run_id, method, cfg, paths, c, example,
+                                      result.get("teacher_version"))
+                    if sv is not None:
+                        student_versions[method] = sv
             with child("evaluate") as run:
-                rid = children["evaluate"] = run.info.run_id
-                _log_metrics(client, rid, _evaluation_metrics(evaluation))
+                children["evaluate"] = run.info.run_id
+                _log_metrics(client, run.info.run_id, _evaluation_metrics(c.evaluation))
                 _log_files([(paths.metrics, "evaluation.json", "metrics"),
                             (paths.metrics, "per_class.json", "metrics")])
         result["child_run_ids"] = children
         if register and student_versions:
             # challenger: the best of the students just registered (first listed wins a tie)
-            best = max(students, key=lambda m: _tag_top1(client, student_versions[m]))
+            best = max(c.students, key=lambda m: _tag_top1(client, student_versions[m]))
             registry.set_alias(client, registry.STUDENT_MODEL, registry.CHALLENGER,
                                student_versions[best])
             result["student_versions"] = student_versions
