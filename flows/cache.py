@@ -8,16 +8,18 @@ run id, so it never reuses anything across runs):
     data, the teacher model, the feature matrix, the codebook, the students), read when the task
     starts, i.e. after its upstream tasks have written them; the timing fields of metadata JSON
     are left out, so an upstream rerun with identical results does not cascade;
-(b) the stage's own config section(s), hashed with ``quest.config.config_hash``; paths to inputs
-    (data.location, teacher.checkpoint) are replaced by the hash of what they point at, so
-    moving a file does not invalidate anything while editing it does;
+(b) the values of the settings the stage reads, hashed with ``quest.config.config_hash``; paths
+    to inputs (data.location, teacher.checkpoint) are replaced by the hash of what they point
+    at, so moving a file does not invalidate anything while editing it does;
 (c) a code version: the hash of the quest source files the stage module imports, followed
     transitively with ``ast`` (lazy imports and package ``__init__`` files included, since
-    importing a submodule executes them). Editing quest/engine.py thus recomputes teacher,
-    students and evaluate but not prepare, features or codebook; editing quest/codebook.py
-    recomputes only the codebook (and downstream only if its result changes); the CLI and
-    quest/tracking are in no stage's version. quest/__init__.py imports quest.losses, so
-    losses.py and fused_quest.py are in every stage's version (conservative, never stale).
+    importing a submodule executes them). The CLI and quest/tracking are in no stage's
+    version; quest/__init__.py imports quest.losses, so losses.py and fused_quest.py are in
+    every stage's version (conservative, never stale).
+
+The settings, the input files and the module whose closure is the code all come from the stage
+table (quest/stages/table.py), which also writes dvc.yaml's params, deps and outs
+(flows/dvc_yaml.py): DVC and Prefect rerun a stage for the same changes.
 
 A key alone cannot tell whether the files a cached run wrote are still on disk (DVC checkouts,
 ``rm -rf models``, a run with other params in between): the flow checks that with
@@ -37,15 +39,15 @@ from pathlib import Path
 from typing import Any
 
 from quest.config import Config, build_config, config_hash
-from quest.levels import level_config, level_names, level_paths
+from quest.levels import level_names, level_paths
 from quest.methods import get as get_method
 from quest.paths import Paths
 from quest.stages.common import resolve_location
+from quest.stages.table import LEVEL_ITEM, LOCATION_PARAMS, get_param, stage_for
+from quest.stages.table import STAGES as TABLE
 
 # Bump to invalidate every key at once (e.g. when the task return format changes).
-CACHE_SCHEMA = "1"
-STAGES = ("prepare", "teacher", "features", "codebook", "student", "evaluate", "report",
-          "validate")
+CACHE_SCHEMA = "2"
 _MISSING = "missing"
 
 # (path, size, mtime_ns, inode) -> sha256: the prepared data is an input of five stages and the
@@ -90,8 +92,16 @@ VOLATILE_KEYS = frozenset({"seconds", "images_per_s"})
 
 
 def input_digest(path: str | os.PathLike[str]) -> str:
-    """Digest of a stage input: its content, less the timing fields of a JSON metadata file."""
+    """Digest of a stage input: its content, less the timing fields of JSON metadata files
+    (a directory: each file's name and digest, so its metadata's timings are left out too, and
+    hidden files are skipped)."""
     p = Path(path)
+    if p.is_dir():
+        h = hashlib.sha256()
+        # hidden files are bookkeeping (DVC writes a .gitignore beside the outs it commits)
+        for f in sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith(".")):
+            h.update(f"{f.relative_to(p).as_posix()}\0{input_digest(f)}\n".encode())
+        return h.hexdigest()
     if p.suffix != ".json" or not p.is_file():
         return tree_digest(p)
     try:
@@ -159,16 +169,14 @@ def code_version(stage: str) -> str:
     """Hash of the source of every quest file the stage's module imports (its code version)."""
     base = _quest_dir().parent
     h = hashlib.sha256()
-    # the report stage lives in the outer package quest.report, not in quest.stages, and the
-    # validation suites in quest.validation (the runner imports the suite builders)
-    outer = {"report": "quest.report", "validate": "quest.validation.runner"}
-    for rel in code_files(outer.get(stage, f"quest.stages.{stage}")):
+    for rel in code_files(stage_code(stage)):
         h.update(f"{rel}\0{file_digest(base / rel)}\n".encode())
     return h.hexdigest()
 
 
-def _pick(section: Any, keys: tuple[str, ...]) -> dict[str, Any]:
-    return {k: getattr(section, k) for k in keys}
+def stage_code(family: str) -> str:
+    """The module whose import closure is a stage family's code (from the stage table)."""
+    return next(s.code for s in TABLE if s.family == family)
 
 
 def _location_digest(location: str | None, paths: Paths) -> str:
@@ -182,142 +190,39 @@ def _location_digest(location: str | None, paths: Paths) -> str:
 def stage_config(
     stage: str, cfg: Config, paths: Paths, method: str | None = None
 ) -> dict[str, str]:
-    """The config sections a stage reads, each reduced to a config_hash."""
-    d = cfg.data
-    augment = _pick(d, ("padding", "flip", "loader"))
-    if d.padding_mode != "constant":  # added later: the default keeps older cache keys
-        augment["padding_mode"] = d.padding_mode
-    if stage == "prepare":
-        # like dvc.yaml, leave out data.download (it only allows fetching)
-        keys = ("source", "image_size", "channels", "on_corrupt", "mean", "std", "subset")
-        return {"data": config_hash(_pick(d, keys)),
-                "data.location": _location_digest(d.location, paths)}
-    if stage == "teacher":
-        t = cfg.teacher
-        out = {"teacher": config_hash({"arch": t.arch, "train": t.train}),
-               "augment": config_hash(augment)}
-        out["teacher.checkpoint"] = (_location_digest(t.checkpoint, paths) if t.checkpoint
-                                     else "train")
-        return out
-    if stage == "features":
-        # like dvc.yaml, leave out features.batch_size (eval-mode throughput only)
-        f = cfg.features
-        keys = ("layer", "max_vectors", "dtype", "seed", "pool")
-        return {"features": config_hash(_pick(f, keys))}
-    if stage == "codebook":
-        return {"codebook": config_hash(cfg.codebook)}
-    if stage == "student":
-        s = cfg.student
-        if method is None:
-            raise ValueError("the student stage needs a method")
-        # only what this method reads: editing student.kd does not retrain the ce student, and
-        # student.methods is left out so that adding a method does not retrain the others
-        spec = get_method(method)
-        section: dict[str, Any] = {"method": method, "arch": s.arch, "train": s.train}
-        if spec.needs_codebook:
-            section["layer"] = s.layer
-        for name in spec.settings:  # the typed settings sections the method reads
-            section[name] = getattr(s, name)
-        return {"student": config_hash(section), "augment": config_hash(augment)}
-    if stage == "evaluate":
-        return {"student.methods": config_hash({"methods": cfg.student.methods})}
-    if stage == "report":
-        # the gallery ranks positions by p_T, which uses the QuEST temperature
-        return {"report": config_hash(cfg.report),
-                "temperature": config_hash({"t": cfg.student.quest.temperature})}
-    if stage == "validate":
-        # `method` is the suite name; the same settings as its dvc.yaml validate-* stage
-        extra: dict[str, Any] = {
-            "data": {"channels": d.channels, "image_size": d.image_size},
-            "features": {"max_vectors": cfg.features.max_vectors},
-            "codebook": _pick(cfg.codebook, ("seed", "max_points_per_centroid")),
-            "predictions": {"methods": cfg.student.methods},
-        }[str(method)]
-        return {"validation": config_hash(getattr(cfg.validation, str(method))),
-                "reads": config_hash(extra)}
-    raise ValueError(f"unknown stage {stage!r}")
+    """The settings a stage reads (its params in the stage table), hashed; input paths outside
+    the project (data.location, teacher.checkpoint) by the content they point at."""
+    spec = stage_for(stage, method)
+    if spec.per == "method" and method is None:
+        raise ValueError(f"the {stage} stage needs a method")
+    values: dict[str, Any] = {}
+    out: dict[str, str] = {}
+    for dotted in spec.params(method):
+        dotted = dotted.replace(LEVEL_ITEM, str(method))
+        value = get_param(cfg, dotted)
+        if dotted in LOCATION_PARAMS:
+            out[dotted] = _location_digest(value, paths) if value else "none"
+        else:
+            values[dotted] = value
+    out["params"] = config_hash(values)
+    return out
 
 
 def stage_inputs(stage: str, cfg: Config, paths: Paths, method: str | None = None) -> list[Path]:
     """The files and directories a stage reads (those written by upstream stages)."""
-    if stage == "prepare":
-        return []  # its input is the data source, hashed with its config above
-    if stage == "teacher":
-        return [paths.prepared]
-    if stage == "features":
-        return [paths.prepared, paths.teacher_model]
-    if stage == "codebook":
-        return [paths.features, paths.features_meta]
-    if stage == "student":
-        assert method is not None
-        files = [paths.prepared]
-        spec = get_method(method)
-        if spec.needs_teacher:
-            files.append(paths.teacher_model)
-        if spec.needs_codebook:
-            files += [paths.codebook, paths.codebook_meta]
-            for name in level_names(cfg):
-                lp = level_paths(paths, name)
-                files += [lp.codebook, lp.codebook_meta]
-        return files
-    if stage == "evaluate":
-        return [paths.prepared, paths.teacher_model,
-                *(paths.student_model(m) for m in cfg.student.methods)]
-    if stage == "report":
-        return [paths.prepared, paths.teacher_model, paths.codebook, paths.codebook_meta,
-                paths.metrics / "evaluation.json", paths.metrics / "codebook.json",
-                paths.plots / "codebook_objective.csv", paths.plots / "codebook_usage.csv",
-                *(paths.student_metrics(m) for m in cfg.student.methods)]
-    if stage == "validate":
-        return {
-            "data": [paths.prepared],
-            "features": [paths.prepared, paths.features, paths.features_meta],
-            "codebook": [paths.features, paths.codebook],
-            "predictions": [paths.prepared, *(paths.student_model(m)
-                                              for m in cfg.student.methods)],
-        }[str(method)]
-    raise ValueError(f"unknown stage {stage!r}")
-
-
-# Stages that run once per QuEST level; for them `method` names the level (None: the first).
-LEVEL_STAGES = ("features", "codebook")
-
-
-def for_level(stage: str, cfg: Config, paths: Paths, method: str | None) -> tuple[Config, Paths]:
-    """The config and paths a level stage runs with (unchanged for other stages)."""
-    if stage not in LEVEL_STAGES or not method:
-        return cfg, paths
-    return level_config(cfg, method), level_paths(paths, method)
+    spec = stage_for(stage, method)
+    deps = spec.deps(cfg, paths, method)
+    if spec.family == "student" and method is not None and get_method(method).needs_codebook:
+        # the table's models/levels is DVC's ordering; Prefect hashes the levels in use
+        deps = [d for d in deps if d != paths.root / "models" / "levels"]
+        for name in level_names(cfg):
+            deps.append(level_paths(paths, name).codebook.parent)
+    return deps
 
 
 def stage_outputs(stage: str, paths: Paths, method: str | None = None) -> list[Path]:
     """The files and directories a stage writes (what DVC versions, plus metrics and plots)."""
-    if stage in LEVEL_STAGES and method:
-        paths = level_paths(paths, method)
-    if stage == "prepare":
-        return [paths.prepared]
-    if stage == "teacher":
-        return [paths.teacher_model, paths.metrics / "teacher.json"]
-    if stage == "features":
-        return [paths.features, paths.features_meta]
-    if stage == "codebook":
-        return [paths.codebook, paths.codebook_meta, paths.codebook_metrics,
-                paths.codebook_plot("objective"), paths.codebook_plot("usage")]
-    if stage == "student":
-        assert method is not None
-        return [paths.student_model(method), paths.student_metrics(method),
-                paths.student_curve(method)]
-    if stage == "evaluate":
-        return [paths.metrics / "evaluation.json", paths.metrics / "per_class.json"]
-    if stage == "report":
-        # file by file: reports/validation/ belongs to the validate tasks
-        return [paths.reports / "report.html", paths.reports / "report.md",
-                paths.reports / "figures"]
-    if stage == "validate":
-        from quest.validation import report_files
-
-        return list(report_files(paths, str(method)).values())
-    raise ValueError(f"unknown stage {stage!r}")
+    return stage_for(stage, method).outs(paths, method)
 
 
 def output_digests(stage: str, paths: Paths, method: str | None = None) -> dict[str, str]:
@@ -348,7 +253,7 @@ def outputs_match(result: Any, paths: Paths) -> bool:
 def stage_key(stage: str, root: str | os.PathLike[str], config: dict[str, Any],
               method: str | None = None) -> str:
     """The cache key of one stage run: inputs' content, its config sections and its code."""
-    cfg, paths = for_level(stage, build_config(config), Paths(Path(root).resolve()), method)
+    cfg, paths = build_config(config), Paths(Path(root).resolve())
     parts = {
         "schema": CACHE_SCHEMA,
         "stage": stage,
@@ -363,11 +268,11 @@ def stage_key(stage: str, root: str | os.PathLike[str], config: dict[str, Any],
 
 
 def cache_key_fn(stage: str) -> Callable[[Any, dict[str, Any]], str]:
-    """A Prefect ``cache_key_fn`` for a stage task taking (root, config[, method or level])."""
+    """A Prefect ``cache_key_fn`` for a stage task taking (root, config[, key]): the key is
+    the method, extra level or suite of a keyed task."""
 
     def key(context: Any, parameters: dict[str, Any]) -> str:
-        return stage_key(stage, parameters["root"], parameters["config"],
-                         parameters.get("method") or parameters.get("level"))
+        return stage_key(stage, parameters["root"], parameters["config"], parameters.get("key"))
 
     key.__name__ = f"{stage}_cache_key"
     return key

@@ -39,7 +39,6 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.cache import (
-    LEVEL_STAGES,
     cache_key_fn,
     output_digests,
     outputs_match,
@@ -51,6 +50,7 @@ from quest.levels import level_names
 from quest.methods import needs_codebook
 from quest.paths import Paths
 from quest.runlock import run_lock
+from quest.stages.table import STAGES, stage_for
 
 
 def retry_unless_quest_error(task: Any, task_run: Any, state: State) -> bool:
@@ -86,99 +86,42 @@ def _cfg_paths(root: str, config: dict[str, Any]) -> tuple[Config, Paths]:
     return build_config(config), Paths(Path(root).resolve())
 
 
-@task(name="prepare", cache_key_fn=cache_key_fn("prepare"), **_TASK_OPTIONS)
-def prepare_task(root: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Read the data source into data/prepared/ (quest prepare)."""
-    from quest.stages.prepare import run_prepare
-
-    return _stage_result("prepare", root, run_prepare(*_cfg_paths(root, config)))
+_SUITE_SUMMARY = ("suite", "success", "evaluated", "passed", "failed")
 
 
-@task(name="teacher", cache_key_fn=cache_key_fn("teacher"), **_TASK_OPTIONS)
-def teacher_task(root: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Import or train the teacher into models/teacher/ (quest teacher)."""
-    from quest.stages.teacher import run_teacher
+def _stage_task(family: str, keyed: bool, name: str | None = None) -> Any:
+    """The Prefect task of one stage family of the stage table (quest/stages/table.py): it runs
+    the table's function and returns its summary with the hashes of the files it wrote. Keyed
+    tasks take the method, level or suite as `key` and show it in their run name."""
 
-    return _stage_result("teacher", root, run_teacher(*_cfg_paths(root, config)))
+    def summary(root: str, config: dict[str, Any], key: str | None) -> dict[str, Any]:
+        cfg, paths = _cfg_paths(root, config)
+        out = stage_for(family, key).run(cfg, paths, key)
+        if family == "validate":
+            out = {k: out[k] for k in _SUITE_SUMMARY}
+        return _stage_result(family, root, out, key)
 
+    opts: dict[str, Any] = {"name": name or family, "cache_key_fn": cache_key_fn(family),
+                            **_TASK_OPTIONS}
+    if not keyed:
+        def run(root: str, config: dict[str, Any]) -> dict[str, Any]:
+            return summary(root, config, None)
 
-@task(name="features", cache_key_fn=cache_key_fn("features"), **_TASK_OPTIONS)
-def features_task(root: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Extract the teacher's spatial feature vectors into data/features/ (quest features)."""
-    from quest.stages.features import run_features
+        return task(**opts)(run)
 
-    return _stage_result("features", root, run_features(*_cfg_paths(root, config)))
+    def run_keyed(root: str, config: dict[str, Any], key: str) -> dict[str, Any]:
+        return summary(root, config, key)
 
-
-@task(name="codebook", cache_key_fn=cache_key_fn("codebook"), **_TASK_OPTIONS)
-def codebook_task(root: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Fit the k-means vocabulary into models/codebook/ (quest codebook)."""
-    from quest.stages.codebook import run_codebook
-
-    return _stage_result("codebook", root, run_codebook(*_cfg_paths(root, config)))
-
-
-@task(name="features-level", task_run_name="features[{level}]",
-      cache_key_fn=cache_key_fn("features"), **_TASK_OPTIONS)
-def features_level_task(root: str, config: dict[str, Any], level: str) -> dict[str, Any]:
-    """An extra QuEST level's teacher vectors into data/levels/<level>/ (quest features
-    --level L)."""
-    from quest.levels import level_config, level_paths
-    from quest.stages.features import run_features
-
-    cfg, paths = _cfg_paths(root, config)
-    summary = run_features(level_config(cfg, level), level_paths(paths, level))
-    return _stage_result("features", root, summary, level)
+    return task(task_run_name=f"{family}[{{key}}]", **opts)(run_keyed)
 
 
-@task(name="codebook-level", task_run_name="codebook[{level}]",
-      cache_key_fn=cache_key_fn("codebook"), **_TASK_OPTIONS)
-def codebook_level_task(root: str, config: dict[str, Any], level: str) -> dict[str, Any]:
-    """An extra QuEST level's vocabulary into models/levels/<level>/ (quest codebook --level L)."""
-    from quest.levels import level_config, level_paths
-    from quest.stages.codebook import run_codebook
-
-    cfg, paths = _cfg_paths(root, config)
-    summary = run_codebook(level_config(cfg, level), level_paths(paths, level))
-    return _stage_result("codebook", root, summary, level)
-
-
-@task(name="student", task_run_name="student[{method}]", cache_key_fn=cache_key_fn("student"),
-      **_TASK_OPTIONS)
-def student_task(root: str, config: dict[str, Any], method: str) -> dict[str, Any]:
-    """Train one student with one method into models/students/ (quest student --method M)."""
-    from quest.stages.student import run_student
-
-    cfg, paths = _cfg_paths(root, config)
-    return _stage_result("student", root, run_student(cfg, paths, method), method)
-
-
-@task(name="evaluate", cache_key_fn=cache_key_fn("evaluate"), **_TASK_OPTIONS)
-def evaluate_task(root: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate teacher and students into metrics/evaluation.json (quest evaluate)."""
-    from quest.stages.evaluate import run_evaluate
-
-    return _stage_result("evaluate", root, run_evaluate(*_cfg_paths(root, config)))
-
-
-@task(name="report", cache_key_fn=cache_key_fn("report"), **_TASK_OPTIONS)
-def report_task(root: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Write reports/report.html, report.md and figures/ from the run's outputs (quest report)."""
-    from quest.report import run_report
-
-    return _stage_result("report", root, run_report(*_cfg_paths(root, config)))
-
-
-@task(name="validate", task_run_name="validate[{method}]", cache_key_fn=cache_key_fn("validate"),
-      **_TASK_OPTIONS)
-def validate_task(root: str, config: dict[str, Any], method: str) -> dict[str, Any]:
-    """Run one Great Expectations suite, `method` naming it (quest validate --what METHOD)."""
-    from quest.validation import run_validation
-
-    cfg, paths = _cfg_paths(root, config)
-    rep = run_validation(method, cfg, paths)
-    summary = {k: rep[k] for k in ("suite", "success", "evaluated", "passed", "failed")}
-    return _stage_result("validate", root, summary, method)
+# One task per stage of the table; the validate-* stages share the keyed "validate" task.
+TASKS: dict[str, Any] = {
+    spec.name: _stage_task(spec.family, spec.per is not None,
+                           spec.name if spec.per == "level" else None)
+    for spec in STAGES if spec.suite is None
+}
+TASKS["validate"] = _stage_task("validate", True)
 
 
 @task(name="track", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_quest_error)
@@ -232,8 +175,7 @@ class _Runner:
     def _kwargs(self, stage: str, method: str | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"root": str(self.paths.root), "config": self.config}
         if method is not None:
-            # the level stages' tasks name their extra argument `level`
-            kwargs["level" if stage in LEVEL_STAGES else "method"] = method
+            kwargs["key"] = method  # the method, level or suite of a keyed task
         return kwargs
 
     def _stale(self, stage: str, method: str | None, state: State, result: Any) -> bool:
@@ -343,25 +285,24 @@ def _pipeline_body(root_path: Path, cfg: Config, track: bool, tracking_uri: str 
     """The flow's work, run while it holds the project's run lock."""
     config = cfg.to_dict()
     run = _Runner(root_path, config)
-    run.run(prepare_task, "prepare")
-    # each Great Expectations suite gates the expensive stage after it (a failure is a
-    # QuestError: not retried, and the flow stops there)
-    run.run(validate_task, "validate", "data")
-    run.run(teacher_task, "teacher")
     methods = list(cfg.student.methods)
     # dvc.yaml always has features and codebook; without a QuEST student only DVC needs them
-    if needs_codebook(methods) or (root_path / ".dvc").is_dir():
-        run.run(features_task, "features")
-        run.run(validate_task, "validate", "features")
-        run.run(codebook_task, "codebook")
-        run.run(validate_task, "validate", "codebook")
-        for level in level_names(cfg):  # each extra QuEST level: a task per stage and level
-            run.run(features_level_task, "features", level)
-            run.run(codebook_level_task, "codebook", level)
-    run.run_many(student_task, "student", methods)
-    evaluation = run.run(evaluate_task, "evaluate")
-    run.run(validate_task, "validate", "predictions")
-    run.run(report_task, "report")
+    quantize = needs_codebook(methods) or (root_path / ".dvc").is_dir()
+    evaluation: dict[str, Any] = {}
+    for spec in STAGES:  # the stage table's order; each suite gates the stage after it
+        if spec.needs_codebook and not quantize:
+            continue
+        if spec.suite is not None:
+            run.run(TASKS["validate"], "validate", spec.suite)
+        elif spec.per == "method":
+            run.run_many(TASKS[spec.name], spec.family, methods)
+        elif spec.per == "level":
+            for level in level_names(cfg):
+                run.run(TASKS[spec.name], spec.family, level)
+        else:
+            result = run.run(TASKS[spec.name], spec.family)
+            if spec.name == "evaluate":
+                evaluation = result
     dvc = dvc_commit(root_path, cfg)
     recomputed = [k for k, v in run.states.items() if v != "Cached"]
     tracked = None

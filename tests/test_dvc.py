@@ -391,3 +391,44 @@ def test_an_extra_quest_level_gets_its_own_stages(project: Project) -> None:
     assert history[-1]["quest_l2"] > 0
     project.commit("extra level l2")
     assert status_clean(project)
+
+
+def test_dvc_yaml_is_written_from_the_stage_table() -> None:
+    from flows.dvc_yaml import main as dvc_yaml
+
+    # the committed file is what the table gives (python -m flows.dvc_yaml rewrites it)
+    assert dvc_yaml(["--check"]) == 0
+
+
+def test_one_table_drives_dvc_params_and_the_prefect_key(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    """Dropping a setting from a stage in the table drops it from dvc.yaml and from that
+    stage's Prefect cache key alike."""
+    import dataclasses
+
+    import flows.cache as fc
+    import quest.stages.table as table
+    from flows.dvc_yaml import render
+    from quest.config import load_config
+    from quest.paths import Paths
+
+    cfg = load_config(REPO / "params.yaml")
+    paths = Paths(tmp_path)
+    other = load_config(REPO / "params.yaml", None, ["features.seed=7"])
+    assert fc.stage_config("features", cfg, paths) != fc.stage_config("features", other, paths)
+    spec = table.BY_NAME["features"]
+    fewer = dataclasses.replace(
+        spec, params=lambda key: [p for p in spec.params(key) if p != "features.seed"])
+    monkeypatch.setitem(table.BY_NAME, "features", fewer)
+    monkeypatch.setattr(table, "STAGES",
+                        tuple(fewer if s.name == "features" else s for s in table.STAGES))
+    import flows.dvc_yaml
+
+    monkeypatch.setattr(flows.dvc_yaml, "STAGES", table.STAGES)
+    rendered = yaml.safe_load(render((REPO / "dvc.yaml").read_text()))
+    assert "features.seed" not in rendered["stages"]["features"]["params"]
+    assert fc.stage_config("features", cfg, paths) == fc.stage_config("features", other, paths)
+    # and the code a stage's key hashes is the code dvc.yaml lists
+    listed = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["codebook"]["deps"]
+    for rel in fc.code_files("quest.stages.codebook"):
+        assert any(rel == d or rel.startswith(d + "/") for d in listed), rel

@@ -8,15 +8,10 @@ from typing import Any
 
 from quest import methods
 from quest.config import Config
-from quest.levels import level_config, level_names, level_paths
+from quest.levels import level_names
 from quest.paths import Paths
 from quest.progress import log
-from quest.stages.codebook import run_codebook
-from quest.stages.evaluate import run_evaluate
-from quest.stages.features import run_features
-from quest.stages.prepare import run_prepare
-from quest.stages.student import run_student
-from quest.stages.teacher import run_teacher
+from quest.stages.table import STAGES
 
 
 def run_pipeline(cfg: Config, paths: Paths,
@@ -38,16 +33,19 @@ def run_pipeline(cfg: Config, paths: Paths,
             timed(f"validate[{name}]", checks[name])
         return out
 
-    timed("prepare", run_prepare, cfg, paths)
-    timed("teacher", run_teacher, cfg, paths)
-    if methods.needs_codebook(cfg.student.methods):
-        timed("features", run_features, cfg, paths)
-        timed("codebook", run_codebook, cfg, paths)
-        for name in level_names(cfg):  # every extra quantized level: the same two stages
-            lcfg, lpaths = level_config(cfg, name), level_paths(paths, name)
-            timed(f"features[{name}]", run_features, lcfg, lpaths)
-            timed(f"codebook[{name}]", run_codebook, lcfg, lpaths)
-    for method in cfg.student.methods:
-        timed(f"student[{method}]", run_student, cfg, paths, method)
-    evaluation = timed("evaluate", run_evaluate, cfg, paths)
+    quantize = methods.needs_codebook(cfg.student.methods)
+    evaluation: dict[str, Any] = {}
+    for spec in STAGES:  # the stage table's order (quest/stages/table.py)
+        if spec.suite is not None or (spec.needs_codebook and not quantize):
+            continue  # the suites run as `checks`, right after the stage they gate
+        keys: list[str | None] = [None]
+        if spec.per == "method":
+            keys = list(cfg.student.methods)
+        elif spec.per == "level":
+            keys = list(level_names(cfg))
+        for key in keys:
+            label = spec.family if key is None else f"{spec.family}[{key}]"
+            out = timed(label, spec.run, cfg, paths, key)
+            if spec.name == "evaluate":
+                evaluation = out
     return {"evaluation": evaluation, "seconds": timings}
