@@ -120,23 +120,31 @@ def _diag(runs: dict[int, dict[str, Any]], key: str) -> str:
     return f"{sum(vals) / len(vals):.3f}"
 
 
+def _wall(runs: dict[int, dict[str, Any]]) -> str:
+    """Mean wall-clock seconds of a setting's runs (the machine and its load vary: a guide)."""
+    walls = [float(r["wall_seconds"]) for r in runs.values() if r.get("wall_seconds")]
+    return f"{sum(walls) / len(walls):.0f}" if walls else "–"
+
+
 def render(study: Study, root: Path) -> str:
     """The study's Markdown tables (deterministic: regenerated output equals the committed one)."""
     data = collect(study, root)
     lines = [f"Study `{study.name}` ({study.path.name}); top-1 % on the test split, mean ± sample "
-             "std over seeds; Δ = paired per-seed difference in points, ± the 95 % t interval.",
+             "std over seeds; Δ = paired per-seed difference in points, ± the 95 % t interval; "
+             "wall s/run: mean wall-clock seconds of one run (2-core CPU, shared with other "
+             "work, so a guide only).",
              "",
              "Δ vs CE and Δ vs KD pair each run with the CE and KD runs of the same settings "
              "(recorded in any setting: they do not depend on QuEST's knobs).",
              "",
-             "| setting | method | seeds | top-1 % | Δ vs CE | Δ vs KD |",
-             "|---|---|---|---|---|---|"]
+             "| setting | method | seeds | top-1 % | Δ vs CE | Δ vs KD | wall s/run |",
+             "|---|---|---|---|---|---|---|"]
     base = baselines(study, root)
     for s in study.settings:
         by_m = data.get(s.name, {})
         ce, kd = base.get(s.name, {}).get("ce", {}), base.get(s.name, {}).get("kd", {})
         if not by_m:  # declared, not trained yet: say so rather than leave it out
-            lines.append(f"| {s.name} | {', '.join(s.methods)} | – | not run yet | | |")
+            lines.append(f"| {s.name} | {', '.join(s.methods)} | – | not run yet | | | |")
             continue
         for method in sorted(by_m, key=lambda m: _order(m)):
             t = _top1(by_m[method])
@@ -145,7 +153,7 @@ def render(study: Study, root: Path) -> str:
             vs_ce = _fmt_diff(paired_diff(t, ce)) if method != "ce" else ""
             vs_kd = _fmt_diff(paired_diff(t, kd)) if method not in ("ce", "kd") else ""
             lines.append(f"| {s.name} | {method} | {seeds} | {m:.2f} ± {sd:.2f} | {vs_ce} "
-                         f"| {vs_kd} |")
+                         f"| {vs_kd} | {_wall(by_m[method])} |")
     best = {m: _best(data, m) for m in ("ce", "kd", "quest", "quest+kd")}
     if best["kd"] and (best["quest"] or best["quest+kd"]):
         lines += ["", "Best of each method over the study's settings (among those with the most "
