@@ -607,6 +607,22 @@ def _in_storage_order(entries: list[Entry], wanted: dict[str, Any]) -> Iterator[
             yield e.name
 
 
+def balanced_choice(groups: list[Any], classes: list[str], per_class: int,
+                    rng: np.random.Generator, split: str, setting: str) -> list[np.ndarray]:
+    """Per class, `per_class` positions drawn without replacement from that class's candidates
+    (`groups[label]`, in the caller's order); one-line errors name `setting` to lower."""
+    if per_class < 1:
+        raise QuestError(f"{setting} must be at least 1, got {per_class}")
+    picks = []
+    for group, cls in zip(groups, classes, strict=True):
+        if len(group) < per_class:
+            raise QuestError(
+                f"class '{cls}' has only {len(group)} {split} images, fewer than the "
+                f"{per_class} per class asked for: lower {setting}")
+        picks.append(rng.choice(len(group), size=per_class, replace=False))
+    return picks
+
+
 def _subset_plan(plan: _Plan, subset: tuple[int | None, int | None, int]) -> _Plan:
     """Keep a seeded, class-balanced choice of files per split (None keeps a split whole)."""
     rng = np.random.default_rng(subset[2])
@@ -615,17 +631,11 @@ def _subset_plan(plan: _Plan, subset: tuple[int | None, int | None, int]) -> _Pl
         if per_class is None:
             files[split] = plan.files[split]
             continue
-        if per_class < 1:
-            raise QuestError(f"data.subset.{split}_per_class must be at least 1, got {per_class}")
-        keep: set[str] = set()
-        for label, cls in enumerate(plan.classes):
-            names = sorted(n for n, lab in plan.files[split] if lab == label)
-            if len(names) < per_class:
-                raise QuestError(
-                    f"class '{cls}' has only {len(names)} {split} images, fewer than the "
-                    f"{per_class} per class asked for: lower data.subset.{split}_per_class"
-                )
-            keep.update(names[i] for i in rng.choice(len(names), size=per_class, replace=False))
+        groups = [sorted(n for n, lab in plan.files[split] if lab == label)
+                  for label in range(len(plan.classes))]
+        picks = balanced_choice(groups, list(plan.classes), per_class, rng, split,
+                                f"data.subset.{split}_per_class")
+        keep = {names[i] for names, pick in zip(groups, picks, strict=True) for i in pick}
         files[split] = [(n, lab) for n, lab in plan.files[split] if n in keep]
     return _Plan(plan.classes, files, plan.ignored)
 
@@ -717,18 +727,11 @@ def smoke_subset(
         if per_class is None:
             splits[split_name] = Split(split.images, np.asarray(split.labels, dtype=np.int64))
             continue
-        if per_class < 1:
-            raise QuestError(f"{split_name}_per_class must be at least 1, got {per_class}")
         labels = np.asarray(split.labels)
-        chosen = []
-        for label, cls in enumerate(ds.classes):
-            idx = np.flatnonzero(labels == label)
-            if idx.size < per_class:
-                raise QuestError(
-                    f"class '{cls}' has only {idx.size} {split_name} images, fewer than the "
-                    f"{per_class} per class asked for: lower {split_name}_per_class"
-                )
-            chosen.append(rng.choice(idx, size=per_class, replace=False))
+        groups = [np.flatnonzero(labels == label) for label in range(len(ds.classes))]
+        picks = balanced_choice(groups, list(ds.classes), per_class, rng, split_name,
+                                f"{split_name}_per_class")
+        chosen = [idx[pick] for idx, pick in zip(groups, picks, strict=True)]
         # Keep the source order inside the subset; the loader shuffles anyway.
         keep = np.sort(np.concatenate(chosen))
         splits[split_name] = Split(np.asarray(split.images[keep]), labels[keep].astype(np.int64))
