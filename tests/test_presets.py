@@ -107,6 +107,9 @@ TABLE: dict[str, Row] = {
     "imagenet-resnet34-resnet18": Row(
         "Config_ImageNet/RN34_RN18.py", "resnet34", "resnet18", 0.1, "reflect",
         "learned_scale", 3.0, _one("layer4", "layer4", 1, 512, 512, 7)),
+    "imagenet-resnet50-mobilenetv2": Row(
+        "Config_ImageNet/RN50_MNv2.py", "resnet50", "mobilenet_v2", 0.1, "reflect",
+        "learned_scale", 3.0, _one("layer4", "features", 1, 2048, 1280, 7)),
     **{f"mit67-resnet34-resnet18-img{n}": Row(
         f"Config_TransferLearning/RN34_RN18_IMG{n}.py", "resnet34", "resnet18", 0.05, "reflect",
         "fixed_scale_bias", 10.0, _TRANSFER) for n in (10, 25, 50, 80)},
@@ -176,7 +179,9 @@ def test_preset_carries_the_official_settings(name: str) -> None:
         assert cfg.features.max_vectors is None
         assert cfg.student.methods == ["ce", "kd", "quest"]
     elif name.startswith("imagenet-"):
-        assert recipe | {"repeat": t.repeat} == IMAGENET_TRAIN
+        # RN50 -> MobileNetV2 trains with batch 210, RN34 -> RN18 with 256
+        batch = {"imagenet-resnet50-mobilenetv2": 210}.get(name, 256)
+        assert recipe | {"repeat": t.repeat} == IMAGENET_TRAIN | {"batch_size": batch}
         assert (cfg.data.source, cfg.data.image_size) == ("image_folder", 224)
         assert (cfg.data.mean, cfg.data.std) == (IMAGENET_MEAN, IMAGENET_STD)
         assert cfg.student.methods == ["ce", "kd", "quest"]
