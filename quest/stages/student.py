@@ -70,24 +70,32 @@ def _extra_levels(cfg: Config, paths: Paths, student: torch.nn.Module,
     return out
 
 
-def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None = None,
-                study: str | None = None) -> dict[str, Any]:
-    """Train the configured student with `method`; write model, metrics and per-epoch curves,
-    and record the run in ``paths.results`` (labelled with its study and setting, if any)."""
+def _codebook_context(cfg: Config, paths: Paths, student: torch.nn.Module,
+                      image_shape: tuple[int, ...], device: torch.device,
+                      provenance: dict[str, Any]) -> dict[str, Any]:
+    """The codebook and layers a QuEST method needs, for every level (MethodContext fields)."""
     s = cfg.student
-    started = time.monotonic()
-    device = resolve_device(cfg)
-    dist_info = distributed.env_info()  # set when launched by torchrun
-    if dist_info is not None:
-        device = distributed.init(dist_info, device)
-    ds = load_data(paths)
-    mean, std = norm_stats(ds)
-    num_classes = len(ds.classes)
-    image_shape = tuple(int(v) for v in ds.train.images.shape[1:])
-    provenance: dict[str, Any] = {"data_sha256": data_hash(paths.prepared)}
-    spec = get(method)
+    if not paths.codebook.is_file():
+        raise QuestError(f"{paths.codebook} does not exist: run `quest codebook` first")
+    cb_meta = read_json(paths.codebook_meta)
+    provenance["codebook_sha256"] = cb_meta["codebook_sha256"]
+    s_layer = s.layer or default_feature_layer(s.arch)
+    return {
+        "codebook": torch.from_numpy(np.load(paths.codebook)).to(device),
+        "teacher_layer": cb_meta["layer"],
+        "teacher_pool": int(cb_meta.get("pool", 1)),
+        "student_layer": s_layer,
+        "student_channels": student_channels(student, s_layer, image_shape),
+        "extra_levels": _extra_levels(cfg, paths, student, image_shape, device, provenance),
+    }
+
+
+def _build_distiller(cfg: Config, paths: Paths, method: str, num_classes: int,
+                     image_shape: tuple[int, ...], device: torch.device,
+                     provenance: dict[str, Any]) -> Any:
+    """The method's distiller around a fresh student (and the teacher it needs)."""
+    s, spec = cfg.student, get(method)
     teacher = None
-    ctx_extra: dict[str, Any] = {}
     if spec.needs_teacher:
         teacher, _ = load_model_file(paths.teacher_model, "teacher model")
         teacher = to_device(teacher, device, cfg.runtime.channels_last)
@@ -97,59 +105,25 @@ def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None =
         # the student's and the predictor's initial weights depend on the seed alone
         torch.manual_seed(s.train.seed)
         student = to_device(build_model(s.arch, num_classes), device, cfg.runtime.channels_last)
-        if spec.needs_codebook:
-            if not paths.codebook.is_file():
-                raise QuestError(f"{paths.codebook} does not exist: run `quest codebook` first")
-            cb_meta = read_json(paths.codebook_meta)
-            provenance["codebook_sha256"] = cb_meta["codebook_sha256"]
-            s_layer = s.layer or default_feature_layer(s.arch)
-            ctx_extra = {
-                "codebook": torch.from_numpy(np.load(paths.codebook)).to(device),
-                "teacher_layer": cb_meta["layer"],
-                "teacher_pool": int(cb_meta.get("pool", 1)),
-                "student_layer": s_layer,
-                "student_channels": student_channels(student, s_layer, image_shape),
-                "extra_levels": _extra_levels(cfg, paths, student, image_shape, device,
-                                              provenance),
-            }
+        extra = (_codebook_context(cfg, paths, student, image_shape, device, provenance)
+                 if spec.needs_codebook else {})
         # the method's extra heads (QuEST's predictor) are built here, under the same seed
         distiller = spec.build(MethodContext(student, teacher, s, image_shape=image_shape,
-                                             **ctx_extra))
+                                             **extra))
     maybe_compile(student, cfg.runtime.compile)
-    train_loader, test_loader = make_loaders(ds, cfg, s.train, device)
-    fingerprint = config_hash({"method": method, "student": config_hash(s), **provenance})
-    trainer = Trainer(
-        distiller,
-        s.train,
-        checkpoint_path=paths.checkpoint(f"student-{method}"),
-        fingerprint=fingerprint,
-        device=device,
-        num_classes=num_classes,
-        progress=cfg.runtime.progress,
-        desc=f"student[{method}]",
-    )
-    if dist_info is not None:
-        train_loader = distributed.data_parallel(trainer, train_loader, dist_info,
-                                                 s.train.batch_size)
-    trainer.forward_step = autocast_step(trainer.forward_step, cfg.runtime.amp, device)
-    log.info("student[%s] on %s: %s%s", method, device, describe(cfg.runtime, device),
-             f", rank {dist_info.rank} of {dist_info.world_size}" if dist_info else "")
-    history = trainer.fit(train_loader, test_loader)
-    if dist_info is not None and not dist_info.is_main:
-        return {"method": method, "rank": dist_info.rank}  # rank 0 writes the outputs
+    return distiller
+
+
+def _write_outputs(cfg: Config, paths: Paths, method: str, distiller: Any, ds: Any,
+                   history: list[dict[str, Any]], provenance: dict[str, Any]) -> dict[str, Any]:
+    """The exported student, its metrics JSON and its per-epoch CSV; returns the metrics."""
+    s = cfg.student
+    mean, std = norm_stats(ds)
     final = history[-1]
     # the predictor trains alongside but is not exported: the saved student is the plain net
-    save_model_file(
-        paths.student_model(method),
-        distiller.export_student(),
-        arch=s.arch,
-        num_classes=num_classes,
-        classes=list(ds.classes),
-        mean=mean,
-        std=std,
-        method=method,
-        **provenance,
-    )
+    save_model_file(paths.student_model(method), distiller.export_student(), arch=s.arch,
+                    num_classes=len(ds.classes), classes=list(ds.classes), mean=mean, std=std,
+                    method=method, **provenance)
     metrics = {
         "method": method,
         "arch": s.arch,
@@ -164,11 +138,44 @@ def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None =
     }
     write_json_atomic(paths.student_metrics(method), metrics)
     write_csv_atomic(paths.student_curve(method), history)
+    return metrics
+
+
+def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None = None,
+                study: str | None = None) -> dict[str, Any]:
+    """Train the configured student with `method`; write model, metrics and per-epoch curves,
+    and record the run in ``paths.results`` (labelled with its study and setting, if any)."""
+    s = cfg.student
+    started = time.monotonic()
+    device = resolve_device(cfg)
+    dist_info = distributed.env_info()  # set when launched by torchrun
+    if dist_info is not None:
+        device = distributed.init(dist_info, device)
+    ds = load_data(paths)
+    image_shape = tuple(int(v) for v in ds.train.images.shape[1:])
+    provenance: dict[str, Any] = {"data_sha256": data_hash(paths.prepared)}
+    distiller = _build_distiller(cfg, paths, method, len(ds.classes), image_shape, device,
+                                 provenance)
+    train_loader, test_loader = make_loaders(ds, cfg, s.train, device)
+    fingerprint = config_hash({"method": method, "student": config_hash(s), **provenance})
+    trainer = Trainer(distiller, s.train, checkpoint_path=paths.checkpoint(f"student-{method}"),
+                      fingerprint=fingerprint, device=device, num_classes=len(ds.classes),
+                      progress=cfg.runtime.progress, desc=f"student[{method}]")
+    if dist_info is not None:
+        train_loader = distributed.data_parallel(trainer, train_loader, dist_info,
+                                                 s.train.batch_size)
+    trainer.forward_step = autocast_step(trainer.forward_step, cfg.runtime.amp, device)
+    log.info("student[%s] on %s: %s%s", method, device, describe(cfg.runtime, device),
+             f", rank {dist_info.rank} of {dist_info.world_size}" if dist_info else "")
+    history = trainer.fit(train_loader, test_loader)
+    if dist_info is not None and not dist_info.is_main:
+        return {"method": method, "rank": dist_info.rank}  # rank 0 writes the outputs
+    metrics = _write_outputs(cfg, paths, method, distiller, ds, history, provenance)
     trainer.finish()
     record = build_record(cfg, metrics, device=device,
                           teacher_arch=cfg.teacher.arch, wall_seconds=time.monotonic() - started,
                           setting=setting, study=study)
     write_record(paths.results, record)
-    log.info("student[%s] %s: top-1 %.4f after %d epochs", method, s.arch, final["test_accuracy"],
-             s.train.epochs)
+    log.info("student[%s] %s: top-1 %.4f after %d epochs", method, s.arch,
+             metrics["top1"], s.train.epochs)
     return {k: v for k, v in metrics.items() if k != "history"}
