@@ -18,6 +18,18 @@ _CPU_BLOCK = 256
 _GPU_BLOCK = 8192
 
 
+def _fold_gradients(g: Tensor, weight: Tensor, student: Tensor, start: int,
+                    grad_student: Tensor | None, grad_weight: Tensor | None,
+                    grad_bias: Tensor | None) -> None:
+    """Add one block's d(sum KL)/d(scores) = p_S - p_T into the input gradients."""
+    if grad_student is not None:
+        torch.mm(g, weight, out=grad_student[start : start + g.shape[0]])
+    if grad_weight is not None:
+        grad_weight.addmm_(g.t(), student)
+    if grad_bias is not None:
+        grad_bias += g.sum(dim=0)
+
+
 class _FusedQuestKL(torch.autograd.Function):
     """KL(p_T || softmax(x W^T)) averaged over rows; p_T = softmax(-T ||f - c||^2)."""
 
@@ -41,10 +53,7 @@ class _FusedQuestKL(torch.autograd.Function):
         grad_student = torch.zeros_like(student) if want_s else None
         grad_weight = torch.zeros_like(weight) if want_w else None
         grad_bias = torch.zeros_like(bias) if want_b and bias is not None else None
-        kl_sum = student.new_zeros(())
-        hits = student.new_zeros(())
-        max_sum = student.new_zeros(())
-        s_max_sum = student.new_zeros(())
+        kl_sum, hits, max_sum, s_max_sum = (student.new_zeros(()) for _ in range(4))
         usage = student.new_zeros(k)
         # -T ||f - c||^2 = 2T f.c - T ||c||^2 - T ||f||^2; the last term is the same for every
         # word of a position, and neither the softmax nor KL = sum p_T (t - s) - lse_t + lse_s
@@ -74,13 +83,8 @@ class _FusedQuestKL(torch.autograd.Function):
             s_max_sum += s_pmax.sum()
             usage += p_t.sum(dim=0)
             if want_s or want_w or want_b:
-                g = p_s.sub_(p_t)
-                if grad_student is not None:
-                    torch.mm(g, weight, out=grad_student[start:stop])
-                if grad_weight is not None:
-                    grad_weight.addmm_(g.t(), student[start:stop])
-                if grad_bias is not None:
-                    grad_bias += g.sum(dim=0)
+                _fold_gradients(p_s.sub_(p_t), weight, student[start:stop], start,
+                                grad_student, grad_weight, grad_bias)
         ctx.grads = (grad_student, grad_weight, grad_bias)
         ctx.n = n
         ctx.mark_non_differentiable(hits, max_sum, usage, s_max_sum)

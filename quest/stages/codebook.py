@@ -74,18 +74,24 @@ def run_codebook(cfg: Config, paths: Paths) -> dict[str, Any]:
         "seconds": round(result.seconds, 2),
         "backend": result.backend,
     }
+    _write_metrics(paths, metrics, result.objective, stats["usage"])
+    log.info("codebook: perplexity %.1f of K=%d, %d dead words, %d re-seeded, %.1fs",
+             stats["perplexity"], c.k, stats["dead_words"], result.reseeded, result.seconds)
+    return metrics
+
+
+def _write_metrics(paths: Paths, metrics: dict[str, Any], objective: list[float],
+                   usage_counts: Any) -> None:
+    """metrics/codebook.json, the k-means objective per iteration and the word-usage histogram."""
     write_json_atomic(paths.codebook_metrics, metrics)
     write_csv_atomic(
         paths.codebook_plot("objective"),
-        [{"iteration": i + 1, "objective": v} for i, v in enumerate(result.objective)],
+        [{"iteration": i + 1, "objective": v} for i, v in enumerate(objective)],
     )
-    usage = np.asarray(stats["usage"])
+    usage = np.asarray(usage_counts)
     order = np.argsort(-usage, kind="stable")
     # the word-usage histogram, most used first (rank for plotting, word for lookup)
     write_csv_atomic(
         paths.codebook_plot("usage"),
         [{"rank": r + 1, "word": int(w), "count": int(usage[w])} for r, w in enumerate(order)],
     )
-    log.info("codebook: perplexity %.1f of K=%d, %d dead words, %d re-seeded, %.1fs",
-             stats["perplexity"], c.k, stats["dead_words"], result.reseeded, result.seconds)
-    return metrics

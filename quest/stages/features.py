@@ -40,6 +40,42 @@ def teacher_layer(cfg: Config, arch: str) -> str:
     return cfg.features.layer or default_feature_layer(arch)
 
 
+def _sample(total: int, max_vectors: int | None, seed: int) -> np.ndarray | None:
+    """Sorted positions of a seeded sample of `max_vectors` of `total` (None: keep all)."""
+    keep = total if max_vectors is None else min(max_vectors, total)
+    if keep >= total:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(total, size=keep, replace=False))
+
+
+def _write_vectors(path: Path, loader: Any, model: torch.nn.Module, tap: FeatureTap,
+                   layer: str, pool: int, shape: tuple[int, int], chosen: np.ndarray | None,
+                   dtype: Any, progress: str) -> None:
+    """Stream the teacher over the loader into a preallocated .npy of `shape` (rows x C)."""
+    keep, c = shape
+    start = written = 0
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(keep, c))
+        # reserve the blocks now: a disk that fills while writing through the memory map
+        # kills the process with SIGBUS; here it is an ENOSPC that atomic_path reports
+        _reserve(tmp)
+        for x, _ in track(loader, len(loader), "features", progress, lines=True):
+            model(x)
+            fmap = pool_teacher_map(tap.outputs[layer].float(), pool)
+            vecs = fmap.permute(0, 2, 3, 1).reshape(-1, c)
+            end = start + vecs.shape[0]
+            if chosen is None:
+                rows = vecs
+            else:
+                lo, hi = np.searchsorted(chosen, [start, end])
+                rows = vecs[torch.as_tensor(chosen[lo:hi] - start, device=vecs.device)]
+            out[written : written + rows.shape[0]] = rows.cpu().numpy().astype(dtype)
+            written += rows.shape[0]
+            start = end
+        out.flush()
+        del out
+
+
 def run_features(cfg: Config, paths: Paths) -> dict[str, Any]:
     """Write data/features/teacher_features.npy (vectors x C) and its metadata."""
     device = resolve_device(cfg)
@@ -53,7 +89,6 @@ def run_features(cfg: Config, paths: Paths) -> dict[str, Any]:
                             mean=mean, std=std, train=False, device=device,
                             channels_last=cfg.runtime.channels_last)
     n_images = loader.num_samples
-    dtype = np.float16 if f.dtype == "float16" else np.float32
     t0 = time.perf_counter()
     with FeatureTap(model, [layer]) as tap, torch.inference_mode():
         # one image tells the map shape, so the output can be preallocated
@@ -62,36 +97,12 @@ def run_features(cfg: Config, paths: Paths) -> dict[str, Any]:
         raw_shape = [int(v) for v in tap.outputs[layer].shape[1:]]
         # the map k-means sees is the one the QuEST loss will assign: pooled alike
         c, h, w = pool_teacher_map(tap.outputs[layer], f.pool).shape[1:]
-        per_image = h * w
-        total = n_images * per_image
-        keep = total if f.max_vectors is None else min(f.max_vectors, total)
-        chosen = None
-        if keep < total:
-            rng = np.random.default_rng(f.seed)
-            chosen = np.sort(rng.choice(total, size=keep, replace=False))
-        with atomic_path(paths.features) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(keep, c))
-            # reserve the blocks now: a disk that fills while writing through the memory map
-            # kills the process with SIGBUS; here it is an ENOSPC that atomic_path reports
-            _reserve(tmp)
-            written = 0
-            start = 0
-            for x, _ in track(loader, len(loader), "features", cfg.runtime.progress,
-                              lines=True):
-                model(x)
-                fmap = pool_teacher_map(tap.outputs[layer].float(), f.pool)
-                vecs = fmap.permute(0, 2, 3, 1).reshape(-1, c)
-                end = start + vecs.shape[0]
-                if chosen is None:
-                    rows = vecs
-                else:
-                    lo, hi = np.searchsorted(chosen, [start, end])
-                    rows = vecs[torch.as_tensor(chosen[lo:hi] - start, device=vecs.device)]
-                out[written : written + rows.shape[0]] = rows.cpu().numpy().astype(dtype)
-                written += rows.shape[0]
-                start = end
-            out.flush()
-            del out
+        total = n_images * h * w
+        chosen = _sample(total, f.max_vectors, f.seed)
+        keep = total if chosen is None else len(chosen)
+        _write_vectors(paths.features, loader, model, tap, layer, f.pool, (keep, c), chosen,
+                       np.float16 if f.dtype == "float16" else np.float32,
+                       cfg.runtime.progress)
     seconds = time.perf_counter() - t0
     info = {
         "teacher_sha256": file_sha256(paths.teacher_model),
