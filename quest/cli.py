@@ -40,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_stage_commands(sub)
+    _add_registry_commands(sub)
+    _add_study_commands(sub)
+    _add_tool_commands(sub)
+    return parser
+
+
+def _add_stage_commands(sub: Any) -> None:
+    """The pipeline's stage commands, each taking the config options."""
     def stage(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_config_args(p)
@@ -87,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="quest", help="MLflow experiment name (default: quest)")
     p.add_argument("--no-register", action="store_true",
                    help="log runs, metrics and artifacts only; do not register models")
+
+
+def _add_registry_commands(sub: Any) -> None:
+    """`quest promote`: the gated champion alias."""
     p = sub.add_parser(
         "promote", help="move the 'champion' alias to a candidate student if it is better",
         description="Gated promotion: point quest-student@champion at the candidate (default: "
@@ -102,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="registered model (default: promotion.model_name, quest-student)")
     p.add_argument("--version", type=int, default=None,
                    help="candidate version (default: the one with the 'challenger' alias)")
+
+
+def _add_study_commands(sub: Any) -> None:
+    """`quest study`: resumable settings x methods x seeds."""
     p = sub.add_parser(
         "study", help="run a study (settings x methods x seeds) resumably; write its table",
         description="Train every run of a study file not yet recorded under results/ (an "
@@ -124,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train nothing; regenerate the table from the records")
     p.add_argument("--check", action="store_true",
                    help="train nothing; exit 1 when README.md's table of this study is stale")
+
+
+def _add_tool_commands(sub: Any) -> None:
+    """`quest models` and `quest bench`."""
     p = sub.add_parser("models", help="list the model zoo, or a model's tappable layers",
                        description="list the model zoo, or a model's tappable layers")
     p.add_argument("--layers", metavar="ARCH", help="list the layers of ARCH with output shapes")
@@ -146,7 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans-iterations", type=int, default=20, help="k-means iterations")
     p.add_argument("--synthetic", action="store_true", help="random CIFAR-shaped images")
     p.add_argument("--out-dir", default="benchmarks/results", help="where the JSON goes")
-    return parser
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -226,32 +246,53 @@ def _run_stage(args: argparse.Namespace) -> None:
 
 def _dispatch(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
     """Run one stage command (the caller holds the project's run lock)."""
-    if args.command == "prepare":
-        from quest.stages.prepare import run_prepare
+    if args.command in ("prepare", "teacher", "features", "codebook", "student"):
+        _run_table_stage(args, cfg, paths)
+    elif args.command == "run":
+        _cmd_run(args, cfg, paths)
+    else:
+        _dispatch_outputs(args, cfg, paths)
 
-        run_prepare(cfg, paths)
-    elif args.command == "teacher":
-        from quest.stages.teacher import run_teacher
 
-        run_teacher(cfg, paths)
-    elif args.command == "features":
-        from quest.levels import level_config, level_paths
-        from quest.stages.features import run_features
+def _run_table_stage(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
+    """A single stage of the stage table (quest/stages/table.py), as `quest run` runs it."""
+    from quest.stages.table import BY_NAME
 
-        run_features(level_config(cfg, args.level), level_paths(paths, args.level))
-    elif args.command == "codebook":
-        from quest.levels import level_config, level_paths
-        from quest.stages.codebook import run_codebook
-
-        run_codebook(level_config(cfg, args.level), level_paths(paths, args.level))
-    elif args.command == "student":
+    if args.command == "student":
         from quest.methods import get
-        from quest.stages.student import run_student
 
-        for method in args.method or cfg.student.methods:
+        methods = args.method or cfg.student.methods
+        for method in methods:
             get(method)  # an unknown name fails before anything trains
-            run_student(cfg, paths, method)
-    elif args.command == "sweep":
+        for method in methods:
+            BY_NAME["student"].run(cfg, paths, method)
+    elif getattr(args, "level", ""):
+        BY_NAME[f"{args.command}-level"].run(cfg, paths, args.level)
+    else:
+        BY_NAME[args.command].run(cfg, paths, None)
+
+
+def _cmd_run(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
+    """`quest run`: every stage in order, the suites between them, then the accuracy table."""
+    from quest.stages.evaluate import format_table
+    from quest.stages.pipeline import run_pipeline
+
+    checks = None
+    if not args.no_validate:
+        # the outer validation layer fills the core pipeline's hook (GX loads only here)
+        from quest.validation import pipeline_checks
+
+        checks = pipeline_checks(cfg, paths)
+    t0 = time.perf_counter()
+    out = run_pipeline(cfg, paths, checks)
+    print(format_table(out["evaluation"]))
+    print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in out["seconds"].items()))
+    print(f"total wall time: {time.perf_counter() - t0:.1f}s")
+
+
+def _dispatch_outputs(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
+    """The commands that read a run's outputs: sweep, report, evaluate, validate, track."""
+    if args.command == "sweep":
         from quest.results import load_records, results_table
         from quest.stages.sweep import run_sweep
 
@@ -273,21 +314,6 @@ def _dispatch(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
         rep = run_validation(args.what, cfg, paths)
         print(f"{args.what} validation passed: {rep['passed']} of {rep['evaluated']} "
               f"expectations (reports/validation/{args.what}.json, {rep['data_docs']})")
-    elif args.command == "run":
-        from quest.stages.evaluate import format_table
-        from quest.stages.pipeline import run_pipeline
-
-        checks = None
-        if not args.no_validate:
-            # the outer validation layer fills the core pipeline's hook (GX loads only here)
-            from quest.validation import pipeline_checks
-
-            checks = pipeline_checks(cfg, paths)
-        t0 = time.perf_counter()
-        out = run_pipeline(cfg, paths, checks)
-        print(format_table(out["evaluation"]))
-        print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in out["seconds"].items()))
-        print(f"total wall time: {time.perf_counter() - t0:.1f}s")
     elif args.command == "track":
         from quest.tracking import track_pipeline
 
