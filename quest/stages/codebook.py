@@ -26,16 +26,10 @@ def run_codebook(cfg: Config, paths: Paths) -> dict[str, Any]:
              c.backend)
     with Progress(c.iterations, "codebook k-means", cfg.runtime.progress) as progress:
         result = fit_kmeans(
-            feats,
-            c.k,
-            iterations=c.iterations,
-            seed=c.seed,
-            backend=c.backend,
-            max_points_per_centroid=c.max_points_per_centroid,
-            device=str(device),
+            feats, c.k, iterations=c.iterations, seed=c.seed, backend=c.backend,
+            max_points_per_centroid=c.max_points_per_centroid, device=str(device),
             on_iteration=lambda i, n, obj, split: progress.update(
-                info=f"objective {obj:.6g}" + (f", {split} re-seeded" if split else "")),
-        )
+                info=f"objective {obj:.6g}" + (f", {split} re-seeded" if split else "")))
     # statistics over the same points k-means saw (all of them when they fit)
     sample, _ = sample_training_set(
         feats, c.k, seed=c.seed, max_points_per_centroid=c.max_points_per_centroid

@@ -180,14 +180,20 @@ def _validate(suite: str, params: list[str],
                  suite=suite, needs_codebook=suite in ("features", "codebook"))
 
 
-def _stages() -> tuple[Stage, ...]:
-    from quest.config import CodebookConfig, ReportConfig
+_FEATURES_PARAMS = ["features.layer", "features.max_vectors", "features.dtype", "features.seed",
+                    "features.pool"]
+_LEVEL_PARAMS = ["student.quest.extra_levels." + LEVEL_ITEM, "features.max_vectors",
+                 "features.dtype", "features.seed"]
 
-    features_params = ["features.layer", "features.max_vectors", "features.dtype",
-                       "features.seed", "features.pool"]
-    level_params = ["student.quest.extra_levels." + LEVEL_ITEM, "features.max_vectors",
-                    "features.dtype", "features.seed"]
-    codebook_params = _fields("codebook", CodebookConfig)
+
+def _codebook_params() -> list[str]:
+    from quest.config import CodebookConfig
+
+    return _fields("codebook", CodebookConfig)
+
+
+def _data_stages() -> tuple[Stage, ...]:
+    """prepare, its suite and the teacher."""
     return (
         Stage("prepare", "prepare", "quest.stages.prepare", "quest prepare",
               lambda key: ["data.source", "data.location", "data.image_size", "data.channels",
@@ -203,14 +209,20 @@ def _stages() -> tuple[Stage, ...]:
               lambda cfg, paths, key: [paths.prepared, _gate(paths, "data")],
               lambda paths, key: [paths.teacher_model.parent, paths.metrics / "teacher.json"],
               _run("quest.stages.teacher", "run_teacher")),
+    )
+
+
+def _vocabulary_stages() -> tuple[Stage, ...]:
+    """Features, codebook and their suites, then the same two per extra QuEST level."""
+    return (
         Stage("features", "features", "quest.stages.features", "quest features",
-              lambda key: features_params,
+              lambda key: _FEATURES_PARAMS,
               lambda cfg, paths, key: [paths.prepared, paths.teacher_model.parent],
               lambda paths, key: [paths.features.parent],
               _run("quest.stages.features", "run_features"), needs_codebook=True),
         _validate("features", ["features.max_vectors"], lambda p: [p.prepared, p.features.parent]),
         Stage("codebook", "codebook", "quest.stages.codebook", "quest codebook",
-              lambda key: codebook_params,
+              lambda key: _codebook_params(),
               lambda cfg, paths, key: [paths.features.parent, _gate(paths, "features")],
               lambda paths, key: [paths.codebook.parent, paths.codebook_metrics,
                                   paths.codebook_plot("objective"), paths.codebook_plot("usage")],
@@ -218,18 +230,26 @@ def _stages() -> tuple[Stage, ...]:
         _validate("codebook", ["codebook.seed", "codebook.max_points_per_centroid"],
                   lambda p: [p.features.parent, p.codebook.parent]),
         Stage("features-level", "features", "quest.stages.features",
-              f"quest features --level {LEVEL_ITEM}", lambda key: level_params,
+              f"quest features --level {LEVEL_ITEM}", lambda key: _LEVEL_PARAMS,
               lambda cfg, paths, key: [paths.prepared, paths.teacher_model.parent],
               lambda paths, key: [_level(paths, key).features.parent],
               _run_level("quest.stages.features", "run_features"), per="level",
               needs_codebook=True),
         Stage("codebook-level", "codebook", "quest.stages.codebook",
               f"quest codebook --level {LEVEL_ITEM}",
-              lambda key: ["student.quest.extra_levels." + LEVEL_ITEM, *codebook_params],
+              lambda key: ["student.quest.extra_levels." + LEVEL_ITEM, *_codebook_params()],
               lambda cfg, paths, key: [_level(paths, key).features.parent],
               lambda paths, key: [_level(paths, key).codebook.parent],
               _run_level("quest.stages.codebook", "run_codebook"), per="level",
               needs_codebook=True),
+    )
+
+
+def _student_stages() -> tuple[Stage, ...]:
+    """The students, evaluate, the predictions suite and the report."""
+    from quest.config import ReportConfig
+
+    return (
         Stage("student", "student", "quest.stages.student",
               f"quest student --method {METHOD_ITEM}", method_params, _student_deps,
               lambda paths, key: [paths.student_model(str(key)), paths.student_metrics(str(key)),
@@ -259,7 +279,7 @@ def _stages() -> tuple[Stage, ...]:
     )
 
 
-STAGES: tuple[Stage, ...] = _stages()
+STAGES: tuple[Stage, ...] = (*_data_stages(), *_vocabulary_stages(), *_student_stages())
 BY_NAME = {s.name: s for s in STAGES}
 
 

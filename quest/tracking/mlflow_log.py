@@ -349,14 +349,19 @@ def track_pipeline(
                             (paths.metrics, "per_class.json", "metrics")])
         result["child_run_ids"] = children
         if register and student_versions:
-            # challenger: the best of the students just registered (first listed wins a tie)
-            best = max(c.students, key=lambda m: _tag_top1(client, student_versions[m]))
-            registry.set_alias(client, registry.STUDENT_MODEL, registry.CHALLENGER,
-                               student_versions[best])
-            result["student_versions"] = student_versions
-            result["challenger"] = {"method": best, "version": student_versions[best]}
+            result.update(_set_challenger(client, list(c.students), student_versions))
     write_json_atomic(paths.metrics / RUN_FILE, result)
     return result
+
+
+def _set_challenger(client: Any, methods: list[str], versions: dict[str, int]) -> dict[str, Any]:
+    """Point @challenger at the best student just registered (the first listed wins a tie)."""
+    from quest.tracking import registry
+
+    best = max(methods, key=lambda m: _tag_top1(client, versions[m]))
+    registry.set_alias(client, registry.STUDENT_MODEL, registry.CHALLENGER, versions[best])
+    return {"student_versions": versions,
+            "challenger": {"method": best, "version": versions[best]}}
 
 
 def _num_classes(model_file: Path) -> int:

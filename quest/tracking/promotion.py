@@ -59,22 +59,30 @@ def promote(
         out: dict[str, Any] = {"promoted": False, "version": version,
                                "previous_champion": champion, "test_top1": candidate,
                                "champion_top1": champ_top1, "model_name": model_name}
-        if champion == version:
-            out["reason"] = f"version {version} is already the champion"
-        elif candidate < min_top1:
-            out["reason"] = (f"version {version} test_top1 {candidate:.4f} is below "
-                             f"min_top1 {min_top1:.4f}")
-        elif champ_top1 is not None and not candidate > champ_top1:
-            out["reason"] = (f"version {version} test_top1 {candidate:.4f} does not beat "
-                             f"champion version {champion} ({champ_top1:.4f})")
-        else:
-            set_alias(client, model_name, CHAMPION, version)
-            client.set_model_version_tag(model_name, str(version), "promoted_from",
-                                         str(champion) if champion is not None else "none")
-            out["promoted"] = True
-            out["reason"] = (
-                f"version {version} test_top1 {candidate:.4f} beats champion version "
-                f"{champion} ({champ_top1:.4f})" if champion is not None
-                else f"version {version} test_top1 {candidate:.4f} is the first champion"
-            ) + f" and clears min_top1 {min_top1:.4f}"
+        refusal = _refusal(version, candidate, champion, champ_top1, min_top1)
+        if refusal:
+            out["reason"] = refusal
+            return out
+        set_alias(client, model_name, CHAMPION, version)
+        client.set_model_version_tag(model_name, str(version), "promoted_from",
+                                     str(champion) if champion is not None else "none")
+        out["promoted"] = True
+        out["reason"] = (
+            f"version {version} test_top1 {candidate:.4f} beats champion version "
+            f"{champion} ({champ_top1:.4f})" if champion is not None
+            else f"version {version} test_top1 {candidate:.4f} is the first champion"
+        ) + f" and clears min_top1 {min_top1:.4f}"
         return out
+
+
+def _refusal(version: int, candidate: float, champion: int | None, champ_top1: float | None,
+             min_top1: float) -> str | None:
+    """Why the candidate may not become champion, or None when it may."""
+    if champion == version:
+        return f"version {version} is already the champion"
+    if candidate < min_top1:
+        return f"version {version} test_top1 {candidate:.4f} is below min_top1 {min_top1:.4f}"
+    if champ_top1 is not None and not candidate > champ_top1:
+        return (f"version {version} test_top1 {candidate:.4f} does not beat "
+                f"champion version {champion} ({champ_top1:.4f})")
+    return None
