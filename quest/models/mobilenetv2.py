@@ -10,10 +10,10 @@ QuEST configs take from this student; its BN, `conv2.1`, is the pre-ReLU counter
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
+
+from quest.models.vgg import init_fan_out_weights
 
 # name -> (expansion ratio T, width multiplier)
 MOBILENETV2_SPECS: dict[str, tuple[int, float]] = {"mobilenetv2_half": (6, 0.5)}
@@ -100,18 +100,7 @@ class MobileNetV2(nn.Module):
 
     def _init_weights(self) -> None:
         """RepDistiller's init: conv N(0, sqrt(2 / (k*k*out))), BN 1 / 0, linear N(0, 0.01)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_fan_out_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return class logits."""

@@ -27,6 +27,23 @@ def _make_block(widths: tuple[int, ...], in_ch: int) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
+
+def init_fan_out_weights(model: nn.Module) -> None:
+    """RepDistiller's VGG and MobileNetV2 init: conv N(0, sqrt(2 / (k*k*out))), BN 1 / 0,
+    linear N(0, 0.01), biases 0 (in module order, so the draws match theirs)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+
 class VGG(nn.Module):
     """Five conv blocks separated by max-pools, global average pool, one linear classifier."""
 
@@ -50,18 +67,7 @@ class VGG(nn.Module):
         self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
         self.classifier = nn.Linear(widths[4][-1], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_fan_out_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Return class logits."""
