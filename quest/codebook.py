@@ -254,6 +254,40 @@ def _fit_faiss(
     return centroids, objective, reseeded
 
 
+def _check_backend(backend: str) -> None:
+    """One-line errors for an unknown backend or a FAISS that is not installed."""
+    if backend not in BACKENDS:
+        raise QuestError(
+            f"unknown k-means backend '{backend}': choose one of {', '.join(BACKENDS)} "
+            "(set codebook.backend)"
+        )
+    if backend == "faiss" and not faiss_available():
+        raise QuestError(
+            "k-means backend 'faiss' requested but faiss is not installed: "
+            "pip install faiss-cpu, or set codebook.backend: torch"
+        )
+
+
+def _check_sizes(k: int, n: int, iterations: int, max_points_per_centroid: int) -> None:
+    """One-line errors for a codebook bigger than its data and other impossible settings."""
+    if k < 2:
+        raise QuestError(f"codebook size K={k} is too small: set codebook.k to at least 2")
+    if k > n:
+        raise QuestError(
+            f"codebook size K={k} is larger than the {n} feature vectors: lower codebook.k "
+            "or extract more features (features.max_vectors)"
+        )
+    if iterations < 1:
+        raise QuestError(
+            f"k-means needs at least 1 iteration, got {iterations}: set codebook.iterations >= 1"
+        )
+    if max_points_per_centroid < 1:
+        raise QuestError(
+            f"max_points_per_centroid={max_points_per_centroid} must be >= 1: "
+            "set codebook.max_points_per_centroid"
+        )
+
+
 def fit_kmeans(
     x: np.ndarray,
     k: int,
@@ -272,36 +306,11 @@ def fit_kmeans(
     either backend (progress reporting).
     """
     t0 = time.perf_counter()
-    if backend not in BACKENDS:
-        raise QuestError(
-            f"unknown k-means backend '{backend}': choose one of {', '.join(BACKENDS)} "
-            "(set codebook.backend)"
-        )
-    if backend == "faiss" and not faiss_available():
-        raise QuestError(
-            "k-means backend 'faiss' requested but faiss is not installed: "
-            "pip install faiss-cpu, or set codebook.backend: torch"
-        )
+    _check_backend(backend)
     resolved = backend if backend != "auto" else auto_backend(device)
     x = _as_features(x)
     k = int(k)
-    n = x.shape[0]
-    if k < 2:
-        raise QuestError(f"codebook size K={k} is too small: set codebook.k to at least 2")
-    if k > n:
-        raise QuestError(
-            f"codebook size K={k} is larger than the {n} feature vectors: lower codebook.k "
-            "or extract more features (features.max_vectors)"
-        )
-    if iterations < 1:
-        raise QuestError(
-            f"k-means needs at least 1 iteration, got {iterations}: set codebook.iterations >= 1"
-        )
-    if max_points_per_centroid < 1:
-        raise QuestError(
-            f"max_points_per_centroid={max_points_per_centroid} must be >= 1: "
-            "set codebook.max_points_per_centroid"
-        )
+    _check_sizes(k, x.shape[0], iterations, max_points_per_centroid)
     dev = _resolve_device(device)
 
     x_train, init = sample_training_set(

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,52 @@ def evaluate(
         "per_class": per_class,
         "num_images": n,
     }
+
+
+@dataclass
+class EpochState:
+    """A training epoch's running sums, kept on the device (no host sync inside a step) and
+    saved in a mid-epoch checkpoint, so a resumed epoch reports what an uninterrupted one does."""
+
+    sums: dict[str, Tensor]
+    correct: Tensor
+    seen: int
+    earlier_seconds: float  # spent before a resume
+    started: float  # perf_counter when this process began the epoch
+
+    @classmethod
+    def fresh(cls, device: torch.device) -> EpochState:
+        """An epoch about to start."""
+        return cls({}, torch.zeros((), device=device), 0, 0.0, time.perf_counter())
+
+    @classmethod
+    def restore(cls, saved: dict[str, Any], device: torch.device) -> EpochState:
+        """An epoch resumed from the partial state of a checkpoint."""
+        return cls({k: v.to(device) for k, v in saved["sums"].items()},
+                   saved["correct"].to(device), int(saved["seen"]), float(saved["seconds"]),
+                   time.perf_counter())
+
+    def add(self, terms: dict[str, Tensor], logits: Tensor, y: Tensor) -> None:
+        """One batch: every named loss and monitor, weighted by the batch size."""
+        bs = len(y)
+        self.seen += bs
+        for name, value in terms.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float() * bs
+        self.correct += (logits.detach().argmax(dim=1) == y).sum()
+
+    def means(self) -> dict[str, float]:
+        """Per-sample means of the summed terms (one host sync, at the epoch's end)."""
+        return {k: float(v) / self.seen for k, v in self.sums.items()}
+
+    def elapsed(self) -> float:
+        """Seconds spent on the epoch, across a resume."""
+        return self.earlier_seconds + time.perf_counter() - self.started
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint form (CPU tensors)."""
+        return {"sums": {k: v.detach().cpu() for k, v in self.sums.items()},
+                "correct": self.correct.detach().cpu(), "seen": self.seen,
+                "seconds": self.elapsed()}
 
 
 class Trainer:
@@ -250,63 +297,13 @@ class Trainer:
         on_epoch: Callable[[dict[str, Any]], None] | None,
     ) -> list[dict[str, Any]]:
         for epoch in range(self.start_epoch, self.opt.epochs):
-            t0 = time.perf_counter()
             self.distiller.train()
             train_loader.set_epoch(epoch)
-            sums: dict[str, Tensor] = {}
-            correct = torch.zeros((), device=self.device)
-            seen = 0
-            earlier_seconds = 0.0
             skip = self.start_step if epoch == self.start_epoch else 0
-            if skip and self._partial is not None:
-                sums = {k: v.to(self.device) for k, v in self._partial["sums"].items()}
-                correct = self._partial["correct"].to(self.device)
-                seen = int(self._partial["seen"])
-                earlier_seconds = float(self._partial["seconds"])
-            batches = iter(track(train_loader, steps,
-                                 f"{self.desc} {epoch + 1}/{self.opt.epochs}", self.progress))
-            # redraw the batches the interrupted run consumed, so that the loader's random
-            # stream (shuffle, crops, flips) is where it was; their results are discarded
-            for _ in range(skip):
-                next(batches)
-            self._restore_rng()
-            for i, (x, y) in enumerate(batches, start=skip):
-                lr = lr_at(self.opt, epoch + i / steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                logits, losses = self.forward_step(x, y)
-                total = torch.stack(list(losses.values())).sum()
-                self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                self.optimizer.step()
-                bs = len(y)
-                seen += bs
-                # accumulate on device: no host sync inside the step
-                terms = {**losses, "loss": total, **self.distiller.monitors}
-                for name, value in terms.items():
-                    sums[name] = sums.get(name, 0.0) + value.detach().float() * bs
-                correct += (logits.detach().argmax(dim=1) == y).sum()
-                if self._stop_requested and i + 1 < steps:
-                    self._save_partial(epoch, i + 1, sums, correct, seen,
-                                       earlier_seconds + time.perf_counter() - t0)
-                    raise KeyboardInterrupt
-            record: dict[str, Any] = {"epoch": epoch + 1}
-            record.update({k: float(v) / seen for k, v in sums.items()})
-            if not math.isfinite(record["loss"]):
-                kept = (f"the last good checkpoint stays in {self.checkpoint_path}"
-                        if self.checkpoint_path.is_file() else "no checkpoint kept")
-                raise QuestError(
-                    f"{self.desc}: loss became {record['loss']} in epoch {epoch + 1} ({kept}): "
-                    "lower the learning rate (train.lr) and rerun"
-                )
-            record["lr"] = lr_at(self.opt, epoch + (steps - 1) / steps)
-            record["train_accuracy"] = float(correct) / seen
-            record["train_images_per_s"] = seen / (earlier_seconds + time.perf_counter() - t0)
-            ev = evaluate(self.distiller, test_loader, self.num_classes, self.device)
-            record["test_accuracy"] = ev["top1"]
-            record["test_top5"] = ev["top5"]
-            record["test_loss"] = ev["loss"]
-            record["seconds"] = earlier_seconds + time.perf_counter() - t0
+            state = (EpochState.restore(self._partial, self.device) if skip and self._partial
+                     else EpochState.fresh(self.device))
+            self._train_epoch(train_loader, epoch, steps, skip, state)
+            record = self._epoch_record(epoch, steps, state, test_loader)
             self.history.append(record)
             if self.is_main:
                 save_checkpoint(self.checkpoint_path, self._state(epoch + 1))
@@ -324,19 +321,60 @@ class Trainer:
                 raise KeyboardInterrupt
         return self.history
 
-    def _save_partial(
-        self, epoch: int, step: int, sums: dict[str, Tensor], correct: Tensor, seen: int,
-        seconds: float,
-    ) -> None:
+    def _train_epoch(self, train_loader: Any, epoch: int, steps: int, skip: int,
+                     state: EpochState) -> None:
+        """SGD steps `skip`..`steps` of `epoch`, summed into `state` (a stop request saves it
+        mid-epoch and raises KeyboardInterrupt)."""
+        batches = iter(track(train_loader, steps, f"{self.desc} {epoch + 1}/{self.opt.epochs}",
+                             self.progress))
+        # redraw the batches the interrupted run consumed, so that the loader's random
+        # stream (shuffle, crops, flips) is where it was; their results are discarded
+        for _ in range(skip):
+            next(batches)
+        self._restore_rng()
+        for i, (x, y) in enumerate(batches, start=skip):
+            lr = lr_at(self.opt, epoch + i / steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            logits, losses = self.forward_step(x, y)
+            total = torch.stack(list(losses.values())).sum()
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            state.add({**losses, "loss": total, **self.distiller.monitors}, logits, y)
+            if self._stop_requested and i + 1 < steps:
+                self._save_partial(epoch, i + 1, state)
+                raise KeyboardInterrupt
+
+    def _epoch_record(self, epoch: int, steps: int, state: EpochState,
+                      test_loader: Any) -> dict[str, Any]:
+        """The epoch's means, accuracy, learning rate and test metrics (a NaN loss stops)."""
+        record: dict[str, Any] = {"epoch": epoch + 1, **state.means()}
+        if not math.isfinite(record["loss"]):
+            kept = (f"the last good checkpoint stays in {self.checkpoint_path}"
+                    if self.checkpoint_path.is_file() else "no checkpoint kept")
+            raise QuestError(
+                f"{self.desc}: loss became {record['loss']} in epoch {epoch + 1} ({kept}): "
+                "lower the learning rate (train.lr) and rerun"
+            )
+        record["lr"] = lr_at(self.opt, epoch + (steps - 1) / steps)
+        record["train_accuracy"] = float(state.correct) / state.seen
+        record["train_images_per_s"] = state.seen / state.elapsed()
+        ev = evaluate(self.distiller, test_loader, self.num_classes, self.device)
+        record["test_accuracy"] = ev["top1"]
+        record["test_top5"] = ev["top5"]
+        record["test_loss"] = ev["loss"]
+        record["seconds"] = state.elapsed()
+        return record
+
+    def _save_partial(self, epoch: int, step: int, state: EpochState) -> None:
         """Checkpoint `step` batches into `epoch`, unless the loss already went non-finite."""
-        if not math.isfinite(float(sums["loss"])):
+        if not math.isfinite(float(state.sums["loss"])):
             log.info("%s: interrupted with a non-finite loss; the last good checkpoint stays",
                      self.desc)
             return
-        partial = {"sums": {k: v.detach().cpu() for k, v in sums.items()},
-                   "correct": correct.detach().cpu(), "seen": seen, "seconds": seconds}
         if self.is_main:
-            save_checkpoint(self.checkpoint_path, self._state(epoch, step, partial))
+            save_checkpoint(self.checkpoint_path, self._state(epoch, step, state.to_dict()))
         log.info("%s: interrupted at step %d of epoch %d; checkpoint %s", self.desc, step,
                  epoch + 1, self.checkpoint_path)
 
