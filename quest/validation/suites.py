@@ -62,12 +62,19 @@ def _split_rows(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[bytes]
     return means, stds, digests
 
 
-def data_suite(cfg: Config, paths: Paths) -> Suite:
-    """Prepared data: array shape and dtype, label range, class balance, duplicates, pixels."""
-    from quest.data.prepared import load_prepared
+@dataclass
+class _DataFrames:
+    """The prepared data seen as the three tables the data suite checks."""
 
-    ds = load_prepared(paths.prepared, mmap=True)
-    v = cfg.validation.data
+    arrays: list[dict[str, Any]]
+    images: pd.DataFrame
+    classes: list[dict[str, Any]]
+    duplicates: np.ndarray  # per test image: an exact copy of a training image
+    train_hw: tuple[int, ...]
+
+
+def _data_frames(ds: Any) -> _DataFrames:
+    """Per split: array facts, per-image pixel statistics and label, per-class counts."""
     k = ds.num_classes
     splits = {"train": ds.train, "test": ds.test}
     train_hw = tuple(int(s) for s in ds.train.images.shape[2:4]) if ds.train.images.ndim == 4 \
@@ -94,11 +101,14 @@ def data_suite(cfg: Config, paths: Paths) -> Suite:
     dup = np.array([d in train_set for d in digests["test"]], dtype=bool)
     frame = pd.concat(images, ignore_index=True)
     frame["duplicate_of_train"] = np.concatenate([np.zeros(len(ds.train), dtype=bool), dup])
-    n_test = len(ds.test)
-    max_dups = math.floor(v.max_duplicate_share * n_test)
+    return _DataFrames(arrays, frame, classes, dup, train_hw)
 
-    expected_hw = [cfg.data.image_size] if cfg.data.image_size else None
-    image_exps: list[Any] = [
+
+def _image_expectations(cfg: Config, k: int, n_test: int) -> list[Any]:
+    """Labels in range, few test/train duplicates, plausible pixel statistics per split."""
+    v = cfg.validation.data
+    max_dups = math.floor(v.max_duplicate_share * n_test)
+    exps: list[Any] = [
         gxe.ExpectColumnValuesToBeBetween(
             column="label", min_value=0, max_value=k - 1,
             description=f"labels lie in [0, {k - 1}] ({k} classes)"),
@@ -107,10 +117,10 @@ def data_suite(cfg: Config, paths: Paths) -> Suite:
             description=f"at most {max_dups} test images ({v.max_duplicate_share:.1%} of "
                         f"{n_test}) are exact duplicates of training images"),
     ]
-    for name in splits:
+    for name in ("train", "test"):
         # GX 1.x condition objects (string row conditions are deprecated since 1.9)
         cond = {"row_condition": Column("split") == name}
-        image_exps += [
+        exps += [
             gxe.ExpectColumnMeanToBeBetween(
                 column="pixel_mean", min_value=v.pixel_mean_min, max_value=v.pixel_mean_max,
                 description=f"{name} mean pixel value in [{v.pixel_mean_min:g}, "
@@ -119,7 +129,12 @@ def data_suite(cfg: Config, paths: Paths) -> Suite:
                 column="pixel_std", min_value=v.pixel_std_min,
                 description=f"{name} mean per-image pixel std >= {v.pixel_std_min:g}", **cond),
         ]
-    array_exps: list[Any] = [
+    return exps
+
+
+def _array_expectations(cfg: Config, train_hw: tuple[int, ...]) -> list[Any]:
+    """uint8 N x C x H x W arrays with the configured channels and one image size."""
+    exps: list[Any] = [
         gxe.ExpectColumnValuesToBeInSet(column="dtype", value_set=["uint8"],
                                         description="image arrays are uint8"),
         gxe.ExpectColumnValuesToBeInSet(column="ndim", value_set=[4],
@@ -130,30 +145,45 @@ def data_suite(cfg: Config, paths: Paths) -> Suite:
         gxe.ExpectColumnPairValuesToBeEqual(column_A="images", column_B="labels",
                                             description="one label per image"),
     ]
+    expected_hw = [cfg.data.image_size] if cfg.data.image_size else None
     for axis, size in (("height", 0), ("width", 1)):
         allowed = expected_hw or [train_hw[size]]
         what = "data.image_size" if expected_hw else "the training split's"
-        array_exps.append(gxe.ExpectColumnValuesToBeInSet(
+        exps.append(gxe.ExpectColumnValuesToBeInSet(
             column=axis, value_set=allowed, description=f"image {axis} is {allowed[0]} ({what})"))
+    return exps
+
+
+def data_suite(cfg: Config, paths: Paths) -> Suite:
+    """Prepared data: array shape and dtype, label range, class balance, duplicates, pixels."""
+    from quest.data.prepared import load_prepared
+
+    ds = load_prepared(paths.prepared, mmap=True)
+    v = cfg.validation.data
+    f = _data_frames(ds)
     class_exps = [gxe.ExpectColumnValuesToBeBetween(
         column="share_of_mean", min_value=v.min_class_share,
         description=f"every class holds at least {v.min_class_share:.0%} of its split's mean "
                     "class count")]
+    names = ("train", "test")
+    frame = f.images
     observed = {
-        "classes": k,
-        "images": {name: len(s) for name, s in splits.items()},
-        "class_counts": {name: {c["class"]: c["count"] for c in classes if c["split"] == name}
-                         for name in splits},
-        "duplicates_test_in_train": int(dup.sum()),
+        "classes": ds.num_classes,
+        "images": {"train": len(ds.train), "test": len(ds.test)},
+        "class_counts": {name: {c["class"]: c["count"] for c in f.classes if c["split"] == name}
+                         for name in names},
+        "duplicates_test_in_train": int(f.duplicates.sum()),
         "pixel_mean": {name: float(frame.loc[frame.split == name, "pixel_mean"].mean())
-                       for name in splits},
+                       for name in names},
         "pixel_std": {name: float(frame.loc[frame.split == name, "pixel_std"].mean())
-                      for name in splits},
+                      for name in names},
     }
     return Suite(
-        tables=[Table("arrays", pd.DataFrame(arrays), array_exps, ["split"]),
-                Table("images", frame, image_exps, ["split", "index"]),
-                Table("classes", pd.DataFrame(classes), class_exps, ["split", "class"])],
+        tables=[Table("arrays", pd.DataFrame(f.arrays), _array_expectations(cfg, f.train_hw),
+                      ["split"]),
+                Table("images", frame, _image_expectations(cfg, ds.num_classes, len(ds.test)),
+                      ["split", "index"]),
+                Table("classes", pd.DataFrame(f.classes), class_exps, ["split", "class"])],
         observed=observed,
         inputs={"data/prepared": str(ds.meta["data_sha256"])},
     )
