@@ -290,6 +290,35 @@ def _log_student(client: Any, rid: str, method: str, cfg: Config, paths: Paths, 
             "test_top1": top1, "model_sha256": file_sha256(paths.student_model(method))})
 
 
+def _log_children(client: Any, child: Any, cfg: Config, paths: Paths, c: _Collected,
+                  example: Any, result: dict[str, Any], children: dict[str, str]
+                  ) -> dict[str, int]:
+    """The child runs (teacher, codebook, each student, evaluate); the students' versions."""
+    with child("teacher") as run:
+        children["teacher"] = run.info.run_id
+        tv = _log_teacher(client, run.info.run_id, cfg, paths, c, example)
+        if tv is not None:
+            result["teacher_version"] = tv
+    if c.codebook is not None:
+        with child("codebook") as run:
+            children["codebook"] = run.info.run_id
+            _log_codebook(client, run.info.run_id, cfg, paths, c)
+    versions: dict[str, int] = {}
+    for method in c.students:
+        with child(f"student[{method}]", **{"quest.method": method}) as run:
+            children[f"student[{method}]"] = run.info.run_id
+            sv = _log_student(client, run.info.run_id, method, cfg, paths, c, example,
+                              result.get("teacher_version"))
+            if sv is not None:
+                versions[method] = sv
+    with child("evaluate") as run:
+        children["evaluate"] = run.info.run_id
+        _log_metrics(client, run.info.run_id, _evaluation_metrics(c.evaluation))
+        _log_files([(paths.metrics, "evaluation.json", "metrics"),
+                    (paths.metrics, "per_class.json", "metrics")])
+    return versions
+
+
 def track_pipeline(
     cfg: Config,
     paths: Paths,
@@ -325,28 +354,8 @@ def track_pipeline(
             _log_metrics(client, pid,
                          _evaluation_metrics(c.evaluation) + _validation_metrics(paths))
             _log_parent_files(paths)
-            with child("teacher") as run:
-                children["teacher"] = run.info.run_id
-                tv = _log_teacher(client, run.info.run_id, cfg, paths, c, example)
-                if tv is not None:
-                    result["teacher_version"] = tv
-            if c.codebook is not None:
-                with child("codebook") as run:
-                    children["codebook"] = run.info.run_id
-                    _log_codebook(client, run.info.run_id, cfg, paths, c)
-            student_versions: dict[str, int] = {}
-            for method in c.students:
-                with child(f"student[{method}]", **{"quest.method": method}) as run:
-                    children[f"student[{method}]"] = run.info.run_id
-                    sv = _log_student(client, run.info.run_id, method, cfg, paths, c, example,
-                                      result.get("teacher_version"))
-                    if sv is not None:
-                        student_versions[method] = sv
-            with child("evaluate") as run:
-                children["evaluate"] = run.info.run_id
-                _log_metrics(client, run.info.run_id, _evaluation_metrics(c.evaluation))
-                _log_files([(paths.metrics, "evaluation.json", "metrics"),
-                            (paths.metrics, "per_class.json", "metrics")])
+            student_versions = _log_children(client, child, cfg, paths, c, example,
+                                             result, children)
         result["child_run_ids"] = children
         if register and student_versions:
             result.update(_set_challenger(client, list(c.students), student_versions))
