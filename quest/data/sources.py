@@ -250,21 +250,14 @@ def _download_cifar(root: Path, spec: _CifarSpec) -> None:
         ) from err
 
 
-def _prepare_cifar(
-    spec: _CifarSpec,
-    location: str | None,
-    image_size: int | None,
-    channels: int,
-    download: bool,
-) -> PreparedDataset:
-    """Read torchvision's CIFAR layout under `location` (downloading first if allowed)."""
-    where = location
-    if not where:
+def _cifar_folder(spec: _CifarSpec, location: str | None, download: bool) -> Path:
+    """The folder holding torchvision's CIFAR files, fetched first when allowed and missing."""
+    if not location:
         raise QuestError(
             f"no location for {spec.pretty}: set data.location (or the environment variable "
             f"{DATA_LOCATION_ENV}) to a folder holding {spec.folder}/"
         )
-    root = Path(where).expanduser()
+    root = Path(location).expanduser()
     folder = _find_cifar_dir(root, spec)
     if folder is None and download:
         _download_cifar(root, spec)
@@ -275,7 +268,18 @@ def _prepare_cifar(
             f"{', '.join(spec.all_files)} (torchvision's layout); extract {spec.tarball} there, "
             f"point data.location or {DATA_LOCATION_ENV} at it, or set data.download: true"
         )
+    return folder
 
+
+def _prepare_cifar(
+    spec: _CifarSpec,
+    location: str | None,
+    image_size: int | None,
+    channels: int,
+    download: bool,
+) -> PreparedDataset:
+    """Read torchvision's CIFAR layout under `location` (downloading first if allowed)."""
+    folder = _cifar_folder(spec, location, download)
     meta_obj = _str_keys(restricted_load(folder / spec.meta_file), folder / spec.meta_file)
     if spec.names_key not in meta_obj:
         raise QuestError(
@@ -532,6 +536,27 @@ class _NoBar:
         """Nothing to close."""
 
 
+def _assemble(split: str, buffer: np.ndarray | None, found: list[tuple[int, str]],
+              plan: _Plan, display: Callable[[str], str]) -> Split:
+    """One split's N x C x H x W array in (label, path) order; an empty class is an error."""
+    counts = Counter(label for label, _ in found)
+    for label, cls in enumerate(plan.classes):
+        if counts[label] == 0:
+            n_files = sum(1 for _, lab in plan.files[split] if lab == label)
+            why = f"all {n_files} files unreadable" if n_files else "it is empty"
+            raise QuestError(
+                f"class folder {split}/{cls} in {display('')} has no readable images "
+                f"({why}): add images or remove the class from train/ and test/"
+            )
+    assert buffer is not None  # every class has an image, so the split has a buffer
+    # Sort by (label, path) so that a folder and its archive give identical arrays,
+    # whatever order the archive stores members in (as torchvision's ImageFolder orders).
+    order = sorted(range(len(found)), key=found.__getitem__)
+    images = buffer[np.asarray(order, dtype=np.int64)].transpose(0, 3, 1, 2)
+    labels = np.asarray([found[i][0] for i in order], dtype=np.int64)
+    return Split(np.ascontiguousarray(images), labels)
+
+
 def _decode_all(
     reader: ArchiveReader | _DirectoryReader,
     plan: _Plan,
@@ -578,25 +603,8 @@ def _decode_all(
         log.warning("skipped %d unreadable files in total (first %d listed in meta)",
                     len(skipped), _MAX_LISTED)  # fmt: skip
 
-    splits: dict[str, Split] = {}
-    for split in ("train", "test"):
-        found = keys[split]
-        counts = Counter(label for label, _ in found)
-        for label, cls in enumerate(plan.classes):
-            if counts[label] == 0:
-                n_files = sum(1 for _, lab in plan.files[split] if lab == label)
-                why = f"all {n_files} files unreadable" if n_files else "it is empty"
-                raise QuestError(
-                    f"class folder {split}/{cls} in {display('')} has no readable images "
-                    f"({why}): add images or remove the class from train/ and test/"
-                )
-        # Sort by (label, path) so that a folder and its archive give identical arrays,
-        # whatever order the archive stores members in (as torchvision's ImageFolder orders).
-        order = sorted(range(len(found)), key=found.__getitem__)
-        images = buffers[split][np.asarray(order, dtype=np.int64)].transpose(0, 3, 1, 2)
-        images = np.ascontiguousarray(images)
-        labels = np.asarray([found[i][0] for i in order], dtype=np.int64)
-        splits[split] = Split(images, labels)
+    splits = {split: _assemble(split, buffers.get(split), keys[split], plan, display)
+              for split in ("train", "test")}
     return splits, skipped
 
 
