@@ -648,6 +648,23 @@ def _subset_plan(plan: _Plan, subset: tuple[int | None, int | None, int]) -> _Pl
     return _Plan(plan.classes, files, plan.ignored)
 
 
+def _open_source(location: Path) -> tuple[ArchiveReader | _DirectoryReader, str | None]:
+    """A reader over a folder or an archive, and the archive's kind (None for a folder)."""
+    if not location.exists():
+        raise QuestError(
+            f"data path does not exist: {location} (set data.location to a folder or archive)"
+        )
+    if location.is_dir():
+        return _DirectoryReader(location), None
+    if archive_kind(location) is not None:
+        reader = ArchiveReader(location)
+        return reader, reader.kind
+    raise QuestError(
+        f"unsupported archive type for {location}: use a folder or a "
+        f"{', '.join(ARCHIVE_SUFFIXES)} archive"
+    )
+
+
 def _prepare_image_folder(
     location: Path,
     image_size: int | None,
@@ -657,22 +674,7 @@ def _prepare_image_folder(
     subset: tuple[int | None, int | None, int] | None = None,
 ) -> PreparedDataset:
     """Read a folder or archive holding train/<class>/* and test/<class>/*."""
-    if not location.exists():
-        raise QuestError(
-            f"data path does not exist: {location} (set data.location to a folder or archive)"
-        )
-    reader: ArchiveReader | _DirectoryReader
-    if location.is_dir():
-        reader = _DirectoryReader(location)
-        archive = None
-    elif archive_kind(location) is not None:
-        reader = ArchiveReader(location)
-        archive = reader.kind
-    else:
-        raise QuestError(
-            f"unsupported archive type for {location}: use a folder or a "
-            f"{', '.join(ARCHIVE_SUFFIXES)} archive"
-        )
+    reader, archive = _open_source(location)
 
     def display(name: str) -> str:
         """A member name as the user can find it."""
