@@ -362,6 +362,22 @@ def _channels(arch: str, layer: str) -> int:
         return int(tap.outputs[layer].shape[1])
 
 
+def _bench_kmeans_sizes(vecs: np.ndarray, kmeans_k: list[int], iterations: int,
+                        device: torch.device, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """FAISS against torch k-means at every K the vectors allow (a larger K is skipped)."""
+    from quest import codebook as cb
+
+    backends = ["faiss", "torch"] if cb.faiss_available() else ["torch"]
+    out = []
+    for k in kmeans_k:
+        if k > len(vecs):
+            _print(f"k-means K={k} skipped: only {len(vecs)} vectors (raise --images)")
+            continue
+        with _section(f"kmeans_k{k}", device, report):
+            out.append(bench_kmeans(vecs, k, iterations, device, backends))
+    return out
+
+
 def run_bench(cfg: Config, root: Path, *, images: int, batch: int, rounds: int, steps: int,
               kmeans_k: list[int], kmeans_iterations: int, synthetic: bool,
               out_dir: Path, command: str) -> Path:
@@ -403,15 +419,7 @@ def run_bench(cfg: Config, root: Path, *, images: int, batch: int, rounds: int, 
         report["features"], vecs = bench_features(teacher, eval_batches, layer_t, device)
     report["features"]["teacher_weights"] = teacher_from
     del eval_batches
-    backends = ["faiss", "torch"] if cb.faiss_available() else ["torch"]
-    report["kmeans"] = []
-    codebook = None
-    for k in kmeans_k:
-        if k > len(vecs):
-            _print(f"k-means K={k} skipped: only {len(vecs)} vectors (raise --images)")
-            continue
-        with _section(f"kmeans_k{k}", device, report):
-            report["kmeans"].append(bench_kmeans(vecs, k, kmeans_iterations, device, backends))
+    report["kmeans"] = _bench_kmeans_sizes(vecs, kmeans_k, kmeans_iterations, device, report)
     k_step = cfg.codebook.k
     rng = np.random.default_rng(0)
     words = vecs[rng.choice(len(vecs), size=k_step, replace=len(vecs) < k_step)]

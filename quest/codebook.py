@@ -318,15 +318,9 @@ def fit_kmeans(
     )
     if x_train.shape[0] == k:
         # Every point is its own word; both backends would only copy the data (FAISS does).
-        return KMeansResult(
-            centroids=x_train.copy(),
-            objective=[0.0],
-            reseeded=0,
-            backend=resolved,
-            seconds=time.perf_counter() - t0,
-            n_train=k,
-            device=str(dev),
-        )
+        return KMeansResult(centroids=x_train.copy(), objective=[0.0], reseeded=0,
+                            backend=resolved, seconds=time.perf_counter() - t0, n_train=k,
+                            device=str(dev))
 
     if resolved == "faiss":
         use_gpu = dev.type == "cuda" and faiss_has_gpu()
@@ -340,15 +334,9 @@ def fit_kmeans(
                 x_train, init, iterations, dev, verbose, on_iteration
             )
         used_device = str(dev)
-    return KMeansResult(
-        centroids=centroids,
-        objective=objective,
-        reseeded=reseeded,
-        backend=resolved,
-        seconds=time.perf_counter() - t0,
-        n_train=int(x_train.shape[0]),
-        device=used_device,
-    )
+    return KMeansResult(centroids=centroids, objective=objective, reseeded=reseeded,
+                        backend=resolved, seconds=time.perf_counter() - t0,
+                        n_train=int(x_train.shape[0]), device=used_device)
 
 
 def _assign_with_distances(
