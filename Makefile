@@ -49,12 +49,13 @@ serve: $(STAMP)
 	$(BIN)/python -m flows.servers model
 
 # The published-length comparison on CUDA (studies/gpu-cifar10.yaml). Runs with any Python that
-# has torch, torchvision, numpy and pyyaml (a GPU machine's own, without this venv):
+# has torch, torchvision, numpy, pyyaml and pydantic (a GPU machine's own, without this venv;
+# scripts/gpu_check.sh installs pydantic from .whl/ when it is missing):
 # `make gpu-study GPU_PY=python3 SETTING=published`; records go to results/gpu-cifar10/.
 GPU_PY ?= $(BIN)/python
 SETTING ?= short
 gpu-study:
-	PYTHONPATH=. $(GPU_PY) -m quest.cli study studies/gpu-cifar10.yaml --setting $(SETTING)
+	PYTHONPATH=. $(GPU_PY) -m quest study studies/gpu-cifar10.yaml --setting $(SETTING)
 
 bench: $(STAMP)
 	$(BIN)/quest bench

@@ -1,8 +1,8 @@
 """The QuEST head before and after, side by side in one process, and what it costs a step.
 
 Times (1) the fused head alone, forward + backward over 128 x 8 x 8 positions, for the earlier
-implementation (benchmarks/fused_quest_v1.py) and the current one (quest/fused_quest.py), rounds
-interleaved, at K = 1024 and 4096; (2) whole SGD steps of a resnet20 student with a resnet56
+implementation (benchmarks/fused_quest_v1.py) and the current one (quest/core/fused_quest.py),
+rounds interleaved, at K = 1024 and 4096; (2) whole SGD steps of a resnet20 student with a resnet56
 teacher for kd and quest (the current head), interleaved, at each K. Writes
 benchmarks/results/head-<device>.json. Run on an otherwise idle machine:
 
@@ -26,13 +26,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from quest import fused_quest  # noqa: E402
-from quest.bench import machine_info  # noqa: E402
-from quest.config import load_config  # noqa: E402
-from quest.distill import build_distiller  # noqa: E402
-from quest.engine import make_optimizer  # noqa: E402
-from quest.io_utils import write_json_atomic  # noqa: E402
-from quest.models.zoo import build_model  # noqa: E402
+from quest.apps.bench import machine_info  # noqa: E402
+from quest.core import fused_quest  # noqa: E402
+from quest.core.distill import build_distiller  # noqa: E402
+from quest.core.engine import make_optimizer  # noqa: E402
+from quest.core.models.zoo import build_model  # noqa: E402
+from quest.infra.config import load_config  # noqa: E402
+from quest.infra.io_utils import write_json_atomic  # noqa: E402
 
 
 def _old_head() -> Any:

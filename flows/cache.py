@@ -8,17 +8,17 @@ run id, so it never reuses anything across runs):
     data, the teacher model, the feature matrix, the codebook, the students), read when the task
     starts, i.e. after its upstream tasks have written them; the timing fields of metadata JSON
     are left out, so an upstream rerun with identical results does not cascade;
-(b) the values of the settings the stage reads, hashed with ``quest.config.config_hash``; paths
-    to inputs (data.location, teacher.checkpoint) are replaced by the hash of what they point
+(b) the values of the settings the stage reads, hashed with ``quest.infra.config.config_hash``;
+    paths to inputs (data.location, teacher.checkpoint) are replaced by the hash of what they point
     at, so moving a file does not invalidate anything while editing it does;
 (c) a code version: the hash of the quest source files the stage module imports, followed
     transitively with ``ast`` (lazy imports and package ``__init__`` files included, since
     importing a submodule executes them). The CLI and quest/tracking are in no stage's
-    version; quest/__init__.py imports quest.losses, so losses.py and fused_quest.py are in
+    version; quest/__init__.py imports quest.core.losses, so losses.py and fused_quest.py are in
     every stage's version (conservative, never stale).
 
 The settings, the input files and the module whose closure is the code all come from the stage
-table (quest/stages/table.py), which also writes dvc.yaml's params, deps and outs
+table (quest/apps/stages/table.py), which also writes dvc.yaml's params, deps and outs
 (flows/dvc_yaml.py): DVC and Prefect rerun a stage for the same changes.
 
 A key alone cannot tell whether the files a cached run wrote are still on disk (DVC checkouts,
@@ -38,13 +38,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from quest.config import Config, build_config, config_hash
-from quest.levels import level_names, level_paths
-from quest.methods import get as get_method
-from quest.paths import Paths
-from quest.stages.common import resolve_location
-from quest.stages.table import LEVEL_ITEM, LOCATION_PARAMS, get_param, stage_for
-from quest.stages.table import STAGES as TABLE
+from quest.apps.stages.common import resolve_location
+from quest.apps.stages.table import LEVEL_ITEM, LOCATION_PARAMS, get_param, stage_for
+from quest.apps.stages.table import STAGES as TABLE
+from quest.core.levels import level_names, level_paths
+from quest.core.methods import get as get_method
+from quest.infra.config import Config, build_config, config_hash
+from quest.infra.paths import Paths
 
 # Bump to invalidate every key at once (e.g. when the task return format changes).
 CACHE_SCHEMA = "2"
@@ -138,7 +138,7 @@ def _imported_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module.split(".")[0] == "quest":
                 found.add(node.module)
-                # `from quest.models import zoo` imports the submodule quest.models.zoo
+                # `from quest.core.models import zoo` imports the submodule quest.core.models.zoo
                 found.update(f"{node.module}.{a.name}" for a in node.names)
     return found
 
@@ -159,7 +159,7 @@ def code_files(module: str) -> tuple[str, ...]:
         todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
         src = _module_file(name, base)
         if src is None:
-            continue  # an attribute, not a module (`from quest.config import Config`)
+            continue  # an attribute, not a module (`from quest.infra.config import Config`)
         files.add(src)
         todo.extend(_imported_modules(src))
     return tuple(sorted(f.relative_to(base.parent).as_posix() for f in files))

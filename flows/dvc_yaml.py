@@ -1,5 +1,5 @@
 """dvc.yaml from the stage table: each stage's cmd, deps, params and outs are rewritten from
-quest/stages/table.py, keeping the file's comments, order and everything else (metrics, plots).
+quest/apps/stages/table.py, keeping the file's comments, order and everything else (metrics, plots).
 
 Code deps are the stage's import closure, the same files whose content is in its Prefect cache
 key (flows/cache.py `code_files`), a package directory standing for all of its files when the
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.cache import code_files
-from quest.paths import Paths
-from quest.stages.table import LEVEL_ITEM, METHOD_ITEM, STAGES, Stage
+from quest.apps.stages.table import LEVEL_ITEM, METHOD_ITEM, STAGES, Stage
+from quest.infra.paths import Paths
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     if new != old:
-        from quest.io_utils import write_text_atomic
+        from quest.infra.io_utils import write_text_atomic
 
         write_text_atomic(path, new)
         print(f"wrote {path}")

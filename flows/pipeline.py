@@ -1,6 +1,6 @@
 """The QuEST pipeline as a Prefect flow: the CLI's stage functions as cached, retried tasks.
 
-Each task calls the same ``quest.stages`` function as ``quest <stage>`` and ``dvc repro``, and
+Each task calls the same ``quest.apps.stages`` function as ``quest <stage>`` and ``dvc repro``, and
 passes only the project root, the resolved config (a small dict) and, for students, the method:
 tensors never travel between tasks, files on disk do. Cache keys come from flows/cache.py
 (input file hashes + config sections + code version), results are persisted as JSON under
@@ -44,13 +44,13 @@ from flows.cache import (
     outputs_match,
     outputs_present,
 )
-from quest.config import Config, build_config, load_config, read_params
-from quest.errors import QuestError
-from quest.levels import level_names
-from quest.methods import needs_codebook
-from quest.paths import Paths
-from quest.runlock import run_lock
-from quest.stages.table import STAGES, stage_for
+from quest.apps.stages.table import STAGES, stage_for
+from quest.core.levels import level_names
+from quest.core.methods import needs_codebook
+from quest.infra.config import Config, build_config, load_config, read_params
+from quest.infra.errors import QuestError
+from quest.infra.paths import Paths
+from quest.infra.runlock import run_lock
 
 
 def retry_unless_quest_error(task: Any, task_run: Any, state: State) -> bool:
@@ -90,13 +90,13 @@ _SUITE_SUMMARY = ("suite", "success", "evaluated", "passed", "failed")
 
 
 def _stage_task(family: str, keyed: bool, name: str | None = None) -> Any:
-    """The Prefect task of one stage family of the stage table (quest/stages/table.py): it runs
+    """The Prefect task of one stage family of the stage table (quest/apps/stages/table.py): it runs
     the table's function and returns its summary with the hashes of the files it wrote. Keyed
     tasks take the method, level or suite as `key` and show it in their run name."""
 
     def summary(root: str, config: dict[str, Any], key: str | None) -> dict[str, Any]:
         cfg, paths = _cfg_paths(root, config)
-        out = stage_for(family, key).run(cfg, paths, key)
+        out = stage_for(family, key).start(cfg, paths, key)
         if family == "validate":
             out = {k: out[k] for k in _SUITE_SUMMARY}
         return _stage_result(family, root, out, key)
@@ -127,7 +127,7 @@ TASKS["validate"] = _stage_task("validate", True)
 @task(name="track", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_quest_error)
 def track_task(root: str, config: dict[str, Any], tracking_uri: str | None) -> dict[str, Any]:
     """Log the finished pipeline to MLflow and register its models (never cached)."""
-    from quest.tracking import track_pipeline
+    from quest.apps.tracking import track_pipeline
 
     cfg, paths = _cfg_paths(root, config)
     out = track_pipeline(cfg, paths, tracking_uri)
@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dask-address", default=None, metavar="tcp://HOST:8786",
                     help="with --runner dask: an existing scheduler (default: a local cluster)")
     args = ap.parse_args(argv)
-    from quest.stages.evaluate import format_table
+    from quest.apps.stages.evaluate import format_table
 
     try:
         flow_fn = pipeline_with_runner(args.runner, args.dask_address)

@@ -15,9 +15,9 @@ from flows.pipeline import retry_unless_quest_error
 @task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_quest_error)
 def promote_task(min_top1: float, tracking_uri: str | None, model_name: str) -> dict[str, Any]:
-    """Call quest.tracking.promotion.promote and return its decision."""
+    """Call quest.apps.tracking.promotion.promote and return its decision."""
     # imported here so that the pipeline flow never needs MLflow
-    from quest.tracking.promotion import promote
+    from quest.apps.tracking.promotion import promote
 
     return promote(tracking_uri=tracking_uri, min_top1=min_top1, model_name=model_name)
 

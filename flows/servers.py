@@ -42,7 +42,7 @@ def server_command(
     host = host or default_host()
     port = port or DEFAULT_PORTS[kind]
     bindir = Path(sys.executable).parent
-    # the same store `quest track` writes to (quest.tracking.resolve_tracking_uri)
+    # the same store `quest track` writes to (quest.apps.tracking.resolve_tracking_uri)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or (
         f"sqlite:///{Path(root).resolve() / 'mlflow.db'}")
     if kind == "mlflow":

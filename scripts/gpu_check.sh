@@ -8,8 +8,10 @@
 # bench's own bench-<gpu>.json. Fails at once, loudly, on a machine without a CUDA GPU.
 #
 # Works with the venv (make setup) or a bare Python that has torch, torchvision, numpy and
-# pyyaml (the lent GPU machine's Python 3.12): wheels for pytest (and faiss) are installed from
-# $WHEELS (default .whl/, git-ignored) when missing. Data and teacher: QUEST_DATA_LOCATION and
+# pyyaml (the lent GPU machine's Python 3.12): wheels for pydantic (the typed settings), pytest
+# (and faiss) are installed from $WHEELS (default .whl/, git-ignored) when missing; fill it on a
+# machine with the registry: pip download pydantic==2.14.4 pytest --python-version 3.12
+# --only-binary=:all: -d .whl Data and teacher: QUEST_DATA_LOCATION and
 # QUEST_TEACHER_CHECKPOINT, default ../shared/... as in params.yaml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,10 +27,12 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   echo "gpu_check: no CUDA GPU visible to $PY (torch.cuda.is_available() is False): run this on a GPU machine" >&2
   exit 1
 fi
-if ! "$PY" -c "import pytest" 2>/dev/null; then
-  [ -d "$WHEELS" ] || { echo "gpu_check: pytest is missing and $WHEELS/ holds no wheels: pip download pytest -d $WHEELS" >&2; exit 1; }
-  "$PY" -m pip install -q --no-index --find-links "$WHEELS" pytest
-fi
+for pkg in pydantic pytest; do
+  if ! "$PY" -c "import $pkg" 2>/dev/null; then
+    [ -d "$WHEELS" ] || { echo "gpu_check: $pkg is missing and $WHEELS/ holds no wheels: pip download $pkg --python-version 3.12 --only-binary=:all: -d $WHEELS" >&2; exit 1; }
+    "$PY" -m pip install -q --no-index --find-links "$WHEELS" "$pkg"
+  fi
+done
 if ! "$PY" -c "import faiss" 2>/dev/null && ls "$WHEELS"/faiss* >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --find-links "$WHEELS" faiss-cpu || true
 fi
@@ -43,11 +47,11 @@ tests_rc=${PIPESTATUS[0]}
 set -e
 
 echo "== 2/3 quest bench on cuda (bf16, compile)"
-"$PY" -m quest.cli bench --quick --out-dir "$work/bench" --set runtime.device=cuda \
+"$PY" -m quest bench --quick --out-dir "$work/bench" --set runtime.device=cuda \
   --set runtime.amp=bf16 --set runtime.compile=true --set codebook.backend=auto
 
 echo "== 3/3 a short QuEST student on CIFAR-10 (cuda, bf16, channels_last)"
-"$PY" -m quest.cli run --no-validate --root "$work/run" --params "$PWD/params.yaml" \
+"$PY" -m quest run --no-validate --root "$work/run" --params "$PWD/params.yaml" \
   --set runtime.device=cuda --set runtime.amp=bf16 --set runtime.channels_last=true \
   --set "student.methods=[quest]" --set student.train.epochs=2 | tee "$work/run.txt"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from quest.errors import QuestError
+from quest.infra.errors import QuestError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,9 +42,9 @@ def teacher_checkpoint(shared: Path) -> Path:
 @pytest.fixture(scope="session")
 def smoke_prepared(tmp_path_factory: pytest.TempPathFactory, cifar_archive: Path) -> Path:
     """data/prepared/ of the smoke preset (30 train / 10 test per class), made once per session."""
-    from quest.config import load_config
-    from quest.paths import Paths
-    from quest.stages.prepare import run_prepare
+    from quest.apps.stages.prepare import run_prepare
+    from quest.infra.config import load_config
+    from quest.infra.paths import Paths
 
     root = tmp_path_factory.mktemp("smoke-prepared")
     cfg = load_config(REPO / "params.yaml", "smoke", [f"data.location={cifar_archive}"])

@@ -1,6 +1,6 @@
 """Bad and untrusted input through the real CLI: one error line, no traceback, nothing lost.
 
-Every case runs `python -m quest.cli` in a subprocess on a project that already holds outputs,
+Every case runs `python -m quest` in a subprocess on a project that already holds outputs,
 and checks the exit code, that stderr ends in exactly one `quest: error: ...` line with no
 traceback, and that every file that was there before is byte-for-byte and mtime unchanged.
 """
@@ -24,8 +24,8 @@ import pytest
 import torch
 from PIL import Image
 
-from quest.io_utils import file_sha256
-from quest.models.zoo import build_model
+from quest.core.models.zoo import build_model
+from quest.infra.io_utils import file_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def quest(root: Path, *args: str, limit_bytes: int | None = None) -> subprocess.
             # a file-size limit makes every larger write fail with EFBIG, as a full disk would
             # (Python ignores SIGXFSZ, so the write raises instead of killing the process)
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-    cmd = [sys.executable, "-m", "quest.cli", args[0], "--root", str(root), "--preset", "smoke",
+    cmd = [sys.executable, "-m", "quest", args[0], "--root", str(root), "--preset", "smoke",
            "--set", "runtime.threads=1", *args[1:]]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
                           preexec_fn=preexec)
@@ -285,8 +285,8 @@ def test_checkpoint_with_code_is_refused_and_never_runs(project: Path, tmp_path:
                      "re-save it as a plain state_dict")
     assert not marker.exists()
     # a bare pickle (the pre-zip format) is refused just the same
-    from quest.checkpoint import load_checkpoint
-    from quest.errors import QuestError
+    from quest.core.checkpoint import load_checkpoint
+    from quest.infra.errors import QuestError
 
     evil.write_bytes(pickle.dumps({"model": Payload(marker)}))
     with pytest.raises(QuestError, match="refused") as err:

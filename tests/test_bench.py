@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from quest.cli import main
+from quest.apps.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

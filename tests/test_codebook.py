@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import quest.codebook as cb
-from quest.errors import QuestError
+import quest.core.codebook as cb
+from quest.infra.errors import QuestError
 
 
 def _mixture(n: int = 4000, dim: int = 16, centres: int = 24, seed: int = 0) -> np.ndarray:

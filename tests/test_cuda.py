@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from quest.losses import QuestLoss
+from quest.core.losses import QuestLoss
 
 pytestmark = pytest.mark.cuda
 
@@ -47,8 +47,8 @@ def test_fused_quest_head_on_cuda_matches_cpu(predictor: str) -> None:
 
 
 def test_bf16_quest_step_on_cuda_keeps_the_head_in_float32() -> None:
-    from quest.distill import build_distiller
-    from quest.models.zoo import build_model
+    from quest.core.distill import build_distiller
+    from quest.core.models.zoo import build_model
 
     dev = _cuda()
     torch.manual_seed(1)
@@ -66,7 +66,7 @@ def test_bf16_quest_step_on_cuda_keeps_the_head_in_float32() -> None:
 
 
 def test_torch_kmeans_on_cuda_matches_cpu() -> None:
-    from quest.codebook import assign, fit_kmeans
+    from quest.core.codebook import assign, fit_kmeans
 
     _cuda()
     rng = np.random.default_rng(0)
@@ -80,7 +80,7 @@ def test_torch_kmeans_on_cuda_matches_cpu() -> None:
 
 
 def test_in_memory_loader_on_cuda_gives_the_cpu_batches() -> None:
-    from quest.data.loader import InMemoryLoader
+    from quest.core.data.loader import InMemoryLoader
 
     dev = _cuda()
     rng = np.random.default_rng(0)
@@ -94,10 +94,10 @@ def test_in_memory_loader_on_cuda_gives_the_cpu_batches() -> None:
 
 
 def test_compiled_channels_last_quest_steps_on_cuda_train() -> None:
-    from quest.config import OptimConfig
-    from quest.distill import build_distiller
-    from quest.engine import make_optimizer
-    from quest.models.zoo import build_model
+    from quest.core.distill import build_distiller
+    from quest.core.engine import make_optimizer
+    from quest.core.models.zoo import build_model
+    from quest.infra.config import OptimConfig
 
     dev = _cuda()
     torch.manual_seed(2)

@@ -23,7 +23,7 @@ def test_runner_choice_is_checked() -> None:
     from prefect_dask import DaskTaskRunner
 
     from flows.pipeline import make_task_runner
-    from quest.errors import QuestError
+    from quest.infra.errors import QuestError
 
     assert isinstance(make_task_runner(), ThreadPoolTaskRunner)
     remote = make_task_runner("dask", "tcp://scheduler.example:8786")
@@ -40,7 +40,7 @@ def test_tiny_pipeline_students_run_on_dask_workers(
     from prefect.settings import PREFECT_HOME, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    import quest.stages.student as student_stage
+    import quest.apps.stages.student as student_stage
     from flows.pipeline import pipeline_with_runner
 
     for key, value in {"DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from quest.data import (
+from quest.core.data import (
     PreparedDataset,
     Split,
     data_hash,
@@ -28,9 +28,9 @@ from quest.data import (
     save_prepared,
     smoke_subset,
 )
-from quest.data.prepared import ARRAY_FILES, arrays_sha256
-from quest.data.sources import DATA_LOCATION_ENV
-from quest.errors import QuestError
+from quest.core.data.prepared import ARRAY_FILES, arrays_sha256
+from quest.core.data.sources import DATA_LOCATION_ENV
+from quest.infra.errors import QuestError
 
 SHARED = Path(
     os.environ.get("QUEST_SHARED_DIR", Path(__file__).resolve().parents[1].parent / "shared")
@@ -436,7 +436,7 @@ def test_corrupt_file_skip_or_fail(
     files["test/dog/notes.txt"] = b"hello"
     files["train/.DS_Store"] = b"\0\0\0\1Bud1"  # hidden files are never data
     src = make_source(tmp_path, kind, files)
-    with caplog.at_level(logging.WARNING, logger="quest.data.sources"):
+    with caplog.at_level(logging.WARNING, logger="quest.core.data.sources"):
         ds = prepare_dataset("image_folder", str(src), progress=False)
     assert len(ds.train) == 9 and len(ds.test) == 6
     assert ds.meta["skipped"]["count"] == 2

@@ -1,4 +1,4 @@
-"""Data-parallel training: `torchrun -m quest.cli student` on 2 CPU ranks (gloo) takes the same
+"""Data-parallel training: `torchrun -m quest student` on 2 CPU ranks (gloo) takes the same
 SGD steps as one process with the same global batch, and rank 0 alone writes the outputs."""
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ OVERRIDES = [
 
 def _make_root(root: Path) -> None:
     """A project with synthetic CIFAR-shaped data, a random resnet8 teacher, features, codebook."""
-    from quest.checkpoint import save_model_file
-    from quest.config import load_config
-    from quest.data.prepared import PreparedDataset, Split, save_prepared
-    from quest.models.zoo import build_model
-    from quest.paths import Paths
-    from quest.stages.codebook import run_codebook
-    from quest.stages.features import run_features
+    from quest.apps.stages.codebook import run_codebook
+    from quest.apps.stages.features import run_features
+    from quest.core.checkpoint import save_model_file
+    from quest.core.data.prepared import PreparedDataset, Split, save_prepared
+    from quest.core.models.zoo import build_model
+    from quest.infra.config import load_config
+    from quest.infra.paths import Paths
 
     cfg = load_config(REPO / "params.yaml", "tiny", OVERRIDES)
     (root / "params.yaml").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -71,7 +71,7 @@ def _quest(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def _weights(root: Path) -> dict[str, torch.Tensor]:
-    from quest.checkpoint import extract_state_dict, load_checkpoint
+    from quest.core.checkpoint import extract_state_dict, load_checkpoint
 
     return extract_state_dict(load_checkpoint(root / "models" / "students" / "quest.pt"))
 
@@ -83,15 +83,15 @@ def test_torchrun_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     single.mkdir()
     _make_root(single)
     shutil.copytree(single, multi)
-    _quest(["-m", "quest.cli", "student"], single)
+    _quest(["-m", "quest", "student"], single)
     _quest(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "quest.cli", "student"], multi)
+            "-m", "quest", "student"], multi)
     one, two = _weights(single), _weights(multi)
     assert one.keys() == two.keys()
     worst = max(float((one[k].double() - two[k].double()).abs().max()) for k in one)
     assert worst < 1e-5, worst
     # the match means something: training moved the weights far more than the tolerance
-    from quest.models.zoo import build_model
+    from quest.core.models.zoo import build_model
 
     torch.manual_seed(0)  # student.train.seed: the initial weights of both runs
     init = build_model("resnet8", 10).state_dict()
@@ -109,8 +109,8 @@ def test_torchrun_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
 
 def test_batch_that_does_not_split_over_ranks_is_refused() -> None:
     """A global batch must divide evenly over the ranks, else the math would not match."""
-    from quest.distributed import ShardedLoader
-    from quest.errors import QuestError
+    from quest.core.distributed import ShardedLoader
+    from quest.infra.errors import QuestError
 
     loader = [(torch.zeros(5, 3, 4, 4), torch.zeros(5, dtype=torch.long))]
     with pytest.raises(QuestError, match="multiple of the number of ranks"):

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from quest.cli import main as quest_main
-from quest.config import Config
+from quest.apps.cli import main as quest_main
+from quest.infra.config import Config
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out; make test runs it
 
@@ -243,7 +243,7 @@ def test_dvc_yaml_params_cover_every_setting() -> None:
 
 def test_config_yaml_is_a_resolved_params_file(tmp_path: Path, cifar_archive: Path,
                                                teacher_checkpoint: Path) -> None:
-    from quest.config import load_config
+    from quest.infra.config import load_config
 
     text = tiny_params(cifar_archive, teacher_checkpoint, ALL_METHODS)
     assert "presets" not in yaml.safe_load(text)
@@ -296,7 +296,7 @@ def test_second_repro_does_nothing(project: Project) -> None:
     for stage in ALL_STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in out
     # bytecode inside a code dependency directory is .dvcignore'd: it must not trigger reruns
-    pyc = project.root / "quest" / "models" / "__pycache__" / "zoo.cpython-311.pyc"
+    pyc = project.root / "quest" / "core" / "models" / "__pycache__" / "zoo.cpython-311.pyc"
     pyc.parent.mkdir(exist_ok=True)
     pyc.write_bytes(b"not source")
     try:
@@ -407,10 +407,10 @@ def test_one_table_drives_dvc_params_and_the_prefect_key(monkeypatch: pytest.Mon
     import dataclasses
 
     import flows.cache as fc
-    import quest.stages.table as table
+    import quest.apps.stages.table as table
     from flows.dvc_yaml import render
-    from quest.config import load_config
-    from quest.paths import Paths
+    from quest.infra.config import load_config
+    from quest.infra.paths import Paths
 
     cfg = load_config(REPO / "params.yaml")
     paths = Paths(tmp_path)
@@ -430,5 +430,5 @@ def test_one_table_drives_dvc_params_and_the_prefect_key(monkeypatch: pytest.Mon
     assert fc.stage_config("features", cfg, paths) == fc.stage_config("features", other, paths)
     # and the code a stage's key hashes is the code dvc.yaml lists
     listed = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["codebook"]["deps"]
-    for rel in fc.code_files("quest.stages.codebook"):
+    for rel in fc.code_files("quest.apps.stages.codebook"):
         assert any(rel == d or rel.startswith(d + "/") for d in listed), rel

@@ -7,11 +7,11 @@ import logging
 import pytest
 import torch
 
-from quest import codebook as cb
-from quest.distill import build_distiller
-from quest.fastpath import amp_enabled, autocast_step, maybe_compile
-from quest.fused_quest import fused_quest_kl
-from quest.models.zoo import build_model
+from quest.core import codebook as cb
+from quest.core.distill import build_distiller
+from quest.core.fastpath import amp_enabled, autocast_step, maybe_compile
+from quest.core.fused_quest import fused_quest_kl
+from quest.core.models.zoo import build_model
 
 
 def _quest_distiller(seed: int = 0) -> torch.nn.Module:

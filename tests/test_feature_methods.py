@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from quest.cli import main
-from quest.methods import MethodContext, get
-from quest.methods.at import at_pair_loss, attention_map
-from quest.methods.fitnet import HintRegressor
-from quest.models.zoo import build_model, feature_stages
+from quest.apps.cli import main
+from quest.core.methods import MethodContext, get
+from quest.core.methods.at import at_pair_loss, attention_map
+from quest.core.methods.fitnet import HintRegressor
+from quest.core.models.zoo import build_model, feature_stages
 
 
 def _np_attention(f: np.ndarray, p: float) -> np.ndarray:
@@ -64,7 +64,7 @@ def test_hint_regressor_follows_the_size_rule(s_hw: int, t_hw: int, kind: type,
 def _ctx(student: str, teacher: str) -> MethodContext:
     from types import SimpleNamespace
 
-    from quest.config import ATConfig, FitNetConfig
+    from quest.infra.config import ATConfig, FitNetConfig
 
     torch.manual_seed(0)
     return MethodContext(build_model(student, 10), build_model(teacher, 10),

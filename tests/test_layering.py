@@ -1,19 +1,96 @@
-"""The training core imports only torch, torchvision and numpy (plus stdlib, Pillow, PyYAML)."""
+"""The layers of quest/ as folders, and their order: infra < core < apps.
+
+- `quest.infra` (errors, settings, paths, files, progress, locks) imports nothing else of quest;
+- `quest.core` (models, data, losses, methods, codebook, engine, checkpoints) imports infra;
+- `quest.apps` (stages, CLI, studies, bench, results, report, tracking, validation) imports both.
+
+Third-party imports of infra and core: torch, torchvision and numpy, plus Pillow and PyYAML
+(images, YAML) and pydantic, which the typed settings (quest/infra/config.py) need and which is
+therefore a core dependency in pyproject.toml; faiss is the codebook's optional k-means backend,
+imported only inside the function that uses it, and tqdm draws progress bars when installed.
+MLflow, Prefect, DVC, Great Expectations, pandas and matplotlib load only in apps and flows/,
+and only when their feature runs.
+"""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
-OUTER = ("mlflow", "prefect", "dvc", "great_expectations", "pandas", "faiss",
-         "matplotlib")
+QUEST = Path(__file__).resolve().parents[1] / "quest"
+RANK = {"infra": 0, "core": 1, "apps": 2}
+CORE_THIRD_PARTY = {"torch", "torchvision", "numpy", "PIL", "yaml", "pydantic", "faiss", "tqdm"}
+OUTER = ("mlflow", "prefect", "dvc", "great_expectations", "pandas", "faiss", "matplotlib")
+
+
+def _modules() -> list[Path]:
+    return sorted(p for p in QUEST.rglob("*.py") if p.parent != QUEST)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in the file, at any depth (lazy imports count too)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "quest":  # `from quest import x`: x is the module
+                out += [(node.lineno, f"quest.{a.name}") for a in node.names]
+            else:
+                out.append((node.lineno, node.module))
+    return out
+
+
+def test_every_module_sits_in_a_layer_folder() -> None:
+    top = sorted(p.name for p in QUEST.iterdir() if p.suffix == ".py" or
+                 (p.is_dir() and p.name != "__pycache__"))
+    assert top == ["__init__.py", "__main__.py", "apps", "core", "infra"]
+
+
+def test_layers_import_only_downwards() -> None:
+    wrong = []
+    for path in _modules():
+        layer = path.relative_to(QUEST).parts[0]
+        for line, mod in _imports(path):
+            parts = mod.split(".")
+            if parts[0] != "quest":
+                continue
+            if len(parts) == 1:
+                continue  # the root package: only its __version__ and __file__
+            target = parts[1]
+            if target not in RANK or RANK[target] > RANK[layer]:
+                wrong.append(f"{path.relative_to(QUEST.parent)}:{line} imports {mod}")
+    assert wrong == [], "\n".join(wrong)
+
+
+def test_infra_and_core_import_only_the_core_third_party_set() -> None:
+    wrong = []
+    for path in _modules():
+        if path.relative_to(QUEST).parts[0] == "apps":
+            continue
+        for line, mod in _imports(path):
+            top = mod.split(".")[0]
+            if top == "quest" or top in sys.stdlib_module_names or top in CORE_THIRD_PARTY:
+                continue
+            wrong.append(f"{path.relative_to(QUEST.parent)}:{line} imports {mod}")
+    assert wrong == [], "\n".join(wrong)
+
+
+def test_the_layering_check_catches_an_upward_import(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from quest.apps.stages import common\n")
+    assert (3, "quest.apps.stages") not in _imports(bad)
+    assert _imports(bad) == [(2, "quest.apps.stages")]
 
 
 def test_core_and_stages_import_without_outer_layers() -> None:
     code = (
         "import sys\n"
-        "import quest, quest.cli, quest.engine, quest.distill, quest.losses, quest.codebook\n"
-        "import quest.stages.pipeline, quest.models, quest.data\n"
+        "import quest, quest.apps.cli, quest.core.engine, quest.core.distill\n"
+        "import quest.core.losses, quest.core.codebook, quest.core.models, quest.core.data\n"
+        "import quest.apps.stages.pipeline\n"
         f"bad = [m for m in {OUTER!r} if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

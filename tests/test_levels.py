@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from quest.cli import main
-from quest.config import load_config
-from quest.errors import QuestError
-from quest.levels import LevelInputs, get_level, level_config, level_paths, quest_levels
-from quest.losses import QuestLoss
-from quest.methods.quest import Quest
-from quest.models.taps import FeatureTap
-from quest.models.zoo import build_model
-from quest.paths import Paths
+from quest.apps.cli import main
+from quest.core.checks import check_runnable
+from quest.core.levels import LevelInputs, get_level, level_config, level_paths, quest_levels
+from quest.core.losses import QuestLoss
+from quest.core.methods.quest import Quest
+from quest.core.models.taps import FeatureTap
+from quest.core.models.zoo import build_model
+from quest.infra.config import load_config
+from quest.infra.errors import QuestError
+from quest.infra.paths import Paths
 
 REPO = Path(__file__).resolve().parents[1]
 LEVEL = ("student.quest.extra_levels={l2: {teacher_layer: layer2, student_layer: layer2, "
@@ -55,8 +56,10 @@ def test_levels_inherit_the_first_levels_settings() -> None:
     ("[layer2]", "must be a mapping"),
 ])
 def test_bad_levels_are_one_line_errors(override: str, message: str) -> None:
+    # layer names are checked against the built networks when a stage starts, the rest on load
     with pytest.raises(QuestError, match=message) as err:
-        load_config(REPO / "params.yaml", None, [f"student.quest.extra_levels={override}"])
+        check_runnable(load_config(REPO / "params.yaml", None,
+                                   [f"student.quest.extra_levels={override}"]))
     assert "\n" not in str(err.value)
 
 
@@ -119,7 +122,7 @@ def test_unknown_level_on_the_command_line_is_a_one_line_error(
 
 
 def test_a_study_setting_with_two_levels_shares_and_records_them(smoke_root: Path) -> None:
-    from quest.results import load_records
+    from quest.apps.results import load_records
 
     (smoke_root / "studies").mkdir()
     (smoke_root / "README.md").write_text("# project\n")
@@ -134,5 +137,6 @@ def test_a_study_setting_with_two_levels_shares_and_records_them(smoke_root: Pat
     assert set(recs) == {"one", "two"} and recs["one"]["params_hash"] != recs["two"]["params_hash"]
     assert "quest_l2" in recs["two"]["history"][-1] and "quest_l2" not in recs["one"]["history"][-1]
     # the level's features and codebook were built once, in the study cache
-    cached = list((smoke_root / ".quest" / "study-cache").glob("level-l2-*/models/levels/l2"))
+    cache = smoke_root / ".quest" / "study-cache"
+    cached = list(cache.glob("codebook-level-l2-*/models/levels/l2"))
     assert len(cached) == 1 and (cached[0] / "codebook.npy").is_file()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quest.data.loader import InMemoryLoader, channel_stats, make_dataloader, random_crop_flip
+from quest.core.data.loader import InMemoryLoader, channel_stats, make_dataloader, random_crop_flip
 
 
 def data(n: int = 100) -> tuple[np.ndarray, np.ndarray]:
@@ -87,9 +87,9 @@ def test_channel_stats() -> None:
 
 
 def test_dataloader_path_through_the_stage_helpers_is_epoch_deterministic(smoke_prepared) -> None:
-    from quest.config import Config
-    from quest.data.prepared import load_prepared
-    from quest.stages.common import make_loaders
+    from quest.apps.stages.common import make_loaders
+    from quest.core.data.prepared import load_prepared
+    from quest.infra.config import Config
 
     cfg = Config()
     cfg.data.loader = "dataloader"

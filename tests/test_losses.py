@@ -10,10 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quest import CosinePredictor, QuestLoss, soft_assign
-from quest.distill import FrozenTeacher, build_distiller
-from quest.errors import QuestError
-from quest.losses import kd_loss, quest_kl
+from quest.core.distill import FrozenTeacher, build_distiller
+from quest.core.losses import CosinePredictor, QuestLoss, kd_loss, quest_kl, soft_assign
+from quest.infra.errors import QuestError
 
 GOLDEN = Path(__file__).parent / "golden" / "quest_loss.json"
 
@@ -164,7 +163,7 @@ def test_kl_is_zero_when_student_matches_teacher() -> None:
 
 
 def test_gradients_reach_student_and_predictor_only() -> None:
-    from quest.models.zoo import build_model
+    from quest.core.models.zoo import build_model
 
     torch.manual_seed(0)
     teacher = build_model("resnet8", 10)
@@ -189,7 +188,7 @@ def test_gradients_reach_student_and_predictor_only() -> None:
 
 
 def test_quest_kd_has_three_terms_and_kd_weights() -> None:
-    from quest.models.zoo import build_model
+    from quest.core.models.zoo import build_model
 
     torch.manual_seed(0)
     t, s = build_model("resnet8", 10), build_model("resnet8", 10)
@@ -223,13 +222,13 @@ def test_soft_assign_rejects_mismatched_codebook() -> None:
 
 
 def test_fused_path_matches_unfused_value_gradients_and_stats() -> None:
-    from quest.losses import assignment_stats
+    from quest.core.losses import assignment_stats
 
     torch.manual_seed(5)
     crit = QuestLoss(torch.randn(40, 6), student_channels=5, temperature=2.0).double()
     s = torch.randn(3, 5, 4, 4, dtype=torch.float64, requires_grad=True)
     t = torch.randn(3, 6, 4, 4, dtype=torch.float64)
-    import quest.fused_quest as fq
+    import quest.core.fused_quest as fq
 
     old = fq._CPU_BLOCK
     fq._CPU_BLOCK = 7  # several blocks, the last one partial
@@ -280,7 +279,7 @@ def test_fused_bias_gradients_and_student_max_match_unfused() -> None:
         crit.predictor.bias.normal_()
     s = torch.randn(3, 5, 4, 4, dtype=torch.float64, requires_grad=True)
     t = torch.randn(3, 6, 4, 4, dtype=torch.float64)
-    import quest.fused_quest as fq
+    import quest.core.fused_quest as fq
 
     old = fq._CPU_BLOCK
     fq._CPU_BLOCK = 7
@@ -302,7 +301,7 @@ def test_fused_bias_gradients_and_student_max_match_unfused() -> None:
 
 
 def test_unknown_predictor_is_a_clear_error() -> None:
-    from quest.errors import QuestError
+    from quest.infra.errors import QuestError
 
     with pytest.raises(QuestError, match="unknown QuEST predictor 'cosine'.*learned_scale"):
         QuestLoss(torch.randn(4, 3), student_channels=2, predictor="cosine")

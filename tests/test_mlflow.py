@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from conftest import wait_http_ok
 
-from quest.cli import main
-from quest.errors import QuestError
+from quest.apps.cli import main
+from quest.infra.errors import QuestError
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out; make test runs it
 
@@ -39,9 +39,9 @@ def tracked(
     tmp_path_factory: pytest.TempPathFactory, cifar_archive: Path, teacher_checkpoint: Path
 ) -> Iterator[dict[str, Any]]:
     """The tiny chain run once, then `quest track` into a fresh SQLite store (all in tmp)."""
-    from quest.config import load_config
-    from quest.paths import Paths
-    from quest.stages.pipeline import run_pipeline
+    from quest.apps.stages.pipeline import run_pipeline
+    from quest.infra.config import load_config
+    from quest.infra.paths import Paths
 
     root = tmp_path_factory.mktemp("mlflow-root")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
@@ -54,7 +54,7 @@ def tracked(
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(root)  # anything written relative to the working directory stays in tmp
         cfg = load_config(root / "params.yaml", "tiny", OVERRIDES)
-        from quest.validation import pipeline_checks
+        from quest.apps.validation import pipeline_checks
 
         # with the Great Expectations suites, as `quest run` runs it: their reports get logged
         run_pipeline(cfg, Paths(root), pipeline_checks(cfg, Paths(root)))
@@ -169,7 +169,7 @@ def test_validation_reports_and_counts_logged(tracked: dict[str, Any], client: A
 
 
 def test_models_registered_with_provenance_tags(tracked: dict[str, Any], client: Any) -> None:
-    from quest.io_utils import file_sha256
+    from quest.infra.io_utils import file_sha256
 
     run, root = tracked["run"], tracked["root"]
     evaluation = _metrics(root, "evaluation.json")["models"]
@@ -198,7 +198,7 @@ def test_models_registered_with_provenance_tags(tracked: dict[str, Any], client:
     for model_dir in logged:
         reqs = (model_dir / "requirements.txt").read_text().split()
         assert {"torch==2.14.1", "torchvision==0.29.1", "numpy==2.4.6"} <= set(reqs)
-        assert (model_dir / "code" / "quest" / "stages" / "common.py").is_file()
+        assert (model_dir / "code" / "quest" / "core" / "checkpoint.py").is_file()
         assert (model_dir / "input_example.json").is_file()
     best = max(METHODS, key=lambda m: evaluation[m]["top1"])
     challenger = client.get_model_version_by_alias("quest-student", "challenger")
@@ -207,7 +207,7 @@ def test_models_registered_with_provenance_tags(tracked: dict[str, Any], client:
 
 
 def test_git_commit_of_a_repository() -> None:
-    from quest.results import git_commit
+    from quest.apps.results import git_commit
 
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", git_commit(REPO) or "")
 
@@ -223,7 +223,7 @@ def _candidate(client: Any, source: Any, top1: float) -> int:
 @pytest.fixture(scope="module")
 def gated(tracked: dict[str, Any], client: Any) -> dict[str, Any]:
     """The promotion sequence, run once: first champion, worse, below the bar, better."""
-    from quest.tracking import promote
+    from quest.apps.tracking import promote
 
     uri = tracked["uri"]
     steps: dict[str, Any] = {"first": promote(uri)}
@@ -246,7 +246,7 @@ def test_promotion_gate(
     tracked: dict[str, Any], client: Any, gated: dict[str, Any],
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from quest.tracking import promote
+    from quest.apps.tracking import promote
 
     first, champion = gated["first"], gated["champion"]
     assert first["promoted"] is True and first["previous_champion"] is None
@@ -325,7 +325,7 @@ def test_champion_loads_and_predicts_in_a_fresh_process(
 
 
 def test_tracking_uri_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from quest.tracking import resolve_tracking_uri
+    from quest.apps.tracking import resolve_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
@@ -335,7 +335,7 @@ def test_tracking_uri_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_promote_without_a_database_names_the_fix(tmp_path: Path) -> None:
-    from quest.tracking import promote
+    from quest.apps.tracking import promote
 
     with pytest.raises(QuestError, match="run `quest track` first"):
         promote(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -343,9 +343,9 @@ def test_promote_without_a_database_names_the_fix(tmp_path: Path) -> None:
 
 
 def test_track_before_the_pipeline_names_the_fix(tmp_path: Path) -> None:
-    from quest.config import load_config
-    from quest.paths import Paths
-    from quest.tracking import track_pipeline
+    from quest.apps.tracking import track_pipeline
+    from quest.infra.config import load_config
+    from quest.infra.paths import Paths
 
     cfg = load_config(REPO / "params.yaml", "tiny")
     with pytest.raises(QuestError, match="run `quest teacher` first"):

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from quest.errors import QuestError
-from quest.models import (
+from quest.core.models import (
     MODEL_NAMES,
     FeatureTap,
     build_model,
@@ -22,6 +21,7 @@ from quest.models import (
     model_summary,
     resolve_layer,
 )
+from quest.infra.errors import QuestError
 
 CIFAR_NAMES = [n for n in MODEL_NAMES if model_family(n) != "torchvision"]
 TORCHVISION_NAMES = [n for n in MODEL_NAMES if model_family(n) == "torchvision"]

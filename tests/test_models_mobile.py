@@ -8,10 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from quest.config import ATConfig, FitNetConfig
-from quest.errors import QuestError
-from quest.methods import MethodContext, get
-from quest.models import (
+from quest.core.methods import MethodContext, get
+from quest.core.models import (
     MODEL_NAMES,
     FeatureTap,
     build_model,
@@ -20,8 +18,10 @@ from quest.models import (
     model_family,
     model_summary,
 )
-from quest.models.shufflenet import ChannelShuffle
-from quest.models.zoo import feature_stages
+from quest.core.models.shufflenet import ChannelShuffle
+from quest.core.models.zoo import feature_stages
+from quest.infra.config import ATConfig, FitNetConfig
+from quest.infra.errors import QuestError
 
 NEW = ("mobilenetv2_half", "shufflev1", "shufflev2")
 

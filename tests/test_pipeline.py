@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quest.cli import main
+from quest.apps.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:
     }
     for args, expected in cases.items():
         proc = subprocess.run(
-            [sys.executable, "-m", "quest.cli", "config", "--root", str(tmp_path), *args],
+            [sys.executable, "-m", "quest", "config", "--root", str(tmp_path), *args],
             capture_output=True, text=True, check=False,
         )
         assert proc.returncode == 2, args
@@ -87,7 +87,7 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:
 def test_missing_data_path_is_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     proc = subprocess.run(
-        [sys.executable, "-m", "quest.cli", "prepare", "--root", str(tmp_path),
+        [sys.executable, "-m", "quest", "prepare", "--root", str(tmp_path),
          "--set", f"data.location={tmp_path / 'nowhere.tar.gz'}"],
         capture_output=True, text=True, check=False,
     )
@@ -97,13 +97,13 @@ def test_missing_data_path_is_one_line_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_help_lists_every_command() -> None:
-    proc = subprocess.run([sys.executable, "-m", "quest.cli", "--help"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "quest", "--help"], capture_output=True,
                           text=True, check=True)
     for cmd in ("prepare", "teacher", "features", "codebook", "student", "evaluate", "run",
                 "models", "config"):
         assert cmd in proc.stdout
     for cmd in ("prepare", "student", "models"):
-        sub = subprocess.run([sys.executable, "-m", "quest.cli", cmd, "--help"],
+        sub = subprocess.run([sys.executable, "-m", "quest", cmd, "--help"],
                              capture_output=True, text=True, check=True)
         assert "usage: quest" in sub.stdout
 
@@ -119,10 +119,10 @@ def test_models_listing_shows_counts_and_layers(capsys: pytest.CaptureFixture[st
 
 
 def test_concurrent_runs_on_one_project_refuse_with_one_line(tmp_path: Path) -> None:
-    from quest.runlock import run_lock
+    from quest.infra.runlock import run_lock
 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    cmd = [sys.executable, "-m", "quest.cli", "features", "--root", str(tmp_path)]
+    cmd = [sys.executable, "-m", "quest", "features", "--root", str(tmp_path)]
     with run_lock(tmp_path, "a test holding the lock"):
         busy = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert busy.returncode == 2
@@ -141,14 +141,14 @@ def test_lock_of_a_killed_run_does_not_block_the_next(tmp_path: Path) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\n"
-         "from quest.runlock import run_lock\n"
+         "from quest.infra.runlock import run_lock\n"
          f"with run_lock({str(tmp_path)!r}, 'doomed'):\n"
          "    print('locked', flush=True); time.sleep(60)\n"],
         stdout=subprocess.PIPE, text=True,
     )
     assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-    from quest.errors import QuestError
-    from quest.runlock import run_lock
+    from quest.infra.errors import QuestError
+    from quest.infra.runlock import run_lock
 
     with pytest.raises(QuestError, match="doomed"), run_lock(tmp_path, "second"):
         pass
@@ -165,7 +165,7 @@ def test_sigterm_stops_training_cleanly_and_the_rerun_resumes(smoke_root: Path) 
     import time
 
     assert run_cli(smoke_root, "teacher") == 0
-    cmd = [sys.executable, "-m", "quest.cli", "student", "--root", str(smoke_root), "--preset",
+    cmd = [sys.executable, "-m", "quest", "student", "--root", str(smoke_root), "--preset",
            "smoke", "--method", "ce", "--set", "student.train.epochs=40"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     ckpt = smoke_root / ".quest" / "checkpoints" / "student-ce.pt"

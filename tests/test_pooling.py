@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quest.config import load_config
-from quest.errors import QuestError
-from quest.io_utils import read_json
-from quest.losses import QuestLoss, match_spatial, pool_teacher_map
-from quest.methods.quest import Quest
-from quest.models.taps import FeatureTap
-from quest.models.zoo import build_model
-from quest.paths import Paths
+from quest.core.losses import QuestLoss, match_spatial, pool_teacher_map
+from quest.core.methods.quest import Quest
+from quest.core.models.taps import FeatureTap
+from quest.core.models.zoo import build_model
+from quest.infra.config import load_config
+from quest.infra.errors import QuestError
+from quest.infra.io_utils import read_json
+from quest.infra.paths import Paths
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def test_quest_pools_the_teacher_as_the_codebook_was_pooled() -> None:
 
 
 def test_reflect_padding_crops_windows_of_the_reflected_image() -> None:
-    from quest.data.loader import ArrayDataset, random_crop_flip
+    from quest.core.data.loader import ArrayDataset, random_crop_flip
 
     gen = torch.Generator().manual_seed(0)
     img = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8)
@@ -97,12 +97,12 @@ def test_bad_padding_mode_and_pool_are_one_line_errors() -> None:
 
 def test_cross_size_codebook_is_fit_on_pooled_teacher_vectors(
         tmp_path: Path, smoke_prepared: Path, teacher_checkpoint: Path) -> None:
-    from quest.checkpoint import load_model_file
-    from quest.stages.codebook import run_codebook
-    from quest.stages.common import load_data
-    from quest.stages.features import run_features
-    from quest.stages.student import run_student
-    from quest.stages.teacher import run_teacher
+    from quest.apps.stages.codebook import run_codebook
+    from quest.apps.stages.common import load_data
+    from quest.apps.stages.features import run_features
+    from quest.apps.stages.student import run_student
+    from quest.apps.stages.teacher import run_teacher
+    from quest.core.checkpoint import load_model_file
 
     shutil.copytree(smoke_prepared, tmp_path / "data" / "prepared")
     cfg = load_config(REPO / "params.yaml", "smoke", [
@@ -134,7 +134,7 @@ def test_cross_size_codebook_is_fit_on_pooled_teacher_vectors(
     metrics = run_student(cfg, paths, "quest")
     assert 0.0 <= metrics["top1"] <= 1.0
     # the report's word gallery assigns the same pooled positions
-    from quest.report.gallery import build_gallery
+    from quest.apps.report.gallery import build_gallery
 
     g = build_gallery(model, "layer3", np.load(paths.codebook), np.array(ds.test.images[:4]),
                       ds.meta["mean"], ds.meta["std"], temperature=5.0, words=3, patches=2,

@@ -139,7 +139,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, server_process: dict[str, 
             request: pytest.FixtureRequest) -> dict[str, Any]:
     """A git+DVC root with the tiny preset as params.yaml, after one full flow run."""
     from flows.pipeline import quest_pipeline
-    from quest.config import load_config
+    from quest.infra.config import load_config
 
     # set up the project while the server starts
     root = tmp_path_factory.mktemp("dvc-project")
@@ -233,7 +233,7 @@ def test_codebook_k_change_recomputes_codebook_quest_student_and_evaluate(
 ) -> None:
     """Editing codebook.k reruns codebook, the QuEST student and evaluate; the rest stay cached."""
     from flows.pipeline import dvc_commit, quest_pipeline
-    from quest.config import load_config
+    from quest.infra.config import load_config
 
     root = project["root"]
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -287,7 +287,7 @@ def test_quest_error_is_not_retried(server: str, tmp_path: Path,
     from prefect.states import Failed
 
     from flows.pipeline import quest_pipeline, retry_unless_quest_error
-    from quest.errors import QuestError
+    from quest.infra.errors import QuestError
 
     assert retry_unless_quest_error(None, None, Failed(data=OSError("disk hiccup")))
     assert not retry_unless_quest_error(None, None, Failed(data=QuestError("bad input")))
@@ -310,7 +310,7 @@ def test_quest_error_is_not_retried(server: str, tmp_path: Path,
 def test_promotion_flow_fails_once_on_a_missing_registry(server: str, tmp_path: Path) -> None:
     """The promotion flow calls the real promote(); its QuestError fails the task unretried."""
     from flows.promotion import quest_promotion
-    from quest.errors import QuestError
+    from quest.infra.errors import QuestError
 
     uri = f"sqlite:///{tmp_path / 'no-registry.db'}"
     state = quest_promotion(min_top1=0.5, tracking_uri=uri, return_state=True)

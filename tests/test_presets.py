@@ -13,13 +13,13 @@ import pytest
 import torch
 import yaml
 
-from quest.config import Config, load_config
-from quest.errors import QuestError
-from quest.levels import quest_levels
-from quest.losses import match_spatial, pool_teacher_map
-from quest.models.taps import FeatureTap, dummy_forward
-from quest.models.zoo import build_model
-from quest.presets_doc import preset_sources, presets_markdown
+from quest.apps.presets_doc import preset_sources, presets_markdown
+from quest.core.levels import quest_levels
+from quest.core.losses import match_spatial, pool_teacher_map
+from quest.core.models.taps import FeatureTap, dummy_forward
+from quest.core.models.zoo import build_model
+from quest.infra.config import Config, load_config
+from quest.infra.errors import QuestError
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
@@ -251,5 +251,5 @@ def test_params_presets_come_first_then_preset_files(tmp_path: Path) -> None:
 
 
 def test_docs_table_is_up_to_date() -> None:
-    """docs/presets.md is exactly what `python -m quest.presets_doc` writes."""
+    """docs/presets.md is exactly what `python -m quest.apps.presets_doc` writes."""
     assert (REPO / "docs" / "presets.md").read_text(encoding="utf-8") == presets_markdown(PARAMS)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from quest.cli import main
+from quest.apps.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["ce", "quest"]
@@ -46,13 +46,13 @@ class _Records(logging.Handler):
 def run_root(tmp_path_factory: pytest.TempPathFactory, smoke_prepared: Path, cifar_archive: Path,
              teacher_checkpoint: Path) -> dict[str, Any]:
     """A finished smoke run (teacher, features, codebook, ce and quest students, evaluate)."""
-    from quest.config import load_config
-    from quest.paths import Paths
-    from quest.stages.codebook import run_codebook
-    from quest.stages.evaluate import run_evaluate
-    from quest.stages.features import run_features
-    from quest.stages.student import run_student
-    from quest.stages.teacher import run_teacher
+    from quest.apps.stages.codebook import run_codebook
+    from quest.apps.stages.evaluate import run_evaluate
+    from quest.apps.stages.features import run_features
+    from quest.apps.stages.student import run_student
+    from quest.apps.stages.teacher import run_teacher
+    from quest.infra.config import load_config
+    from quest.infra.paths import Paths
 
     root = tmp_path_factory.mktemp("report-run")
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
@@ -153,8 +153,8 @@ def test_report_html_markdown_and_log(run_root: dict[str, Any],
 
 def test_compare_table_deltas_and_overlaid_curves(run_root: dict[str, Any],
                                                   tmp_path: Path) -> None:
-    from quest.paths import Paths
-    from quest.report.build import build_report_data
+    from quest.apps.report.build import build_report_data
+    from quest.infra.paths import Paths
 
     root = run_root["root"]
     # the other run: the same files with known accuracies and without the quest student
@@ -210,7 +210,7 @@ def test_compare_run_missing_student_names_the_stage(run_root: dict[str, Any],
 
 
 def test_patch_geometry() -> None:
-    from quest.report.gallery import PAD_VALUE, crop_patch
+    from quest.apps.report.gallery import PAD_VALUE, crop_patch
 
     image = np.arange(3 * 32 * 32, dtype=np.int64).reshape(3, 32, 32).astype(np.uint8)
     # position (0, 0) of an 8x8 map: centre (2, 2), a 12 px patch starts at -4 (gray padding)
@@ -223,7 +223,7 @@ def test_patch_geometry() -> None:
 
 
 def test_report_package_imports_without_matplotlib() -> None:
-    code = ("import sys, quest.report, quest.cli\n"
+    code = ("import sys, quest.apps.report, quest.apps.cli\n"
             "print('matplotlib' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -240,7 +240,7 @@ def test_features_and_kmeans_report_progress_lines(run_root: dict[str, Any]) -> 
 
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
 def test_kmeans_iteration_callback_leaves_the_result_unchanged(backend: str) -> None:
-    from quest.codebook import fit_kmeans
+    from quest.core.codebook import fit_kmeans
 
     x = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)
     plain = fit_kmeans(x, 32, iterations=6, backend=backend)
@@ -254,7 +254,7 @@ def test_kmeans_iteration_callback_leaves_the_result_unchanged(backend: str) -> 
 
 def test_progress_lines_and_one_log_file_per_run(tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    from quest.progress import Progress, setup_logging, track
+    from quest.infra.progress import Progress, setup_logging, track
 
     with caplog.at_level(logging.INFO, logger="quest"):
         assert list(track(range(25), 25, "loop", "lines", lines=True)) == list(range(25))

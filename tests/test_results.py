@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from quest.cli import main
-from quest.config import load_config
-from quest.results import load_records, params_hash, results_table
+from quest.apps.cli import main
+from quest.apps.results import load_records, params_hash, results_table
+from quest.infra.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 

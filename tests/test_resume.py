@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 import torch
 
-from quest.checkpoint import load_checkpoint
-from quest.config import OptimConfig
-from quest.data.loader import InMemoryLoader, make_dataloader
-from quest.data.prepared import load_prepared
-from quest.distill import Distiller
-from quest.engine import Trainer
-from quest.models.zoo import build_model
-from quest.stages.common import _EpochAware
+from quest.apps.stages.common import _EpochAware
+from quest.core.checkpoint import load_checkpoint
+from quest.core.data.loader import InMemoryLoader, make_dataloader
+from quest.core.data.prepared import load_prepared
+from quest.core.distill import Distiller
+from quest.core.engine import Trainer
+from quest.core.models.zoo import build_model
+from quest.infra.config import OptimConfig
 
 pytestmark = pytest.mark.slow  # make test-fast leaves it out; make test runs it
 
@@ -142,7 +142,7 @@ def test_second_signal_stops_at_once_and_keeps_the_last_checkpoint(
 
 
 def _student_cmd(root: Path) -> list[str]:
-    return [sys.executable, "-m", "quest.cli", "student", "--root", str(root), "--preset",
+    return [sys.executable, "-m", "quest", "student", "--root", str(root), "--preset",
             "smoke", "--method", "ce", "--set", "student.arch=resnet8",
             "--set", "student.train.batch_size=4", "--set", f"student.train.epochs={EPOCHS}",
             "--set", "runtime.threads=1", "--set", "runtime.progress=lines"]

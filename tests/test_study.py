@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from quest.cli import main
-from quest.results import load_records
-from quest.study_table import markers, mean_std, paired_diff, t975
+from quest.apps.cli import main
+from quest.apps.results import load_records
+from quest.apps.study_table import markers, mean_std, paired_diff, t975
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -202,7 +202,7 @@ def test_gpu_study_is_the_published_protocol_and_runs_on_the_tiny_preset(
         study_root: Path) -> None:
     """studies/gpu-cifar10.yaml: CUDA, bf16, channels_last, compile, the cifar10-full schedule;
     tried here on the CPU with the tiny preset (device, compile and the length swapped)."""
-    from quest.stages.study import load_study, setting_config
+    from quest.apps.stages.study import load_study, setting_config
 
     study = load_study(REPO / "studies" / "gpu-cifar10.yaml", REPO)
     published = setting_config(study, study.settings[1], REPO)
@@ -231,10 +231,10 @@ def test_size_study_figure_and_report_section(tmp_path: Path) -> None:
     README block and the report's studies section (records written here, not trained)."""
     from PIL import Image
 
-    from quest.report.build import study_sections
-    from quest.report.render import markdown_to_html
-    from quest.stages.study import load_study, planned_runs
-    from quest.study_table import SIZE_FIGURE, update_tables
+    from quest.apps.report.build import study_sections
+    from quest.apps.report.render import markdown_to_html
+    from quest.apps.stages.study import load_study, planned_runs
+    from quest.apps.study_table import SIZE_FIGURE, update_tables
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "studies").mkdir()

@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from quest.config import OptimConfig
-from quest.data.loader import InMemoryLoader
-from quest.data.prepared import load_prepared
-from quest.distill import Distiller
-from quest.engine import Trainer, evaluate, lr_at
-from quest.errors import QuestError
-from quest.models.zoo import build_model
-from quest.stages.teacher import import_teacher
+from quest.apps.stages.teacher import import_teacher
+from quest.core.data.loader import InMemoryLoader
+from quest.core.data.prepared import load_prepared
+from quest.core.distill import Distiller
+from quest.core.engine import Trainer, evaluate, lr_at
+from quest.core.models.zoo import build_model
+from quest.infra.config import OptimConfig
+from quest.infra.errors import QuestError
 
 
 def loaders(prepared: Path, batch: int = 50, seed: int = 0) -> tuple[InMemoryLoader, ...]:

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from quest.cli import main
-from quest.config import Config, load_config
-from quest.errors import QuestError
-from quest.paths import Paths
+from quest.apps.cli import main
+from quest.infra.config import Config, load_config
+from quest.infra.errors import QuestError
+from quest.infra.paths import Paths
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = ("data", "features", "codebook", "predictions")
@@ -32,11 +32,11 @@ def _cfg(teacher_checkpoint: Path, *extra: str) -> Config:
 def chain(tmp_path_factory: pytest.TempPathFactory, smoke_prepared: Path,
           teacher_checkpoint: Path) -> Iterator[dict[str, Any]]:
     """The smoke data through teacher, features, codebook, a quest student and evaluate."""
-    from quest.stages.codebook import run_codebook
-    from quest.stages.evaluate import run_evaluate
-    from quest.stages.features import run_features
-    from quest.stages.student import run_student
-    from quest.stages.teacher import run_teacher
+    from quest.apps.stages.codebook import run_codebook
+    from quest.apps.stages.evaluate import run_evaluate
+    from quest.apps.stages.features import run_features
+    from quest.apps.stages.student import run_student
+    from quest.apps.stages.teacher import run_teacher
 
     root = tmp_path_factory.mktemp("validation-chain")
     shutil.copytree(smoke_prepared, root / "data" / "prepared")
@@ -63,7 +63,7 @@ def _copy(chain: dict[str, Any], dest: Path, *rels: str) -> Paths:
 
 def _fails(what: str, cfg: Config, paths: Paths) -> str:
     """Run a suite that must fail; return its message after checking the files it left."""
-    from quest.validation import report_files, run_validation
+    from quest.apps.validation import report_files, run_validation
 
     with pytest.raises(QuestError) as err:
         run_validation(what, cfg, paths)
@@ -78,7 +78,7 @@ def _fails(what: str, cfg: Config, paths: Paths) -> str:
 
 
 def test_every_suite_passes_on_the_smoke_chain(chain: dict[str, Any]) -> None:
-    from quest.validation import report_files, run_validation
+    from quest.apps.validation import report_files, run_validation
 
     paths = chain["paths"]
     for what in SUITES:
@@ -102,7 +102,7 @@ def test_quest_run_stops_at_data_validation_when_a_class_is_missing(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from PIL import Image
 
-    from quest.data.prepared import load_prepared
+    from quest.core.data.prepared import load_prepared
 
     # an image folder from the smoke slice with the cats all but removed from train/ (one left:
     # the reader itself refuses an empty class folder)
@@ -175,8 +175,8 @@ def test_codebook_with_dead_or_nan_words_fails(chain: dict[str, Any], tmp_path: 
 
 def test_predictions_not_summing_to_one_or_below_chance_fail(chain: dict[str, Any],
                                                              tmp_path: Path) -> None:
-    from quest.validation.runner import run_suite
-    from quest.validation.suites import predictions_suite, student_probabilities
+    from quest.apps.validation.runner import run_suite
+    from quest.apps.validation.suites import predictions_suite, student_probabilities
 
     cfg, paths = chain["cfg"], Paths(tmp_path)
     probs, labels = student_probabilities(cfg, chain["paths"])

@@ -1,0 +1,432 @@
+"""The `quest` command line: one subcommand per pipeline stage, plus the zoo listing."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from quest.infra.errors import QuestError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--preset", default=os.environ.get("QUEST_PRESET"),
+                   help="named preset from the params file's presets: section (env QUEST_PRESET)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set student.train.epochs=5 (repeatable)")
+    p.add_argument("--root", default=".", help="project root holding data/, models/, metrics/")
+
+
+def _add_tracking_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI, e.g. a team server http://host:5000 (default: env "
+                        "MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="quest",
+        description="QuEST knowledge distillation: quantized teacher features as student targets.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_stage_commands(sub)
+    _add_registry_commands(sub)
+    _add_study_commands(sub)
+    _add_tool_commands(sub)
+    return parser
+
+
+def _add_stage_commands(sub: Any) -> None:
+    """The pipeline's stage commands, each taking the config options."""
+    def stage(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_config_args(p)
+        return p
+
+    stage("prepare", "read the configured data source into data/prepared/")
+    stage("teacher", "import or train the teacher; evaluate it; write models/teacher/")
+    level_help = ("an extra QuEST level named in student.quest.extra_levels (default: the "
+                  "first level; its files go under data/levels/NAME and models/levels/NAME)")
+    p = stage("features", "extract the teacher's spatial feature vectors into data/features/")
+    p.add_argument("--level", default="", metavar="NAME", help=level_help)
+    p = stage("codebook", "fit the k-means visual-word vocabulary into models/codebook/")
+    p.add_argument("--level", default="", metavar="NAME", help=level_help)
+    p = stage("student", "train a student with one method (ce, kd, quest, quest+kd)")
+    p.add_argument("--method", action="append", default=None,
+                   help="method to train (repeatable; default: every one in student.methods)")
+    p = stage("sweep", "retrain students with several seeds; record each run in results/")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="student seeds (default: 0 1 2); recorded pairs are skipped")
+    p.add_argument("--method", action="append", default=None,
+                   help="method to sweep (repeatable; default: every one in student.methods)")
+    stage("evaluate", "evaluate teacher and students into metrics/evaluation.json")
+    p = stage("report", "write reports/report.html (self-contained) and reports/report.md: "
+                        "accuracy, curves, codebook, visual-word gallery")
+    p.add_argument("--compare", metavar="OTHER_ROOT", default=None,
+                   help="another finished run's project root: side-by-side table and curves")
+    p = stage("validate", "run a Great Expectations suite over a stage's output; writes "
+                          "reports/validation/ and fails (exit 2) listing failed expectations")
+    p.add_argument("--what", required=True, choices=("data", "features", "codebook", "predictions"),
+                   help="data (after prepare), features, codebook, or predictions (after evaluate)")
+    p = stage("run", "run the whole pipeline and print the accuracy table")
+    p.add_argument("--no-validate", action="store_true",
+                   help="skip the Great Expectations suites between stages (e.g. where "
+                        "great-expectations is not installed)")
+    p = stage("config", "print the resolved, validated configuration (JSON or YAML)")
+    # YAML output is a complete, preset-free params file for DVC; redirect it to a new file: a
+    # shell truncates `> params.yaml` before quest reads it
+    p.add_argument("--format", choices=("json", "yaml"), default="json",
+                   help="output format; yaml is a resolved params file, e.g. "
+                        "`quest config --preset tiny --format yaml > tiny.yaml && "
+                        "mv tiny.yaml params.yaml`")
+    p = stage("track", "log the finished pipeline to MLflow (parent run + a child run per stage) "
+                       "and register the teacher and students")
+    _add_tracking_args(p)
+    p.add_argument("--experiment", default="quest", help="MLflow experiment name (default: quest)")
+    p.add_argument("--no-register", action="store_true",
+                   help="log runs, metrics and artifacts only; do not register models")
+
+
+def _add_registry_commands(sub: Any) -> None:
+    """`quest promote`: the gated champion alias."""
+    p = sub.add_parser(
+        "promote", help="move the 'champion' alias to a candidate student if it is better",
+        description="Gated promotion: point quest-student@champion at the candidate (default: "
+                    "the @challenger set by `quest track`) only if its test_top1 tag beats the "
+                    "current champion's and clears --min-top1; otherwise change nothing and say "
+                    "why.")
+    _add_config_args(p)
+    _add_tracking_args(p)
+    p.add_argument("--min-top1", type=float, default=None,
+                   help="minimum test top-1 (0..1) a candidate must reach "
+                        "(default: promotion.min_top1 in params.yaml)")
+    p.add_argument("--model-name", default=None,
+                   help="registered model (default: promotion.model_name, quest-student)")
+    p.add_argument("--version", type=int, default=None,
+                   help="candidate version (default: the one with the 'challenger' alias)")
+
+
+def _add_study_commands(sub: Any) -> None:
+    """`quest study`: resumable settings x methods x seeds."""
+    p = sub.add_parser(
+        "study", help="run a study (settings x methods x seeds) resumably; write its table",
+        description="Train every run of a study file not yet recorded under results/ (an "
+                    "interrupted study resumes), then regenerate its table in README.md and "
+                    "results/<study>/TABLE.md.")
+    p.add_argument("study", help="study file, e.g. studies/strength.yaml")
+    p.add_argument("--root", default=".", help="project root (default: .)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs still to train")
+    p.add_argument("--setting", action="append", default=None,
+                   help="run only this setting (repeatable)")
+    p.add_argument("--seed", type=int, action="append", default=None,
+                   help="run only this seed (repeatable), e.g. seed 0 of every setting first")
+    p.add_argument("--method", action="append", default=None,
+                   help="run only this method (repeatable), e.g. the methods a goal compares")
+    p.add_argument("--reproduce", nargs="?", const="", default=None, metavar="DIR",
+                   help="train the selected runs again whatever results/ holds, record them in "
+                        "DIR (default results/runs/reproduce-<study>, git-ignored) and compare "
+                        "them with the committed records (REPRODUCE.md there)")
+    p.add_argument("--table-only", action="store_true",
+                   help="train nothing; regenerate the table from the records")
+    p.add_argument("--check", action="store_true",
+                   help="train nothing; exit 1 when README.md's table of this study is stale")
+
+
+def _add_tool_commands(sub: Any) -> None:
+    """`quest models` and `quest bench`."""
+    p = sub.add_parser("models", help="list the model zoo, or a model's tappable layers",
+                       description="list the model zoo, or a model's tappable layers")
+    p.add_argument("--layers", metavar="ARCH", help="list the layers of ARCH with output shapes")
+    p.add_argument("--input-size", type=int, default=32, help="image side for --layers")
+    p.add_argument("--num-classes", type=int, default=100, help="classes for --layers")
+    p = sub.add_parser(
+        "bench", help="measure loader, training steps, features and k-means; write JSON",
+        description="Benchmark in one process: in-memory loader vs DataLoader, ce/kd/quest "
+                    "training steps, teacher feature extraction, FAISS vs torch k-means, peak "
+                    "memory; writes benchmarks/results/bench-<device>.json. Uses data/prepared "
+                    "or the configured archive, else random images.")
+    _add_config_args(p)
+    p.add_argument("--quick", action="store_true", help="small sizes (about a minute on 2 cores)")
+    p.add_argument("--images", type=int, default=None, help="images (default 2560; quick 1024)")
+    p.add_argument("--batch", type=int, default=128, help="training batch size (default 128)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per method (3; quick 2)")
+    p.add_argument("--steps", type=int, default=None, help="steps per round (3; quick 2)")
+    p.add_argument("--kmeans-k", default=None,
+                   help="comma-separated K values (default: 256,codebook.k,4096; quick: 256)")
+    p.add_argument("--kmeans-iterations", type=int, default=20, help="k-means iterations")
+    p.add_argument("--synthetic", action="store_true", help="random CIFAR-shaped images")
+    p.add_argument("--out-dir", default="benchmarks/results", help="where the JSON goes")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from quest.apps.bench import parse_k_list, run_bench, summary
+
+    cfg = _load_cfg(args)
+    q = args.quick
+    k_text = args.kmeans_k or ("256" if q else f"256,{cfg.codebook.k},4096")
+    ks = list(dict.fromkeys(parse_k_list(k_text)))
+    path = run_bench(
+        cfg, Path(args.root).resolve(), images=args.images or (1024 if q else 2560),
+        batch=args.batch, rounds=args.rounds or (2 if q else 3),
+        steps=args.steps or (2 if q else 3),
+        kmeans_k=ks, kmeans_iterations=args.kmeans_iterations, synthetic=args.synthetic,
+        out_dir=Path(args.out_dir), command="quest " + " ".join(sys.argv[1:]))
+    print(summary(path))
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from quest.core.models.taps import list_layers
+    from quest.core.models.zoo import build_model, default_feature_layer, model_summary
+
+    if args.layers:
+        model = build_model(args.layers, args.num_classes)
+        default = default_feature_layer(args.layers)
+        print(f"{args.layers}: layers at input 3x{args.input_size}x{args.input_size} "
+              f"(* = default QuEST layer)")
+        for name, kind, shape in list_layers(model, (3, args.input_size, args.input_size)):
+            mark = "*" if name == default else " "
+            print(f"{mark} {name:<28} {kind:<18} {'x'.join(map(str, shape))}")
+        return
+    rows = model_summary()
+    print(f"{'model':<14} {'family':<14} {'params (10 cls)':>16} {'params (100 cls)':>17}")
+    for r in rows:
+        print(f"{r['name']!s:<14} {r['family']!s:<14} {r['params_10']:>16,} {r['params_100']:>17,}")
+
+
+def _load_cfg(args: argparse.Namespace) -> Any:
+    """The validated Config named by --params (relative to --root), --preset and --set."""
+    from quest.infra.config import load_config
+
+    # Path joining keeps an absolute --params as it is
+    return load_config(Path(args.root) / args.params, args.preset, args.overrides)
+
+
+def _run_stage(args: argparse.Namespace) -> None:
+    from quest.infra.paths import Paths
+    from quest.infra.progress import setup_logging
+
+    cfg = _load_cfg(args)
+    if args.command == "config":
+        from quest.core.checks import check_runnable
+
+        check_runnable(cfg)  # `quest config` checks everything a stage's start would
+        if args.format == "yaml":
+            import yaml
+
+            # block style, keys in definition order: readable and diff-friendly for DVC params
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False), end="")
+        else:
+            print(json.dumps(cfg.to_dict(), indent=2))
+        return
+    paths = Paths(Path(args.root).resolve())
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    from quest.core.distributed import env_info
+
+    dist_info = env_info()  # a torchrun job: only `quest student`; rank 0 holds the lock
+    if dist_info is not None and args.command != "student":
+        raise QuestError(f"torchrun runs only `quest student`, not `quest {args.command}`: "
+                         "run the other stages in one process")
+    rank = f"-rank{dist_info.rank}" if dist_info is not None else ""
+    setup_logging(str(paths.logs / f"{args.command}-{stamp}{rank}.log"), args.debug)
+    from quest.infra.runlock import run_lock
+
+    lock = (run_lock(paths.root, f"quest {args.command}")
+            if dist_info is None or dist_info.is_main else contextlib.nullcontext())
+    with lock:
+        _dispatch(args, cfg, paths)
+
+
+def _dispatch(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
+    """Run one stage command (the caller holds the project's run lock)."""
+    if args.command in ("prepare", "teacher", "features", "codebook", "student"):
+        _run_table_stage(args, cfg, paths)
+    elif args.command == "run":
+        _cmd_run(args, cfg, paths)
+    else:
+        _dispatch_outputs(args, cfg, paths)
+
+
+def _run_table_stage(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
+    """A single stage of the stage table (quest/apps/stages/table.py), as `quest run` runs it."""
+    from quest.apps.stages.table import BY_NAME
+
+    if args.command == "student":
+        from quest.core.methods import get
+
+        methods = args.method or cfg.student.methods
+        for method in methods:
+            get(method)  # an unknown name fails before anything trains
+        for method in methods:
+            BY_NAME["student"].start(cfg, paths, method)
+    elif getattr(args, "level", ""):
+        BY_NAME[f"{args.command}-level"].start(cfg, paths, args.level)
+    else:
+        BY_NAME[args.command].start(cfg, paths, None)
+
+
+def _cmd_run(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
+    """`quest run`: every stage in order, the suites between them, then the accuracy table."""
+    from quest.apps.stages.evaluate import format_table
+    from quest.apps.stages.pipeline import run_pipeline
+
+    checks = None
+    if not args.no_validate:
+        # the outer validation layer fills the core pipeline's hook (GX loads only here)
+        from quest.apps.validation import pipeline_checks
+
+        checks = pipeline_checks(cfg, paths)
+    t0 = time.perf_counter()
+    out = run_pipeline(cfg, paths, checks)
+    print(format_table(out["evaluation"]))
+    print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in out["seconds"].items()))
+    print(f"total wall time: {time.perf_counter() - t0:.1f}s")
+
+
+def _dispatch_outputs(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
+    """The commands that read a run's outputs: sweep, report, evaluate, validate, track."""
+    if args.command == "sweep":
+        from quest.apps.results import load_records, results_table
+        from quest.apps.stages.sweep import run_sweep
+
+        run_sweep(cfg, paths, args.seeds, args.method or list(cfg.student.methods))
+        print(results_table(load_records(paths.results)))
+    elif args.command == "report":
+        from quest.apps.report import run_report
+
+        out = run_report(cfg, paths, Path(args.compare) if args.compare else None)
+        print(f"report: {out['html']} and {out['markdown']} "
+              f"({len(out['figures'])} figures, {out['gallery_words']} gallery words)")
+    elif args.command == "evaluate":
+        from quest.apps.stages.evaluate import format_table, run_evaluate
+
+        print(format_table(run_evaluate(cfg, paths)))
+    elif args.command == "validate":
+        from quest.apps.validation import run_validation
+
+        rep = run_validation(args.what, cfg, paths)
+        print(f"{args.what} validation passed: {rep['passed']} of {rep['evaluated']} "
+              f"expectations (reports/validation/{args.what}.json, {rep['data_docs']})")
+    elif args.command == "track":
+        from quest.apps.tracking import track_pipeline
+
+        out = track_pipeline(cfg, paths, args.tracking_uri, args.experiment,
+                             register=not args.no_register)
+        print(f"MLflow run {out['parent_run_id']} ({len(out['child_run_ids'])} stage runs) "
+              f"in experiment '{out['experiment']}' at {out['tracking_uri']}")
+        if "challenger" in out:
+            versions = ", ".join(f"{m} v{v}" for m, v in out["student_versions"].items())
+            print(f"registered quest-teacher v{out['teacher_version']}; quest-student {versions}; "
+                  f"challenger: {out['challenger']['method']} v{out['challenger']['version']}")
+
+
+def _cmd_promote(args: argparse.Namespace) -> None:
+    from quest.apps.tracking import promote, resolve_tracking_uri
+
+    cfg = _load_cfg(args)
+    uri = resolve_tracking_uri(Path(args.root).resolve(), args.tracking_uri)
+    min_top1 = cfg.promotion.min_top1 if args.min_top1 is None else args.min_top1
+    from quest.infra.progress import log, setup_logging
+
+    logs = Path(args.root).resolve() / "logs"
+    setup_logging(str(logs / f"promote-{time.strftime('%Y%m%d-%H%M%S')}.log"), args.debug)
+    out = promote(uri, min_top1, args.model_name or cfg.promotion.model_name, args.version)
+    line = ("promoted: " if out["promoted"] else "not promoted: ") + out["reason"]
+    log.info("promote %s: %s", uri, line)
+    print(line)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from quest.apps.stages.study import load_study, run_study
+    from quest.apps.study_table import update_tables
+    from quest.infra.progress import setup_logging
+    from quest.infra.runlock import run_lock
+
+    root = Path(args.root).resolve()
+    study = load_study(args.study, root)
+    if args.check:
+        stale = update_tables(study, root, check=True)
+        for path in stale:
+            print(f"{path}: table of study {study.name} is stale: run `quest study "
+                  f"{args.study} --table-only`", file=sys.stderr)
+        return 1 if stale else 0
+    if not args.table_only:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        setup_logging(str(root / "logs" / f"study-{study.name}-{stamp}.log"), args.debug)
+        # one lock per study: a study may run beside everyday commands on the project
+        again = None
+        if args.reproduce is not None:
+            again = (Path(args.reproduce).resolve() if args.reproduce
+                     else root / "results" / "runs" / f"reproduce-{study.name}")
+        with run_lock(root / ".quest" / "studies" / study.name, f"quest study {study.name}"):
+            run_study(study, root, dry_run=args.dry_run, only=args.setting, seeds=args.seed,
+                      reproduce=again, methods=args.method)
+        if args.dry_run:
+            return 0
+        if again is not None:
+            from quest.apps.stages.study import reproduction_table
+            from quest.infra.io_utils import write_text_atomic
+
+            table = reproduction_table(study, root, again, args.setting, args.seed)
+            write_text_atomic(again / "REPRODUCE.md", f"# Reproduction of study {study.name}\n\n"
+                              f"{table}\n")
+            print(table)
+            print(f"wrote {again / 'REPRODUCE.md'}")
+            return 0
+    else:
+        from quest.apps.stages.study import planned_runs, write_aliases
+
+        write_aliases(study, root, planned_runs(study, root))
+    for path in update_tables(study, root):
+        print(f"wrote {path}")
+    return 0
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a subcommand; QuestErrors become one line on stderr and exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # a scheduler's SIGTERM ends the run like Ctrl-C: temporary files are removed and training
+    # checkpoints the step it reached (Trainer defers the signal to the end of the step)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        if args.command == "models":
+            _cmd_models(args)
+        elif args.command == "bench":
+            _cmd_bench(args)
+        elif args.command == "promote":
+            _cmd_promote(args)
+        elif args.command == "study":
+            return _cmd_study(args)
+        else:
+            _run_stage(args)
+    except QuestError as exc:
+        if args.debug:
+            raise
+        print(f"quest: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quest: interrupted; training progress is checkpointed, rerun the same command "
+              "to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Helpers shared by the stages: devices, prepared data, loaders and model files."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quest.core.data.loader import InMemoryLoader, make_dataloader
+from quest.core.data.prepared import PreparedDataset, load_prepared
+from quest.infra.config import Config, OptimConfig
+from quest.infra.errors import QuestError
+from quest.infra.io_utils import atomic_path
+from quest.infra.paths import Paths
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    """The torch device to use (auto: CUDA when present), after applying the thread setting."""
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    name = cfg.runtime.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise QuestError(
+            "runtime.device asks for CUDA but no GPU is visible: set runtime.device: cpu"
+        )
+    return torch.device(name)
+
+
+def resolve_location(location: str | None, root: Path) -> str | None:
+    """A data or checkpoint path from params: relative paths are relative to the project root."""
+    if location is None or "://" in location:
+        return location
+    p = Path(os.path.expanduser(location))
+    return str(p if p.is_absolute() else (root / p))
+
+
+def load_data(paths: Paths, mmap: bool = False) -> PreparedDataset:
+    """Load the prepared dataset written by the prepare stage."""
+    return load_prepared(paths.prepared, mmap=mmap)
+
+
+def norm_stats(ds: PreparedDataset) -> tuple[list[float], list[float]]:
+    """The per-channel mean and std recorded by the prepare stage."""
+    try:
+        return list(ds.meta["mean"]), list(ds.meta["std"])
+    except KeyError:
+        raise QuestError("prepared data has no normalisation stats: rerun quest prepare") from None
+
+
+def make_loaders(
+    ds: PreparedDataset, cfg: Config, opt: OptimConfig, device: torch.device
+) -> tuple[Any, Any]:
+    """Train and test loaders for the configured loader kind (in-memory or DataLoader)."""
+    mean, std = norm_stats(ds)
+    common = {"mean": mean, "std": std, "padding": cfg.data.padding, "flip": cfg.data.flip,
+              "padding_mode": cfg.data.padding_mode}
+    if cfg.data.loader == "dataloader":
+        train = make_dataloader(ds.train.images, ds.train.labels, batch_size=opt.batch_size,
+                                train=True, seed=opt.seed, repeat=opt.repeat, **common)
+        test = make_dataloader(ds.test.images, ds.test.labels, batch_size=256, train=False,
+                               **common)
+        return _EpochAware(train, device, cfg.runtime.channels_last), _EpochAware(
+            test, device, cfg.runtime.channels_last)
+    cl = cfg.runtime.channels_last
+    train = InMemoryLoader(ds.train.images, ds.train.labels, batch_size=opt.batch_size,
+                           train=True, seed=opt.seed, device=device, channels_last=cl,
+                           repeat=opt.repeat, **common)
+    test = InMemoryLoader(ds.test.images, ds.test.labels, batch_size=256, train=False,
+                          device=device, channels_last=cl, **common)
+    return train, test
+
+
+class _EpochAware:
+    """Adapts a torch DataLoader to the loader protocol the Trainer uses (set_epoch, device)."""
+
+    def __init__(self, loader: Any, device: torch.device, channels_last: bool) -> None:
+        self.loader, self.device, self.channels_last = loader, device, channels_last
+        gen = loader.generator
+        self.base_seed = gen.initial_seed() if gen is not None else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the shuffling so that an epoch's order does not depend on earlier epochs."""
+        if self.loader.generator is not None:
+            self.loader.generator.manual_seed(self.base_seed * 1_000_003 + epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        for x, y in self.loader:
+            yield x.to(self.device).contiguous(memory_format=fmt), y.to(self.device)
+
+
+def to_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """Move a model to the device, in channels-last layout when asked (faster convolutions)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def write_csv_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows of dicts as CSV (union of keys, in first-seen order) atomically."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)

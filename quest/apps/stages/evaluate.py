@@ -1,0 +1,59 @@
+"""Evaluate stage: top-1/top-5, parameters and MACs of the teacher and every trained student."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quest.apps.stages.common import load_data, norm_stats, resolve_device, to_device
+from quest.core.checkpoint import load_model_file
+from quest.core.data.loader import InMemoryLoader
+from quest.core.engine import evaluate
+from quest.core.models.zoo import count_macs, count_parameters
+from quest.infra.config import Config
+from quest.infra.io_utils import write_json_atomic
+from quest.infra.paths import Paths, method_slug
+from quest.infra.progress import log
+
+
+def run_evaluate(cfg: Config, paths: Paths) -> dict[str, Any]:
+    """Write metrics/evaluation.json and metrics/per_class.json."""
+    device = resolve_device(cfg)
+    ds = load_data(paths)
+    mean, std = norm_stats(ds)
+    num_classes = len(ds.classes)
+    image_shape = tuple(int(v) for v in ds.test.images.shape[1:])
+    loader = InMemoryLoader(ds.test.images, ds.test.labels, batch_size=256, mean=mean, std=std,
+                            train=False, device=device, channels_last=cfg.runtime.channels_last)
+    models = {"teacher": paths.teacher_model}
+    models.update({method_slug(m): paths.student_model(m) for m in cfg.student.methods})
+    results: dict[str, Any] = {}
+    per_class: dict[str, Any] = {"classes": list(ds.classes)}
+    for name, path in models.items():
+        model, meta = load_model_file(path, f"{name} model")
+        model = to_device(model, device, cfg.runtime.channels_last)
+        ev = evaluate(model, loader, num_classes, device)
+        results[name] = {
+            "arch": meta["arch"],
+            "top1": round(ev["top1"], 6),
+            "top5": round(ev["top5"], 6),
+            "params": count_parameters(model),
+            "macs": count_macs(model.cpu(), image_shape),
+        }
+        per_class[name] = [round(v, 6) for v in ev["per_class"]]
+        log.info("evaluate %s (%s): top-1 %.4f top-5 %.4f", name, meta["arch"], ev["top1"],
+                 ev["top5"])
+    out = {"num_test_images": int(len(ds.test.labels)), "models": results}
+    write_json_atomic(paths.metrics / "evaluation.json", out)
+    write_json_atomic(paths.metrics / "per_class.json", per_class)
+    return out
+
+
+def format_table(evaluation: dict[str, Any]) -> str:
+    """A plain-text table of top-1/top-5, parameters and MACs per model."""
+    lines = [f"{'model':<10} {'arch':<10} {'top-1':>7} {'top-5':>7} {'params':>10} {'MMACs':>8}"]
+    for name, r in evaluation["models"].items():
+        lines.append(
+            f"{name:<10} {r['arch']:<10} {100 * r['top1']:>6.2f}% {100 * r['top5']:>6.2f}% "
+            f"{r['params']:>10,} {r['macs'] / 1e6:>8.1f}"
+        )
+    return "\n".join(lines)

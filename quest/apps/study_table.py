@@ -1,0 +1,260 @@
+"""A study's tables from its records: means over seeds, paired differences with 95 % intervals,
+the best KD beside the best QuEST, and the QuEST diagnostics at the last epoch."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from quest.apps.results import params_hash
+from quest.apps.stages.study import (
+    Study,
+    planned_runs,
+    recorded_runs,
+    setting_config,
+    study_results_dir,
+)
+from quest.core.methods import get as get_method
+from quest.infra.io_utils import write_bytes_atomic, write_text_atomic
+
+SIZE_FIGURE = "top1_vs_images_per_class.png"
+
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (then the normal's).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def _order(method: str) -> int:
+    """Registry order (ce, kd, quest, quest+kd, then plug-ins)."""
+    from quest.core.methods import names
+
+    order = names()
+    return order.index(method) if method in order else len(order)
+
+
+def t975(dof: int) -> float:
+    """The 97.5 % quantile of Student's t with `dof` degrees of freedom (dof >= 1)."""
+    return _T975[dof - 1] if dof <= len(_T975) else 1.960
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def paired_diff(a: dict[int, float], b: dict[int, float]) -> tuple[float, float | None, int]:
+    """Mean of a - b over the seeds both have, its 95 % t half-width (None below 2 pairs), and
+    the number of pairs."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return math.nan, None, 0
+    diffs = [a[s] - b[s] for s in seeds]
+    m, sd = mean_std(diffs)
+    if len(diffs) < 2:
+        return m, None, 1
+    return m, t975(len(diffs) - 1) * sd / math.sqrt(len(diffs)), len(diffs)
+
+
+def collect(study: Study, root: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """setting -> method -> seed -> record, for every planned run that is recorded."""
+    records = recorded_runs(root)
+    out: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for setting, method, seed, _, h in planned_runs(study, root):
+        rec = records.get((h, method, seed))
+        if rec is not None:
+            out.setdefault(setting.name, {}).setdefault(method, {})[seed] = rec
+    return out
+
+
+def baselines(study: Study, root: Path) -> dict[str, dict[str, dict[int, float]]]:
+    """setting -> {"ce", "kd"} -> seed -> top-1 %: the CE and KD runs with this setting's
+    settings, wherever recorded. A setting that only runs QuEST is still compared with them:
+    their results do not depend on QuEST's knobs, so they are the same runs."""
+    records = recorded_runs(root)
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for setting in study.settings:
+        for seed in setting.seeds:
+            cfg = setting_config(study, setting, root, seed)
+            for base in ("ce", "kd"):
+                rec = records.get((params_hash(cfg, base), base, seed))
+                if rec is not None:
+                    out.setdefault(setting.name, {}).setdefault(base, {})[seed] = 100 * rec["top1"]
+    return out
+
+
+def _top1(runs: dict[int, dict[str, Any]]) -> dict[int, float]:
+    return {s: 100.0 * r["top1"] for s, r in runs.items()}
+
+
+def _fmt_diff(d: tuple[float, float | None, int]) -> str:
+    m, half, n = d
+    if n == 0:
+        return "–"
+    if half is None:
+        return f"{m:+.2f} (n=1)"
+    return f"{m:+.2f} ± {half:.2f} (n={n})"
+
+
+def _best(data: dict[str, dict[str, dict[int, dict[str, Any]]]], method: str
+          ) -> tuple[str, dict[int, dict[str, Any]]] | None:
+    """The setting with the highest mean top-1 for `method` among those with the most seeds."""
+    cands = [(name, by_m[method]) for name, by_m in data.items() if method in by_m]
+    if not cands:
+        return None
+    most = max(len(runs) for _, runs in cands)
+    full = [c for c in cands if len(c[1]) == most]
+    return max(full, key=lambda c: mean_std(list(_top1(c[1]).values()))[0])
+
+
+def _diag(runs: dict[int, dict[str, Any]], key: str) -> str:
+    vals = [r["history"][-1][key] for r in runs.values()
+            if r.get("history") and key in r["history"][-1]]
+    if not vals:
+        return "–"
+    return f"{sum(vals) / len(vals):.3f}"
+
+
+def _wall(runs: dict[int, dict[str, Any]]) -> str:
+    """Mean wall-clock seconds of a setting's runs (the machine and its load vary: a guide)."""
+    walls = [float(r["wall_seconds"]) for r in runs.values() if r.get("wall_seconds")]
+    return f"{sum(walls) / len(walls):.0f}" if walls else "–"
+
+
+def render(study: Study, root: Path) -> str:
+    """The study's Markdown tables (deterministic: regenerated output equals the committed one)."""
+    data = collect(study, root)
+    lines = [f"Study `{study.name}` ({study.path.name}); top-1 % on the test split, mean ± sample "
+             "std over seeds; Δ = paired per-seed difference in points, ± the 95 % t interval; "
+             "wall s/run: mean wall-clock seconds of one run (2-core CPU, shared with other "
+             "work, so a guide only).",
+             "",
+             "Δ vs CE and Δ vs KD pair each run with the CE and KD runs of the same settings "
+             "(recorded in any setting: they do not depend on QuEST's knobs).",
+             "",
+             "| setting | method | seeds | top-1 % | Δ vs CE | Δ vs KD | wall s/run |",
+             "|---|---|---|---|---|---|---|"]
+    base = baselines(study, root)
+    for s in study.settings:
+        by_m = data.get(s.name, {})
+        ce, kd = base.get(s.name, {}).get("ce", {}), base.get(s.name, {}).get("kd", {})
+        if not by_m:  # declared, not trained yet: say so rather than leave it out
+            lines.append(f"| {s.name} | {', '.join(s.methods)} | – | not run yet | | | |")
+            continue
+        for method in sorted(by_m, key=lambda m: _order(m)):
+            t = _top1(by_m[method])
+            m, sd = mean_std(list(t.values()))
+            seeds = ",".join(str(x) for x in sorted(t))
+            vs_ce = _fmt_diff(paired_diff(t, ce)) if method != "ce" else ""
+            vs_kd = _fmt_diff(paired_diff(t, kd)) if method not in ("ce", "kd") else ""
+            lines.append(f"| {s.name} | {method} | {seeds} | {m:.2f} ± {sd:.2f} | {vs_ce} "
+                         f"| {vs_kd} | {_wall(by_m[method])} |")
+    best = {m: _best(data, m) for m in ("ce", "kd", "quest", "quest+kd")}
+    if best["kd"] and (best["quest"] or best["quest+kd"]):
+        lines += ["", "Best of each method over the study's settings (among those with the most "
+                  "seeds; chosen on the test split, so the best-of numbers are optimistic):", "",
+                  "| method | best setting | seeds | top-1 % | Δ vs best KD |",
+                  "|---|---|---|---|---|"]
+        kd_t = _top1(best["kd"][1])
+        for method, entry in best.items():
+            if entry is None:
+                continue
+            t = _top1(entry[1])
+            m, sd = mean_std(list(t.values()))
+            vs = _fmt_diff(paired_diff(t, kd_t)) if method != "kd" else ""
+            lines.append(f"| {method} | {entry[0]} | {','.join(str(x) for x in sorted(t))} "
+                         f"| {m:.2f} ± {sd:.2f} | {vs} |")
+    diag = [(s.name, m, runs) for s in study.settings for m, runs in data.get(s.name, {}).items()
+            if get_method(m).needs_codebook]
+    if diag:
+        lines += ["", "QuEST diagnostics at the last epoch (mean over seeds): visual-word "
+                  "accuracy, the teacher's mean max assignment, the student's mean max predicted "
+                  "probability, the predictor's scale, and the training loss terms.", "",
+                  "| setting | method | word acc | teacher max | student max | scale | QuEST term "
+                  "| CE term |", "|---|---|---|---|---|---|---|---|"]
+        for name, method, runs in diag:
+            cells = [_diag(runs, k) for k in ("word_accuracy", "mean_max_assignment",
+                                             "student_mean_max", "predictor_scale", "quest", "ce")]
+            lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def size_series(study: Study, root: Path) -> dict[str, dict[int, list[float]]]:
+    """Top-1 % per seed by training images per class, per method (and setting variant), when
+    the study's settings vary the subset size; {} otherwise."""
+    data = collect(study, root)
+    series: dict[str, dict[int, list[float]]] = {}
+    sizes = set()
+    for s in study.settings:
+        n = setting_config(study, s, root).data.subset.train_per_class
+        if n is None:
+            continue
+        sizes.add(n)
+        variant = re.sub(r"^n\d+-?", "", s.name)
+        for method, runs in sorted(data.get(s.name, {}).items(),
+                                   key=lambda kv: _order(kv[0])):
+            label = method if not variant else f"{method} ({variant})"
+            series.setdefault(label, {})[n] = list(_top1(runs).values())
+    return series if len(sizes) > 1 else {}
+
+
+def size_figure(study: Study, root: Path) -> bytes | None:
+    """The PNG of top-1 against images per class for every method, or None."""
+    from quest.apps.report.figures import study_size_figure
+
+    return study_size_figure(size_series(study, root), f"study {study.name}")
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The README markers around a study's generated table."""
+    return (f"<!-- study:{name}:start (generated by `quest study studies/{name}.yaml "
+            "--table-only`; do not edit) -->", f"<!-- study:{name}:end -->")
+
+
+def _replace(text: str, start: str, end: str, body: str) -> str | None:
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        return None
+    return text[: i + len(start)] + "\n" + body + "\n" + text[j:]
+
+
+def update_tables(study: Study, root: Path, *, check: bool = False) -> list[Path]:
+    """Write the study's table into README.md (between its markers, appended when missing) and
+    results/<study>/TABLE.md; return the files written, or with `check` the files that are stale.
+    """
+    body = render(study, root)
+    series = size_series(study, root)
+    readme = root / "README.md"
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    start, end = markers(study.name)
+    rel = study_results_dir(root, study).relative_to(root)
+    readme_body = body + (f"\n\n![top-1 against training images per class]({rel}/{SIZE_FIGURE})"
+                          if series else "")
+    new = _replace(text, start, end, readme_body)
+    if new is None:
+        new = text.rstrip("\n") + f"\n\n{start}\n{readme_body}\n{end}\n"
+    table = study_results_dir(root, study) / "TABLE.md"
+    link = f"\n![top-1 against training images per class]({SIZE_FIGURE})\n" if series else ""
+    findings = f"{study.findings}\n\n" if study.findings else ""
+    table_text = f"# Study {study.name}\n\n{study.description}\n\n{findings}{body}\n{link}"
+    changed = []
+    if new != text:
+        changed.append(readme)
+    if not table.is_file() or table.read_text(encoding="utf-8") != table_text:
+        changed.append(table)
+    if check:
+        return changed
+    if readme in changed:
+        write_text_atomic(readme, new)
+    if table in changed:
+        table.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(table, table_text)
+    figure = size_figure(study, root) if series else None
+    if figure is not None:  # drawn from the same records; not compared (renderers differ)
+        write_bytes_atomic(table.parent / SIZE_FIGURE, figure)
+    return changed

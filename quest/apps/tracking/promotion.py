@@ -1,0 +1,94 @@
+"""Gated promotion: move the `champion` alias to a candidate only if it is strictly better."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from quest.infra.errors import QuestError
+
+
+def _top1(tags: dict[str, str], name: str, version: int) -> float:
+    try:
+        return float(tags["test_top1"])
+    except (KeyError, ValueError):
+        raise QuestError(
+            f"{name} version {version} has no numeric test_top1 tag: register it with quest track"
+        ) from None
+
+
+def promote(
+    tracking_uri: str | None = None,
+    min_top1: float = 0.0,
+    model_name: str = "quest-student",
+    version: int | None = None,
+) -> dict[str, Any]:
+    """Make `version` (default: the challenger) champion if it beats the champion and min_top1."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from quest.apps.tracking.mlflow_log import resolve_tracking_uri, sqlite_path, using_tracking_uri
+    from quest.apps.tracking.registry import (
+        CHALLENGER,
+        CHAMPION,
+        alias_version,
+        set_alias,
+        version_tags,
+    )
+
+    uri = resolve_tracking_uri(Path.cwd(), tracking_uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        # opening a missing SQLite store would create an empty one; say what is wrong instead
+        raise QuestError(f"no MLflow database at {db}: run `quest track` first "
+                         "(or pass --tracking-uri)")
+    with using_tracking_uri(uri):
+        client = mlflow.MlflowClient()
+        try:
+            client.get_registered_model(model_name)
+        except MlflowException:
+            raise QuestError(
+                f"no registered model '{model_name}' in {uri}: run `quest track` first "
+                "(or pass --tracking-uri)"
+            ) from None
+        if version is None:
+            version = alias_version(client, model_name, CHALLENGER)
+            if version is None:
+                raise QuestError(f"{model_name} has no '{CHALLENGER}' alias: run `quest track` "
+                                 "first or pass --version")
+        candidate = _top1(version_tags(client, model_name, version), model_name, version)
+        champion = alias_version(client, model_name, CHAMPION)
+        champ_top1 = (
+            _top1(version_tags(client, model_name, champion), model_name, champion)
+            if champion is not None else None
+        )
+        out: dict[str, Any] = {"promoted": False, "version": version,
+                               "previous_champion": champion, "test_top1": candidate,
+                               "champion_top1": champ_top1, "model_name": model_name}
+        refusal = _refusal(version, candidate, champion, champ_top1, min_top1)
+        if refusal:
+            out["reason"] = refusal
+            return out
+        set_alias(client, model_name, CHAMPION, version)
+        client.set_model_version_tag(model_name, str(version), "promoted_from",
+                                     str(champion) if champion is not None else "none")
+        out["promoted"] = True
+        out["reason"] = (
+            f"version {version} test_top1 {candidate:.4f} beats champion version "
+            f"{champion} ({champ_top1:.4f})" if champion is not None
+            else f"version {version} test_top1 {candidate:.4f} is the first champion"
+        ) + f" and clears min_top1 {min_top1:.4f}"
+        return out
+
+
+def _refusal(version: int, candidate: float, champion: int | None, champ_top1: float | None,
+             min_top1: float) -> str | None:
+    """Why the candidate may not become champion, or None when it may."""
+    if champion == version:
+        return f"version {version} is already the champion"
+    if candidate < min_top1:
+        return f"version {version} test_top1 {candidate:.4f} is below min_top1 {min_top1:.4f}"
+    if champ_top1 is not None and not candidate > champ_top1:
+        return (f"version {version} test_top1 {candidate:.4f} does not beat "
+                f"champion version {champion} ({champ_top1:.4f})")
+    return None

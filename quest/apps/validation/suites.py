@@ -1,0 +1,376 @@
+"""The four suites as pandas tables plus Great Expectations expectations over them.
+
+Each builder reads what a stage wrote, reduces it to small tables (one row per image, vector, word
+or prediction, and one row per class, split or model) and attaches the expectations that the
+thresholds in ``validation:`` of params.yaml ask for. The builders never judge anything
+themselves: every verdict comes from GX, so the Data Docs show exactly what failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import great_expectations.expectations as gxe
+import numpy as np
+import pandas as pd
+from great_expectations.expectations.row_conditions import Column
+
+from quest.infra.config import Config
+from quest.infra.errors import QuestError
+from quest.infra.io_utils import file_sha256, read_json
+from quest.infra.paths import Paths
+
+# rows per chunk when reducing images or vectors: bounded memory for memory-mapped inputs
+_CHUNK = 8192
+
+
+@dataclass
+class Table:
+    """One GX batch: a dataframe, its expectations, and the columns that name a failing row."""
+
+    name: str
+    frame: pd.DataFrame
+    expectations: list[Any]
+    index_columns: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Suite:
+    """A suite's tables, what it observed (for the report) and the hashes of what it checked."""
+
+    tables: list[Table]
+    observed: dict[str, Any]
+    inputs: dict[str, str]
+
+
+def _split_rows(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+    """Per-image pixel mean, pixel std and content digest, reading the array chunk by chunk."""
+    n = images.shape[0]
+    means = np.empty(n, dtype=np.float64)
+    stds = np.empty(n, dtype=np.float64)
+    digests: list[bytes] = []
+    for start in range(0, n, _CHUNK):
+        block = np.ascontiguousarray(images[start : start + _CHUNK])
+        flat = block.reshape(block.shape[0], -1).astype(np.float32)
+        means[start : start + len(block)] = flat.mean(axis=1)
+        stds[start : start + len(block)] = flat.std(axis=1)
+        # exact duplicates: same bytes, same shape (blake2b is fast; 16 bytes make collisions moot)
+        digests += [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in block]
+    return means, stds, digests
+
+
+@dataclass
+class _DataFrames:
+    """The prepared data seen as the three tables the data suite checks."""
+
+    arrays: list[dict[str, Any]]
+    images: pd.DataFrame
+    classes: list[dict[str, Any]]
+    duplicates: np.ndarray  # per test image: an exact copy of a training image
+    train_hw: tuple[int, ...]
+
+
+def _data_frames(ds: Any) -> _DataFrames:
+    """Per split: array facts, per-image pixel statistics and label, per-class counts."""
+    k = ds.num_classes
+    splits = {"train": ds.train, "test": ds.test}
+    train_hw = tuple(int(s) for s in ds.train.images.shape[2:4]) if ds.train.images.ndim == 4 \
+        else (-1, -1)
+    arrays, images, classes = [], [], []
+    digests: dict[str, list[bytes]] = {}
+    for name, split in splits.items():
+        arr = split.images
+        shape = list(arr.shape) + [-1] * (4 - arr.ndim)
+        arrays.append({"split": name, "dtype": str(arr.dtype), "ndim": arr.ndim,
+                       "channels": shape[1], "height": shape[2], "width": shape[3],
+                       "images": int(arr.shape[0]), "labels": int(split.labels.shape[0])})
+        means, stds, digests[name] = _split_rows(arr)
+        images.append(pd.DataFrame({"split": name, "index": np.arange(len(means)),
+                                    "label": np.asarray(split.labels, dtype=np.int64),
+                                    "pixel_mean": means, "pixel_std": stds}))
+        counts = np.bincount(np.clip(np.asarray(split.labels, dtype=np.int64), 0, None),
+                             minlength=k)[:k]
+        mean_count = float(counts.mean()) if k else 0.0
+        for i, cls in enumerate(ds.classes):
+            classes.append({"split": name, "class": cls, "count": int(counts[i]),
+                            "share_of_mean": float(counts[i] / mean_count) if mean_count else 0.0})
+    train_set = set(digests["train"])
+    dup = np.array([d in train_set for d in digests["test"]], dtype=bool)
+    frame = pd.concat(images, ignore_index=True)
+    frame["duplicate_of_train"] = np.concatenate([np.zeros(len(ds.train), dtype=bool), dup])
+    return _DataFrames(arrays, frame, classes, dup, train_hw)
+
+
+def _image_expectations(cfg: Config, k: int, n_test: int) -> list[Any]:
+    """Labels in range, few test/train duplicates, plausible pixel statistics per split."""
+    v = cfg.validation.data
+    max_dups = math.floor(v.max_duplicate_share * n_test)
+    exps: list[Any] = [
+        gxe.ExpectColumnValuesToBeBetween(
+            column="label", min_value=0, max_value=k - 1,
+            description=f"labels lie in [0, {k - 1}] ({k} classes)"),
+        gxe.ExpectColumnSumToBeBetween(
+            column="duplicate_of_train", min_value=0, max_value=max_dups,
+            description=f"at most {max_dups} test images ({v.max_duplicate_share:.1%} of "
+                        f"{n_test}) are exact duplicates of training images"),
+    ]
+    for name in ("train", "test"):
+        # GX 1.x condition objects (string row conditions are deprecated since 1.9)
+        cond = {"row_condition": Column("split") == name}
+        exps += [
+            gxe.ExpectColumnMeanToBeBetween(
+                column="pixel_mean", min_value=v.pixel_mean_min, max_value=v.pixel_mean_max,
+                description=f"{name} mean pixel value in [{v.pixel_mean_min:g}, "
+                            f"{v.pixel_mean_max:g}]", **cond),
+            gxe.ExpectColumnMeanToBeBetween(
+                column="pixel_std", min_value=v.pixel_std_min,
+                description=f"{name} mean per-image pixel std >= {v.pixel_std_min:g}", **cond),
+        ]
+    return exps
+
+
+def _array_expectations(cfg: Config, train_hw: tuple[int, ...]) -> list[Any]:
+    """uint8 N x C x H x W arrays with the configured channels and one image size."""
+    exps: list[Any] = [
+        gxe.ExpectColumnValuesToBeInSet(column="dtype", value_set=["uint8"],
+                                        description="image arrays are uint8"),
+        gxe.ExpectColumnValuesToBeInSet(column="ndim", value_set=[4],
+                                        description="image arrays are N x C x H x W"),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="channels", value_set=[cfg.data.channels],
+            description=f"images have {cfg.data.channels} channel(s) (data.channels)"),
+        gxe.ExpectColumnPairValuesToBeEqual(column_A="images", column_B="labels",
+                                            description="one label per image"),
+    ]
+    expected_hw = [cfg.data.image_size] if cfg.data.image_size else None
+    for axis, size in (("height", 0), ("width", 1)):
+        allowed = expected_hw or [train_hw[size]]
+        what = "data.image_size" if expected_hw else "the training split's"
+        exps.append(gxe.ExpectColumnValuesToBeInSet(
+            column=axis, value_set=allowed, description=f"image {axis} is {allowed[0]} ({what})"))
+    return exps
+
+
+def data_suite(cfg: Config, paths: Paths) -> Suite:
+    """Prepared data: array shape and dtype, label range, class balance, duplicates, pixels."""
+    from quest.core.data.prepared import load_prepared
+
+    ds = load_prepared(paths.prepared, mmap=True)
+    v = cfg.validation.data
+    f = _data_frames(ds)
+    class_exps = [gxe.ExpectColumnValuesToBeBetween(
+        column="share_of_mean", min_value=v.min_class_share,
+        description=f"every class holds at least {v.min_class_share:.0%} of its split's mean "
+                    "class count")]
+    names = ("train", "test")
+    frame = f.images
+    observed = {
+        "classes": ds.num_classes,
+        "images": {"train": len(ds.train), "test": len(ds.test)},
+        "class_counts": {name: {c["class"]: c["count"] for c in f.classes if c["split"] == name}
+                         for name in names},
+        "duplicates_test_in_train": int(f.duplicates.sum()),
+        "pixel_mean": {name: float(frame.loc[frame.split == name, "pixel_mean"].mean())
+                       for name in names},
+        "pixel_std": {name: float(frame.loc[frame.split == name, "pixel_std"].mean())
+                      for name in names},
+    }
+    return Suite(
+        tables=[Table("arrays", pd.DataFrame(f.arrays), _array_expectations(cfg, f.train_hw),
+                      ["split"]),
+                Table("images", frame, _image_expectations(cfg, ds.num_classes, len(ds.test)),
+                      ["split", "index"]),
+                Table("classes", pd.DataFrame(f.classes), class_exps, ["split", "class"])],
+        observed=observed,
+        inputs={"data/prepared": str(ds.meta["data_sha256"])},
+    )
+
+
+def _row_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row L2 norm and count of non-finite entries, chunk by chunk, in float64."""
+    n = x.shape[0]
+    norms = np.empty(n, dtype=np.float64)
+    bad = np.empty(n, dtype=np.int64)
+    for start in range(0, n, _CHUNK * 8):
+        block = np.asarray(x[start : start + _CHUNK * 8], dtype=np.float64)
+        norms[start : start + len(block)] = np.sqrt((block * block).sum(axis=1))
+        bad[start : start + len(block)] = (~np.isfinite(block)).sum(axis=1)
+    return norms, bad
+
+
+def _need(path: Any, fix: str) -> None:
+    if not path.is_file():
+        raise QuestError(f"{path} does not exist: {fix}")
+
+
+def features_suite(cfg: Config, paths: Paths) -> Suite:
+    """Teacher features: finite, vector norms in range, as many vectors as configured."""
+    from quest.core.data.prepared import load_prepared
+
+    _need(paths.features, "run `quest features` first")
+    _need(paths.features_meta, "run `quest features` first")
+    feats = np.load(paths.features, mmap_mode="r")
+    if feats.ndim != 2:
+        raise QuestError(f"{paths.features} has shape {feats.shape}, not vectors x channels: "
+                         "rerun `quest features`")
+    meta = read_json(paths.features_meta)
+    c, h, w = (int(s) for s in meta["map_shape"])
+    # the configured count, from the prepared data and the config rather than the stage's meta
+    positions = len(load_prepared(paths.prepared, mmap=True).train) * h * w
+    mv = cfg.features.max_vectors
+    expected = positions if mv is None else min(mv, positions)
+    v = cfg.validation.features
+    norms, bad = _row_stats(feats)
+    frame = pd.DataFrame({"vector": np.arange(len(norms)), "norm": norms, "nonfinite": bad})
+    exps = [
+        gxe.ExpectTableRowCountToEqual(
+            value=expected, description=f"{expected} vectors (features.max_vectors={mv}, "
+                                        f"{positions} positions)"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="nonfinite", min_value=0, max_value=0,
+            description="no NaN or Inf in any feature vector"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="norm", min_value=v.norm_min, max_value=v.norm_max,
+            description=f"vector L2 norms in [{v.norm_min:g}, {v.norm_max:g}]"),
+    ]
+    finite = norms[np.isfinite(norms)]
+    observed = {
+        "vectors": int(len(norms)), "expected_vectors": int(expected), "dim": int(feats.shape[1]),
+        "map_channels": c, "nonfinite_vectors": int((bad > 0).sum()),
+        "norm_min": float(finite.min()) if finite.size else None,
+        "norm_median": float(np.median(finite)) if finite.size else None,
+        "norm_max": float(finite.max()) if finite.size else None,
+    }
+    return Suite([Table("vectors", frame, exps, ["vector"])], observed,
+                 {"data/features/teacher_features.npy": file_sha256(paths.features)})
+
+
+def codebook_suite(cfg: Config, paths: Paths) -> Suite:
+    """Codebook: finite words, few dead words, perplexity high enough, on the features it fits."""
+    from quest.apps.stages.common import resolve_device
+    from quest.core.codebook import codebook_stats, sample_training_set, usage_perplexity
+
+    _need(paths.codebook, "run `quest codebook` first")
+    _need(paths.features, "run `quest features` first")
+    words = np.load(paths.codebook).astype(np.float32, copy=False)
+    feats = np.load(paths.features, mmap_mode="r")
+    if words.ndim != 2 or words.shape[1] != feats.shape[1]:
+        raise QuestError(f"{paths.codebook} has shape {words.shape} but the features have "
+                         f"{feats.shape[1]} channels: rerun `quest codebook`")
+    k = int(words.shape[0])
+    c = cfg.codebook
+    # the points k-means saw, drawn exactly as the codebook stage draws them
+    sample, _ = sample_training_set(feats, k, seed=c.seed,
+                                    max_points_per_centroid=c.max_points_per_centroid)
+    bad = (~np.isfinite(words)).sum(axis=1)
+    usage = np.zeros(k, dtype=np.int64)
+    finite = np.flatnonzero(bad == 0)
+    if finite.size:
+        # a NaN word would poison every distance: assign among the finite words only
+        stats = codebook_stats(np.ascontiguousarray(sample, dtype=np.float32), words[finite],
+                               device=str(resolve_device(cfg)))
+        usage[finite] = stats["usage"]
+    perplexity = usage_perplexity(usage)
+    v = cfg.validation.codebook
+    word_frame = pd.DataFrame({"word": np.arange(k), "nonfinite": bad, "usage": usage})
+    word_exps = [
+        gxe.ExpectColumnValuesToBeBetween(column="nonfinite", min_value=0, max_value=0,
+                                          description="no NaN or Inf in any word"),
+        # GX's mostly: the share of live words (used at least once) must be >= 1 - max dead share
+        gxe.ExpectColumnValuesToBeBetween(
+            column="usage", min_value=1, mostly=1.0 - v.max_dead_share,
+            description=f"at most {v.max_dead_share:.0%} of the {k} words are dead "
+                        "(never the nearest word of a training vector)"),
+    ]
+    floor = v.min_perplexity_share * k
+    summary = pd.DataFrame([{"k": k, "perplexity": perplexity, "perplexity_share": perplexity / k}])
+    summary_exps = [gxe.ExpectColumnValuesToBeBetween(
+        column="perplexity", min_value=floor,
+        description=f"usage perplexity >= {floor:g} ({v.min_perplexity_share:.0%} of K={k})")]
+    observed = {"k": k, "vectors": int(sample.shape[0]), "perplexity": perplexity,
+                "dead_words": int((usage == 0).sum()), "nonfinite_words": int((bad > 0).sum())}
+    return Suite([Table("words", word_frame, word_exps, ["word"]),
+                  Table("summary", summary, summary_exps, ["k"])], observed,
+                 {"models/codebook/codebook.npy": file_sha256(paths.codebook),
+                  "data/features/teacher_features.npy": file_sha256(paths.features)})
+
+
+def student_probabilities(cfg: Config, paths: Paths) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Softmax outputs of every student in student.methods on the prepared test split."""
+    import torch
+
+    from quest.apps.stages.common import (
+        load_data,
+        norm_stats,
+        resolve_device,
+        to_device,
+    )
+    from quest.core.checkpoint import load_model_file
+    from quest.core.data.loader import InMemoryLoader
+
+    device = resolve_device(cfg)
+    ds = load_data(paths)
+    mean, std = norm_stats(ds)
+    loader = InMemoryLoader(ds.test.images, ds.test.labels, batch_size=256, mean=mean, std=std,
+                            train=False, device=device, channels_last=cfg.runtime.channels_last)
+    probs: dict[str, np.ndarray] = {}
+    for method in cfg.student.methods:
+        model, _ = load_model_file(paths.student_model(method), f"student model [{method}]")
+        model = to_device(model, device, cfg.runtime.channels_last).eval()
+        out = []
+        with torch.inference_mode():
+            for x, _ in loader:
+                out.append(torch.softmax(model(x).float(), dim=1).double().cpu().numpy())
+        probs[method] = np.concatenate(out)
+    return probs, np.asarray(ds.test.labels, dtype=np.int64)
+
+
+def predictions_suite(cfg: Config, paths: Paths,
+                      given: tuple[dict[str, np.ndarray], np.ndarray] | None = None) -> Suite:
+    """Students' test-set probabilities: each row sums to 1, top-1 at least the chance floor."""
+    probs, labels = given if given is not None else student_probabilities(cfg, paths)
+    v = cfg.validation.predictions
+    rows, models = [], []
+    for method, p in probs.items():
+        p = np.asarray(p, dtype=np.float64)
+        if p.ndim != 2 or p.shape[0] != labels.shape[0]:
+            raise QuestError(f"predictions of {method} have shape {p.shape} for "
+                             f"{labels.shape[0]} test labels: rerun `quest evaluate`")
+        classes = p.shape[1]
+        correct = p.argmax(axis=1) == labels
+        rows.append(pd.DataFrame({"model": method, "image": np.arange(len(labels)),
+                                  "prob_sum": p.sum(axis=1), "prob_min": p.min(axis=1),
+                                  "correct": correct}))
+        chance = 1.0 / classes
+        models.append({"model": method, "top1": float(correct.mean()), "chance": chance,
+                       "min_top1": v.min_top1_over_chance * chance})
+    frame = pd.concat(rows, ignore_index=True)
+    tol = v.sum_tolerance
+    row_exps = [
+        gxe.ExpectColumnValuesToNotBeNull(column="prob_sum",
+                                          description="no NaN in any probability"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="prob_sum", min_value=1.0 - tol, max_value=1.0 + tol,
+            description=f"every test image's class probabilities sum to 1 (+/- {tol:g})"),
+        gxe.ExpectColumnValuesToBeBetween(column="prob_min", min_value=0.0,
+                                          description="no negative probability"),
+    ]
+    model_exps = [gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+        column_A="top1", column_B="min_top1", or_equal=True,
+        description=f"each student's top-1 >= {v.min_top1_over_chance:g} x chance")]
+    observed = {"test_images": int(labels.shape[0]),
+                "top1": {m["model"]: m["top1"] for m in models},
+                "chance": models[0]["chance"] if models else None}
+    inputs = {}
+    for method in probs:
+        f = paths.student_model(method)
+        inputs[f.relative_to(paths.root).as_posix()] = file_sha256(f) if f.is_file() else "none"
+    return Suite([Table("predictions", frame, row_exps, ["model", "image"]),
+                  Table("models", pd.DataFrame(models), model_exps, ["model"])], observed, inputs)
+
+
+BUILDERS = {"data": data_suite, "features": features_suite, "codebook": codebook_suite,
+            "predictions": predictions_suite}

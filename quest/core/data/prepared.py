@@ -1,0 +1,187 @@
+"""The prepared dataset format: uint8 images, int64 labels and a meta.json, written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quest.infra.errors import QuestError
+from quest.infra.io_utils import atomic_path, read_json, write_json_atomic
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+# Order matters: data_sha256 hashes the arrays' bytes in exactly this order.
+ARRAY_FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy")
+
+
+@dataclass
+class Split:
+    """One split of a dataset: images (uint8, N x C x H x W) and labels (int64, N)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        """Number of samples."""
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class PreparedDataset:
+    """Train and test splits, class names in label order, and provenance metadata."""
+
+    train: Split
+    test: Split
+    classes: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        c, h, w = self.train.images.shape[1:]
+        return int(c), int(h), int(w)
+
+
+def class_counts(labels: np.ndarray, classes: list[str]) -> dict[str, int]:
+    """Number of samples per class name, in label order."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classes))
+    return {name: int(counts[i]) for i, name in enumerate(classes)}
+
+
+def count_meta(train: Split, test: Split, classes: list[str]) -> dict[str, Any]:
+    """The per-split and per-class count entries of meta, computed from the arrays."""
+    return {
+        "counts": {"train": len(train), "test": len(test)},
+        "class_counts": {
+            "train": class_counts(train.labels, classes),
+            "test": class_counts(test.labels, classes),
+        },
+    }
+
+
+def arrays_sha256(ds: PreparedDataset) -> str:
+    """SHA-256 over the raw bytes of train images, train labels, test images, test labels."""
+    h = hashlib.sha256()
+    for arr in (ds.train.images, ds.train.labels, ds.test.images, ds.test.labels):
+        # Hash in slices so a memory-mapped array is never copied whole into memory.
+        flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        step = 64 << 20
+        for start in range(0, flat.shape[0], step):
+            h.update(flat[start : start + step].data)
+    return h.hexdigest()
+
+
+def _check_split(name: str, split: Split, num_classes: int) -> Split:
+    """Validate dtypes and shapes before writing; returns the split with int64 labels."""
+    images, labels = split.images, np.asarray(split.labels)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(
+            f"{name} images must be uint8 N x C x H x W, got {images.dtype} {images.shape}"
+        )
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name} labels must be a 1-D integer array, got {labels.dtype}")
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{name}: {images.shape[0]} images but {labels.shape[0]} labels")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{name} labels must lie in [0, {num_classes})")
+    return Split(images, labels.astype(np.int64, copy=False))
+
+
+def save_prepared(ds: PreparedDataset, out_dir: str | Path) -> str:
+    """Write the dataset's four arrays and meta.json into out_dir atomically; return data_sha256."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train = _check_split("train", ds.train, len(ds.classes))
+    test = _check_split("test", ds.test, len(ds.classes))
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise ValueError(f"train {train.images.shape[1:]} and test {test.images.shape[1:]} differ")
+    checked = PreparedDataset(train, test, list(ds.classes), ds.meta)
+    digest = arrays_sha256(checked)
+    # Every array goes to a temporary file first: a failing write (a full disk) removes them
+    # and leaves the previous version whole. Only then is meta.json, the commit marker, dropped
+    # and the arrays renamed into place (leaving the stack renames them), so that a crash
+    # during the renames leaves a directory that load_prepared reports as unprepared, never a
+    # mixed one.
+    with contextlib.ExitStack() as stack:
+        for fname, arr in zip(
+            ARRAY_FILES, (train.images, train.labels, test.images, test.labels), strict=True
+        ):
+            tmp = stack.enter_context(atomic_path(out / fname))
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
+        (out / META_FILE).unlink(missing_ok=True)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "data_sha256": digest,
+        "classes": list(ds.classes),
+        "num_classes": len(ds.classes),
+        "image_shape": list(checked.image_shape),
+    }
+    meta.update({k: v for k, v in ds.meta.items() if k not in meta})
+    meta.update(count_meta(train, test, list(ds.classes)))
+    write_json_atomic(out / META_FILE, meta)
+    return digest
+
+
+def _read_meta(out: Path) -> dict[str, Any]:
+    """Read meta.json, turning a missing or damaged file into a QuestError."""
+    path = out / META_FILE
+    if not out.is_dir():
+        raise QuestError(f"no prepared data at {out}: run `quest prepare` first")
+    if not path.is_file():
+        raise QuestError(f"prepared data incomplete: {path} is missing; run `quest prepare` first")
+    try:
+        meta = read_json(path)
+    except (OSError, ValueError) as err:
+        raise QuestError(f"cannot read {path} ({err}): run `quest prepare` again") from err
+    if not isinstance(meta, dict) or "data_sha256" not in meta or "classes" not in meta:
+        raise QuestError(f"{path} is not a quest meta.json: run `quest prepare` again")
+    return meta
+
+
+def load_prepared(out_dir: str | Path, mmap: bool = False, verify: bool = False) -> PreparedDataset:
+    """Load a prepared dataset; mmap maps the arrays read-only, verify re-checks data_sha256."""
+    out = Path(out_dir)
+    meta = _read_meta(out)
+    arrays = []
+    for fname in ARRAY_FILES:
+        path = out / fname
+        if not path.is_file():
+            raise QuestError(
+                f"prepared data incomplete: {path} is missing; run `quest prepare` first"
+            )
+        try:
+            arrays.append(np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False))
+        except (OSError, ValueError) as err:
+            raise QuestError(f"cannot read {path} ({err}): run `quest prepare` again") from err
+    train = Split(arrays[0], arrays[1])
+    test = Split(arrays[2], arrays[3])
+    for name, split in (("train", train), ("test", test)):
+        if split.images.shape[0] != split.labels.shape[0]:
+            raise QuestError(
+                f"prepared {name} split in {out} has {split.images.shape[0]} images but "
+                f"{split.labels.shape[0]} labels: run `quest prepare` again"
+            )
+    classes = [str(c) for c in meta["classes"]]
+    ds = PreparedDataset(train, test, classes, {k: v for k, v in meta.items() if k != "classes"})
+    if verify and arrays_sha256(ds) != meta["data_sha256"]:
+        raise QuestError(
+            f"prepared data in {out} does not match the data_sha256 in its meta.json "
+            "(files changed or damaged): run `quest prepare` again"
+        )
+    return ds
+
+
+def data_hash(out_dir: str | Path) -> str:
+    """The data_sha256 recorded in out_dir/meta.json."""
+    return str(_read_meta(Path(out_dir))["data_sha256"])

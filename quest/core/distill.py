@@ -1,0 +1,100 @@
+"""The distiller contract: a method returns the student's logits and a dict of named, weighted
+losses; the teacher stays frozen. The methods themselves live in quest.core.methods (one
+module each)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# one training step of a distiller, (images, labels) -> (logits, named losses): the Trainer calls
+# it; callers may wrap `Distiller.forward_train` (bf16 autocast, DistributedDataParallel)
+StepFn = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+
+class FrozenTeacher(nn.Module):
+    """A teacher that is always in eval mode and never receives gradients, whatever train() asks."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.model.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        """Ignore `mode`: a frozen teacher stays in eval mode (BatchNorm statistics stay fixed)."""
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Teacher logits, computed in inference mode (no autograd records, no version counters)."""
+        with torch.inference_mode():
+            return self.model(x)
+
+
+class Distiller(nn.Module):
+    """Base method: plain cross-entropy on the student."""
+
+    name = "ce"
+
+    def __init__(self, student: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+        # Detached monitoring values of the last step (device tensors; read once per epoch).
+        self.monitors: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Inference: the student's logits."""
+        return self.student(x)
+
+    def forward_train(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Training step: the student's logits and the named loss terms to be summed."""
+        logits = self.student(x)
+        return logits, {"ce": F.cross_entropy(logits, y)}
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters the optimizer updates (never the teacher's)."""
+        return (p for p in self.parameters() if p.requires_grad)
+
+    def export_student(self) -> nn.Module:
+        """The plain student network, without any training-only heads."""
+        return self.student
+
+
+def build_distiller(
+    method: str,
+    student: nn.Module,
+    teacher: nn.Module | None = None,
+    *,
+    codebook: Tensor | None = None,
+    teacher_layer: str | None = None,
+    student_layer: str | None = None,
+    student_channels: int | None = None,
+    quest_temperature: float = 5.0,
+    quest_weight: float = 1.0,
+    init_scale: float = 3.0,
+    quest_predictor: str = "learned_scale",
+    kd_temperature: float = 4.0,
+    kd_ce_weight: float = 0.1,
+    kd_weight: float = 0.9,
+) -> Distiller:
+    """Build the distiller of a registered method from loose settings (scripts and tests; the
+    student stage passes its typed StudentConfig to the method's builder instead)."""
+    from types import SimpleNamespace
+
+    from quest.core.methods import MethodContext, get
+    from quest.infra.config import KDConfig, QuestConfig
+
+    spec = get(method)
+    if spec.needs_teacher:
+        assert teacher is not None, f"method {method} needs a teacher"
+    settings = SimpleNamespace(
+        kd=KDConfig(temperature=kd_temperature, ce_weight=kd_ce_weight, kd_weight=kd_weight),
+        quest=QuestConfig(temperature=quest_temperature, weight=quest_weight,
+                          init_scale=init_scale, predictor=quest_predictor))
+    out = spec.build(MethodContext(student, teacher, settings, codebook, teacher_layer,
+                                   student_layer, student_channels))
+    assert isinstance(out, Distiller)
+    return out

@@ -1,0 +1,2 @@
+"""Infrastructure: errors, typed settings, paths, atomic files, progress and run locks. Imports
+nothing else from quest."""

@@ -1,0 +1,571 @@
+"""Typed configuration: params.yaml sections as pydantic models, presets, overrides, validation.
+
+The settings schema lives here, in the infrastructure layer, so that every layer above can read
+it; each choice is a ``Literal`` type named for what it chooses (`Schedule`, `Predictor`, ...),
+and the core module that acts on it derives its list of choices from that type. Checks that
+need the core (architecture and method names, layer names of a built network) run when a stage
+starts: `quest.core.checks.check_runnable`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from quest.infra.errors import QuestError
+
+Schedule = Literal["step", "cosine", "onecycle"]
+PaddingMode = Literal["constant", "reflect"]
+DataSource = Literal["image_folder", "cifar10", "cifar100"]
+OnCorrupt = Literal["skip", "fail"]
+LoaderKind = Literal["memory", "dataloader"]
+FeatureDtype = Literal["float32", "float16"]
+Backend = Literal["auto", "faiss", "torch"]
+Predictor = Literal["learned_scale", "fixed_scale_bias"]
+ProgressMode = Literal["auto", "bar", "lines", "off"]
+Amp = Literal["fp32", "bf16"]
+
+SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
+PADDING_MODES: tuple[str, ...] = typing.get_args(PaddingMode)
+
+
+class Section(BaseModel):
+    """A params.yaml section: unknown keys are errors, values keep their YAML types (an int is
+    accepted where a float is expected, nothing else is converted)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class SubsetConfig(Section):
+    """A seeded, class-balanced slice of the data (for smoke runs and CPU-sized jobs)."""
+
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    seed: int = 0
+
+
+class DataConfig(Section):
+    """Where the data comes from and how it is turned into the prepared format."""
+
+    source: DataSource = "image_folder"
+    location: str | None = "../shared/data/cifar10-jpeg.tar.gz"
+    image_size: int | None = None
+    channels: Literal[1, 3] = 3
+    on_corrupt: OnCorrupt = "skip"
+    download: bool = False
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    padding: int = 4
+    # how the crop's border is filled: constant (zeros, RepDistiller) or reflect (official QuEST)
+    padding_mode: PaddingMode = "constant"
+    flip: bool = True
+    loader: LoaderKind = "memory"
+    subset: SubsetConfig = Field(default_factory=SubsetConfig)
+
+
+class OptimConfig(Section):
+    """SGD recipe shared by teacher and student training."""
+
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: Schedule = "step"
+    milestones: list[int] = Field(default_factory=lambda: [150, 180, 210])
+    gamma: float = 0.1
+    warmup_fraction: float = 0.15
+    seed: int = 0
+    # passes over the training set per epoch, each a fresh shuffle (the official few-images
+    # sampler: a small subset repeated so that an epoch keeps the full set's step count)
+    repeat: int = 1
+
+
+class TeacherConfig(Section):
+    """Teacher: an architecture, and either a checkpoint to import or a recipe to train it."""
+
+    arch: str = "resnet56"
+    checkpoint: str | None = None
+    train: OptimConfig = Field(default_factory=OptimConfig)
+
+
+class FeaturesConfig(Section):
+    """Which teacher layer to quantize and how many of its spatial vectors to keep."""
+
+    layer: str | None = None
+    max_vectors: int | None = None
+    dtype: FeatureDtype = "float32"
+    batch_size: int = 256
+    seed: int = 0
+    # teacher-side average pooling (kernel = stride = pool) before k-means and in training alike:
+    # the official "downscale" of the cross-architecture pairs is 2
+    pool: int = 1
+
+
+class CodebookConfig(Section):
+    """k-means over the teacher's spatial vectors."""
+
+    k: int = 4096
+    iterations: int = 20
+    seed: int = 0
+    backend: Backend = "auto"
+    max_points_per_centroid: int = 256
+
+
+class QuestLevelConfig(Section):
+    """One more quantized level (the official transfer setting quantizes layer3 and layer4):
+    its own teacher and student layers and codebook; unset values are the first level's."""
+
+    teacher_layer: str = ""
+    student_layer: str = ""
+    k: int | None = None  # None: codebook.k
+    temperature: float | None = None  # None: student.quest.temperature, and so on
+    weight: float | None = None
+    init_scale: float | None = None
+    predictor: Predictor | None = None
+    pool: int | None = None  # None: 1 (features.pool is the first level's)
+
+
+class QuestConfig(Section):
+    """QuEST loss settings (DESIGN.md defaults). The first quantized level is features.layer
+    against student.layer with codebook.k words; `extra_levels` names further ones."""
+
+    temperature: float = 5.0
+    weight: float = 1.0
+    init_scale: float = 3.0
+    predictor: Predictor = "learned_scale"
+    extra_levels: dict[str, QuestLevelConfig] = Field(default_factory=dict)
+
+
+class KDConfig(Section):
+    """Hinton KD settings, RepDistiller's weighting."""
+
+    temperature: float = 4.0
+    ce_weight: float = 0.1
+    kd_weight: float = 0.9
+
+
+class FitNetConfig(Section):
+    """FitNets hint settings, RepDistiller's: CE + weight * MSE(regressor(s_hint), t_hint)."""
+
+    weight: float = 100.0
+    hint_layer: int = 2  # index into the stage outputs [stem, stage 1, stage 2, ...]
+
+
+class ATConfig(Section):
+    """Attention transfer settings, RepDistiller's: CE + weight * sum over stage pairs."""
+
+    weight: float = 1000.0
+    p: float = 2.0
+
+
+class StudentConfig(Section):
+    """Student architecture, the methods to train, and the training recipe."""
+
+    arch: str = "resnet20"
+    layer: str | None = None
+    methods: list[str] = Field(default_factory=lambda: ["ce", "kd", "quest"])
+    train: OptimConfig = Field(default_factory=OptimConfig)
+    quest: QuestConfig = Field(default_factory=QuestConfig)
+    kd: KDConfig = Field(default_factory=KDConfig)
+    fitnet: FitNetConfig = Field(default_factory=FitNetConfig)
+    at: ATConfig = Field(default_factory=ATConfig)
+
+
+class RuntimeConfig(Section):
+    """Where and how computation runs."""
+
+    device: str = "auto"
+    threads: int | None = None
+    channels_last: bool = True
+    progress: ProgressMode = "auto"
+    amp: Amp = "fp32"
+    compile: bool = False
+
+
+class PromotionConfig(Section):
+    """Gates for moving the registry's champion alias to a new student."""
+
+    min_top1: float = 0.0
+    model_name: str = "quest-student"
+
+
+class ReportConfig(Section):
+    """What `quest report` shows: the visual-word gallery's size and sample."""
+
+    gallery_words: int = 8
+    gallery_patches: int = 16
+    gallery_images: int = 500
+    patch_scale: float = 3.0
+    seed: int = 0
+
+
+class DataChecksConfig(Section):
+    """Thresholds of the prepared-data suite (run after prepare, before the teacher)."""
+
+    min_class_share: float = 0.5
+    max_duplicate_share: float = 0.01
+    pixel_mean_min: float = 20.0
+    pixel_mean_max: float = 235.0
+    pixel_std_min: float = 10.0
+
+
+class FeatureChecksConfig(Section):
+    """Thresholds of the teacher-feature suite (run after features, before the codebook)."""
+
+    norm_min: float = 0.01
+    norm_max: float = 1000.0
+
+
+class CodebookChecksConfig(Section):
+    """Thresholds of the codebook suite (run after codebook, before the students)."""
+
+    max_dead_share: float = 0.05
+    min_perplexity_share: float = 0.1
+
+
+class PredictionChecksConfig(Section):
+    """Thresholds of the students' test-set predictions suite (run after evaluate)."""
+
+    sum_tolerance: float = 0.001
+    min_top1_over_chance: float = 1.0
+
+
+class ValidationConfig(Section):
+    """Great Expectations suites that gate the pipeline between stages."""
+
+    data: DataChecksConfig = Field(default_factory=DataChecksConfig)
+    features: FeatureChecksConfig = Field(default_factory=FeatureChecksConfig)
+    codebook: CodebookChecksConfig = Field(default_factory=CodebookChecksConfig)
+    predictions: PredictionChecksConfig = Field(default_factory=PredictionChecksConfig)
+
+
+class Config(Section):
+    """The whole pipeline configuration."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    codebook: CodebookConfig = Field(default_factory=CodebookConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of all settings."""
+        return self.model_dump()
+
+
+# Environment variables that point the pipeline at an offline mirror without editing params.yaml.
+ENV_OVERRIDES = {
+    "QUEST_DATA_LOCATION": "data.location",
+    "QUEST_TEACHER_CHECKPOINT": "teacher.checkpoint",
+    "QUEST_DEVICE": "runtime.device",
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return "a mapping"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[str, Any, list[str]]:
+    """The dotted key of an error location, the annotation found there, and the field names of
+    the section holding it (for did-you-mean hints)."""
+    model: Any = Config
+    tp: Any = Config
+    names: list[str] = list(Config.model_fields)
+    key = ""
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]  # drop Optional
+            if inner and typing.get_origin(inner[0]) is list:
+                inner = list(typing.get_args(inner[0]))
+            tp = inner[0] if inner else tp
+            continue
+        key = f"{key}.{part}" if key else str(part)
+        if model is not None and part in model.model_fields:
+            names = list(model.model_fields)
+            tp = model.model_fields[part].annotation
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            tp = None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        model = inner[0] if isinstance(inner[0], type) and issubclass(inner[0], BaseModel) else None
+        if model is not None:
+            names = list(model.model_fields)
+    return key, tp, names
+
+
+def _one_line(exc: ValidationError) -> QuestError:
+    """The first problem of a pydantic validation error as the project's one-line error."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    if err["type"] == "extra_forbidden":
+        key, _, names = _walk(loc[:-1])
+        name = str(loc[-1])
+        full = f"{key}.{name}" if key else name
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean '{key + '.' if key else ''}{close[0]}'?)" if close else ""
+        return QuestError(f"unknown setting '{full}'{hint}: remove or rename it in params.yaml")
+    key, tp, _ = _walk(loc)
+    value = err.get("input")
+    literals = [a for a in (tp, *typing.get_args(tp)) if typing.get_origin(a) is Literal]
+    if err["type"] == "literal_error" and literals:
+        choices = ", ".join(map(str, typing.get_args(literals[0])))
+        return QuestError(f"{key} is '{value}': choose one of {choices}")
+    return QuestError(f"{key or 'params'} must be {_type_name(tp)}, got {value!r}: "
+                      "fix it in params.yaml")
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge `over` into a copy of `base` (mappings merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `tree[a][b][c] = value` for the dotted key "a.b.c", creating sections on the way."""
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise QuestError(f"cannot set '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.sub=value`` (value read as YAML) into a dotted key and a value."""
+    if "=" not in text:
+        raise QuestError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def _read_mapping(p: Path, what: str, holds: str) -> dict[str, Any]:
+    """Parse the YAML file `p` (a `what` holding `holds`, for messages) into a dict; an empty
+    file gives an empty dict."""
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise QuestError(f"{what} {p} is not valid YAML{where}: fix its syntax") from None
+    if not isinstance(raw, dict):
+        raise QuestError(f"{what} {p} must hold a mapping of {holds}")
+    return raw
+
+
+def read_params(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a params YAML file into a dict (empty file -> empty dict)."""
+    p = Path(path)
+    if not p.is_file():
+        raise QuestError(f"params file {p} does not exist: pass --params PATH or create it")
+    return _read_mapping(p, "params file", "sections")
+
+
+# Beside the params file: more named presets, each *.yaml there a mapping of name -> overrides
+# shaped like the params file's `presets:` entries (presets/official.yaml: the official configs).
+PRESETS_DIR = "presets"
+
+
+def read_preset_files(directory: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The presets of every ``*.yaml`` file in `directory`, name -> overrides (files in name
+    order; no directory: none). A name defined in two files is an error."""
+    folder = Path(directory)
+    found: dict[str, dict[str, Any]] = {}
+    origin: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.glob("*.yaml")):
+        for name, over in _read_mapping(path, "presets file", "presets").items():
+            if name in origin:
+                raise QuestError(f"preset '{name}' is defined in both {origin[name]} and {path}: "
+                                 "rename one of them")
+            if not isinstance(over, dict):
+                raise QuestError(f"preset '{name}' in {path} must be a mapping of settings")
+            found[str(name)], origin[str(name)] = over, path
+    return found
+
+
+def resolve_raw(
+    raw: dict[str, Any],
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+    preset_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Apply a named preset, then environment overrides, then ``key=value`` overrides.
+
+    The preset is looked up in `raw`'s ``presets:`` first, then in the ``*.yaml`` files of
+    `preset_dir` (see `read_preset_files`; None: params presets only)."""
+    raw = copy.deepcopy(raw)
+    presets = raw.pop("presets", {}) or {}
+    if preset:
+        if preset not in presets:
+            files = read_preset_files(preset_dir) if preset_dir is not None else {}
+            if preset not in files:
+                choices = ", ".join(sorted(map(str, {*presets, *files}))) or "none defined"
+                where = "params.yaml presets:" + (
+                    f" or {Path(preset_dir) / '*.yaml'}" if preset_dir is not None else "")
+                raise QuestError(f"unknown preset '{preset}': choose one of {choices} ({where})")
+            presets = files
+        raw = deep_merge(raw, presets[preset])
+    for env, dotted in ENV_OVERRIDES.items():
+        if os.environ.get(env):
+            set_dotted(raw, dotted, os.environ[env])
+    for text in overrides or []:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+    return raw
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    """Turn a resolved settings dict into a validated Config (types by the schema, ranges by
+    `validate`); the first problem is a one-line QuestError naming the key and the fix."""
+    if not isinstance(raw, dict):
+        raise QuestError(f"params must be a mapping of sections, got {raw!r}")
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise _one_line(exc) from None
+    validate(cfg)
+    return cfg
+
+
+def load_config(
+    path: str | os.PathLike[str] = "params.yaml",
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Load params.yaml, apply a preset (from its ``presets:``, else from the presets/*.yaml
+    files beside it) and overrides, and validate everything."""
+    return build_config(resolve_raw(read_params(path), preset, overrides,
+                                    preset_dir=Path(path).parent / PRESETS_DIR))
+
+
+def _choice(value: Any, choices: tuple[str, ...], key: str) -> None:
+    if value not in choices:
+        raise QuestError(f"{key} is '{value}': choose one of {', '.join(choices)}")
+
+
+def _positive(value: float | None, key: str) -> None:
+    if value is not None and value <= 0:
+        raise QuestError(f"{key} must be positive, got {value}")
+
+
+def _validate_levels(cfg: Config) -> None:
+    """Each extra QuEST level: a file-name-safe name, both layer names given, sane values (the
+    layers themselves are checked against the networks when a stage starts)."""
+    import re
+
+    for name, lv in cfg.student.quest.extra_levels.items():
+        key = f"student.quest.extra_levels.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise QuestError(f"{key}: a level name may hold letters, digits, _ and - only "
+                             "(it names the level's files)")
+        for side, arch, layer in (("teacher_layer", cfg.teacher.arch, lv.teacher_layer),
+                                  ("student_layer", cfg.student.arch, lv.student_layer)):
+            if not layer:
+                raise QuestError(f"{key}.{side} is missing: name the layer to quantize "
+                                 f"(`quest models --layers {arch}` lists them)")
+        for field_name in ("k", "temperature", "init_scale", "pool"):
+            _positive(getattr(lv, field_name), f"{key}.{field_name}")
+        if lv.weight is not None and lv.weight < 0:
+            raise QuestError(f"{key}.weight must be 0 or more, got {lv.weight}")
+
+
+def validate(cfg: Config) -> None:
+    """Check values that types alone do not: ranges and consistency. Names that only the core
+    knows (architectures, methods, layers) are checked when a stage starts
+    (`quest.core.checks.check_runnable`)."""
+    if cfg.features.pool < 1:
+        raise QuestError(f"features.pool must be 1 (no pooling) or more, got {cfg.features.pool}: "
+                         "fix it in params.yaml")
+    for key, vec in (("data.mean", cfg.data.mean), ("data.std", cfg.data.std)):
+        if vec is not None and len(vec) != cfg.data.channels:
+            raise QuestError(f"{key} needs {cfg.data.channels} values, got {len(vec)}")
+    _validate_levels(cfg)
+    _positive(cfg.codebook.k, "codebook.k")
+    _positive(cfg.codebook.iterations, "codebook.iterations")
+    _positive(cfg.features.max_vectors, "features.max_vectors")
+    if not cfg.student.methods:
+        raise QuestError("student.methods is empty: list at least one method "
+                         "(`quest methods` lists them)")
+    for name, opt in (("teacher.train", cfg.teacher.train), ("student.train", cfg.student.train)):
+        _positive(opt.epochs, f"{name}.epochs")
+        _positive(opt.batch_size, f"{name}.batch_size")
+        _positive(opt.lr, f"{name}.lr")
+        _positive(opt.repeat, f"{name}.repeat")
+    for key in ("gallery_words", "gallery_patches", "gallery_images", "patch_scale"):
+        _positive(getattr(cfg.report, key), f"report.{key}")
+    if not 0.0 <= cfg.promotion.min_top1 <= 1.0:
+        raise QuestError(f"promotion.min_top1 is {cfg.promotion.min_top1}: use a value in [0, 1]")
+    if cfg.runtime.device not in ("auto", "cpu") and not cfg.runtime.device.startswith("cuda"):
+        raise QuestError(f"runtime.device is '{cfg.runtime.device}': use auto, cpu or cuda[:N]")
+    _validate_checks(cfg.validation)
+
+
+def _unit(value: float, key: str) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise QuestError(f"{key} is {value}: use a value in [0, 1]")
+
+
+def _validate_checks(v: ValidationConfig) -> None:
+    """Ranges of the validation thresholds: shares in [0, 1], bounds in order."""
+    d = v.data
+    _unit(d.min_class_share, "validation.data.min_class_share")
+    _unit(d.max_duplicate_share, "validation.data.max_duplicate_share")
+    if not 0.0 <= d.pixel_mean_min <= d.pixel_mean_max <= 255.0:
+        raise QuestError(f"validation.data.pixel_mean_min/max are {d.pixel_mean_min}/"
+                         f"{d.pixel_mean_max}: use 0 <= min <= max <= 255")
+    if d.pixel_std_min < 0:
+        raise QuestError(f"validation.data.pixel_std_min is {d.pixel_std_min}: use a value >= 0")
+    f = v.features
+    if not 0.0 <= f.norm_min <= f.norm_max:
+        raise QuestError(f"validation.features.norm_min/norm_max are {f.norm_min}/{f.norm_max}: "
+                         "use 0 <= norm_min <= norm_max")
+    _unit(v.codebook.max_dead_share, "validation.codebook.max_dead_share")
+    _unit(v.codebook.min_perplexity_share, "validation.codebook.min_perplexity_share")
+    _positive(v.predictions.sum_tolerance, "validation.predictions.sum_tolerance")
+    if v.predictions.min_top1_over_chance < 0:
+        raise QuestError("validation.predictions.min_top1_over_chance is "
+                         f"{v.predictions.min_top1_over_chance}: use a value >= 0")
+
+
+def config_hash(section: Any) -> str:
+    """A short stable hash of a config section (for cache keys and run provenance)."""
+    import hashlib
+    import json
+
+    data = section.model_dump() if isinstance(section, BaseModel) else section
+    blob = json.dumps(data, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

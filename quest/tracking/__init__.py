@@ -1,9 +1,0 @@
-"""MLflow adapter: track a finished pipeline, register its models, promote with a gate.
-
-Importing this package does not import or configure MLflow; every function does so when called.
-"""
-
-from quest.tracking.mlflow_log import resolve_tracking_uri, track_pipeline
-from quest.tracking.promotion import promote
-
-__all__ = ["promote", "resolve_tracking_uri", "track_pipeline"]

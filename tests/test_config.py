@@ -1,0 +1,72 @@
+"""The typed settings (quest/infra/config.py): pydantic models, one-line errors naming the key
+and the fix, choices as Literal types, and the checks that wait for a stage's start."""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import pytest
+
+from quest.core.checks import check_runnable
+from quest.core.fastpath import AMP_MODES
+from quest.core.losses import PREDICTORS
+from quest.infra.config import Config, Predictor, build_config, load_config
+from quest.infra.errors import QuestError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"student": {"train": {"epoch": 3}}},
+     "unknown setting 'student.train.epoch' (did you mean 'student.train.epochs'?): remove or "
+     "rename it in params.yaml"),
+    ({"sudent": {}}, "unknown setting 'sudent' (did you mean 'student'?)"),
+    ({"student": {"train": {"epochs": "six"}}},
+     "student.train.epochs must be int, got 'six': fix it in params.yaml"),
+    ({"student": {"train": {"epochs": True}}}, "student.train.epochs must be int, got True"),
+    ({"student": {"train": {"nesterov": 1}}}, "student.train.nesterov must be bool, got 1"),
+    ({"student": {"train": {"schedule": "linear"}}},
+     "student.train.schedule is 'linear': choose one of step, cosine, onecycle"),
+    ({"student": {"quest": {"predictor": "cosine"}}},
+     "student.quest.predictor is 'cosine': choose one of learned_scale, fixed_scale_bias"),
+    ({"student": {"quest": {"extra_levels": {"l2": {"teacher_layer": "layer2", "kk": 3}}}}},
+     "unknown setting 'student.quest.extra_levels.l2.kk' (did you mean "
+     "'student.quest.extra_levels.l2.k'?)"),
+    ({"data": {"mean": [0.5, "a", 0.5]}}, "data.mean[1] must be float, got 'a'"),
+    ({"data": {"channels": 2}}, "data.channels is '2': choose one of 1, 3"),
+    ({"codebook": 5}, "codebook must be a mapping, got 5"),
+    ({"student": {"methods": "quest"}}, "student.methods must be list of str, got 'quest'"),
+    ({"codebook": {"k": 0}}, "codebook.k must be positive, got 0"),
+])
+def test_bad_values_are_one_line_errors_naming_key_and_fix(raw: dict, message: str) -> None:
+    with pytest.raises(QuestError) as err:
+        build_config(raw)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_types_are_kept_and_an_int_is_a_float_where_a_float_is_expected() -> None:
+    cfg = build_config({"student": {"train": {"lr": 1}, "kd": {"temperature": 2}},
+                        "features": {"max_vectors": None}})
+    assert cfg.student.train.lr == 1.0 and isinstance(cfg.student.train.lr, float)
+    assert isinstance(cfg.student.kd.temperature, float)
+    assert cfg.to_dict() == build_config(cfg.to_dict()).to_dict()  # round trip
+    assert Config().to_dict() == build_config({}).to_dict()
+
+
+def test_the_choices_of_the_core_come_from_the_settings_types() -> None:
+    assert PREDICTORS == typing.get_args(Predictor) == ("learned_scale", "fixed_scale_bias")
+    assert AMP_MODES == ("fp32", "bf16")
+
+
+def test_names_only_the_core_knows_are_checked_when_a_stage_starts() -> None:
+    # loading builds no network: an unknown layer or architecture passes the load ...
+    layer = load_config(REPO / "params.yaml", None, ["features.layer=layer9"])
+    arch = load_config(REPO / "params.yaml", None, ["student.arch=resnet21"])
+    # ... and stops the stage, before anything runs, with one line
+    with pytest.raises(QuestError, match=r"features.layer: unknown layer 'layer9'"):
+        check_runnable(layer)
+    with pytest.raises(QuestError, match=r"student.arch is 'resnet21': choose one of"):
+        check_runnable(arch)
+    check_runnable(load_config(REPO / "params.yaml"))  # the main job passes
