@@ -174,6 +174,7 @@ def _empty_class() -> dict[str, bytes]:
     (_empty_class, "class folder train/eel"),
     (None, "data path does not exist"),
 ], ids=["no-train", "empty-class", "missing-path"])
+@pytest.mark.slow
 def test_bad_archive_layout_is_one_line(project: Path, tmp_path: Path,
                                         files: Callable[[], dict[str, bytes]] | None,
                                         expected: str) -> None:
@@ -184,6 +185,7 @@ def test_bad_archive_layout_is_one_line(project: Path, tmp_path: Path,
     assert_one_error(proc, expected)
 
 
+@pytest.mark.slow
 def test_archive_escaping_its_root_is_refused(project: Path, tmp_path: Path) -> None:
     target = tmp_path / "sub"
     target.mkdir()
@@ -199,6 +201,7 @@ def test_archive_escaping_its_root_is_refused(project: Path, tmp_path: Path) -> 
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_teacher_checkpoint_of_another_architecture(project: Path, tmp_path: Path) -> None:
     other = tmp_path / "resnet8.pt"
     torch.save(build_model("resnet8", 10).state_dict(), other)  # bare: no arch recorded
@@ -207,11 +210,13 @@ def test_teacher_checkpoint_of_another_architecture(project: Path, tmp_path: Pat
                      "check the arch setting")
 
 
+@pytest.mark.slow
 def test_layer_that_does_not_exist(project: Path) -> None:
     proc = run_unchanged(project, "features", "--set", "features.layer=layer9")
     assert_one_error(proc, "features.layer", "unknown layer 'layer9'")
 
 
+@pytest.mark.slow
 def test_codebook_larger_than_the_feature_vectors(project: Path) -> None:
     proc = run_unchanged(project, "codebook", "--set", "codebook.k=64")
     assert_one_error(proc, "codebook size K=64 is larger than the 50 feature vectors",
@@ -241,6 +246,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(project: Path) -> Non
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_full_disk_during_prepare_keeps_the_previous_data(project: Path, tmp_path: Path) -> None:
     # 20 train images of 32x32 make a 61 kB array: over the 16 kB cap, unlike the log lines
     files = {f"train/{c}/{i}.png": png(i + 50 * k, 32) for k, c in enumerate("ab")
@@ -252,6 +258,7 @@ def test_full_disk_during_prepare_keeps_the_previous_data(project: Path, tmp_pat
     assert_one_error(proc, "cannot write", "train_images.npy", "free disk space")
 
 
+@pytest.mark.slow
 def test_full_disk_while_saving_a_model_keeps_the_previous_one(project: Path) -> None:
     # the resnet56 teacher file is 3.5 MB: over a 1 MB cap
     proc = run_unchanged(project, "teacher", limit_bytes=1_000_000)
@@ -273,6 +280,7 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
+@pytest.mark.slow
 def test_checkpoint_with_code_is_refused_and_never_runs(project: Path, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     pickle.loads(pickle.dumps(Payload(marker)))  # the payload is live: it runs when trusted

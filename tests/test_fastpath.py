@@ -51,6 +51,7 @@ def test_quest_head_stays_float32_under_autocast() -> None:
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_eager() -> None:
     """runtime.compile: the compiled student/teacher give the eager loss and gradients.
 

@@ -88,6 +88,7 @@ def test_each_level_adds_its_own_term_against_its_own_codebook() -> None:
     assert any(n.startswith("level_criteria.0.predictor") for n in names)
 
 
+@pytest.mark.slow
 def test_two_level_quest_through_the_cli(smoke_root: Path) -> None:
     args = ["--root", str(smoke_root), "--preset", "smoke", "--set", LEVEL,
             "--set", "student.methods=[quest]", "--set", "student.train.epochs=1",
@@ -121,6 +122,7 @@ def test_unknown_level_on_the_command_line_is_a_one_line_error(
     assert len(err) == 1 and "unknown QuEST level 'nope'" in err[0]
 
 
+@pytest.mark.slow
 def test_a_study_setting_with_two_levels_shares_and_records_them(smoke_root: Path) -> None:
     from quest.apps.results import load_records
 

@@ -75,6 +75,7 @@ def test_parameter_counts_match_repdistiller(name: str, classes: int, params: in
     assert count_parameters(build_model(name, classes)) == params
 
 
+@pytest.mark.slow
 def test_model_summary_agrees_with_built_models() -> None:
     rows = {r["name"]: r for r in model_summary()}
     assert tuple(rows) == MODEL_NAMES
@@ -197,6 +198,7 @@ def test_default_feature_layers_of_other_families() -> None:
         assert tap["layer4"].min().item() >= 0.0
 
 
+@pytest.mark.slow
 def test_every_default_feature_layer_resolves() -> None:
     for name in MODEL_NAMES:
         model = _meta_model(name, 10)

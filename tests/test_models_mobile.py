@@ -64,6 +64,7 @@ def test_parameter_counts_match_repdistiller(name: str, classes: int, params: in
     assert count_parameters(_meta_model(name, classes)) == params
 
 
+@pytest.mark.slow
 def test_model_summary_rows() -> None:
     rows = {r["name"]: r for r in model_summary()}
     assert rows["mobilenetv2_half"]["params_100"] == 812_836

@@ -55,6 +55,7 @@ def test_smoke_chain_end_to_end(smoke_root: Path, capsys: pytest.CaptureFixture[
     assert len(per_class["ce"]) == 10
 
 
+@pytest.mark.slow
 def test_codebook_larger_than_data_is_one_line_error(smoke_root: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(smoke_root, "teacher") == 0
@@ -84,6 +85,7 @@ def test_bad_settings_are_one_line_errors(tmp_path: Path) -> None:
         assert len(lines) == 1 and expected in lines[0], proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_data_path_is_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     proc = subprocess.run(
@@ -108,6 +110,7 @@ def test_help_lists_every_command() -> None:
         assert "usage: quest" in sub.stdout
 
 
+@pytest.mark.slow
 def test_models_listing_shows_counts_and_layers(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models"]) == 0
     out = capsys.readouterr().out
@@ -118,6 +121,7 @@ def test_models_listing_shows_counts_and_layers(capsys: pytest.CaptureFixture[st
     assert "* layer3" in out and "64x8x8" in out
 
 
+@pytest.mark.slow
 def test_concurrent_runs_on_one_project_refuse_with_one_line(tmp_path: Path) -> None:
     from quest.infra.runlock import run_lock
 

@@ -95,6 +95,7 @@ def test_bad_padding_mode_and_pool_are_one_line_errors() -> None:
         load_config(REPO / "params.yaml", None, ["features.pool=0"])
 
 
+@pytest.mark.slow
 def test_cross_size_codebook_is_fit_on_pooled_teacher_vectors(
         tmp_path: Path, smoke_prepared: Path, teacher_checkpoint: Path) -> None:
     from quest.apps.stages.codebook import run_codebook

@@ -250,6 +250,7 @@ def test_params_presets_come_first_then_preset_files(tmp_path: Path) -> None:
         load_config(tmp_path / "params.yaml", "c")
 
 
+@pytest.mark.slow
 def test_docs_table_is_up_to_date() -> None:
     """docs/presets.md is exactly what `python -m quest.apps.presets_doc` writes."""
     assert (REPO / "docs" / "presets.md").read_text(encoding="utf-8") == presets_markdown(PARAMS)

@@ -106,6 +106,7 @@ def _rows(table_html: str) -> list[list[str]]:
             for row in re.findall(r"<tr>(.*?)</tr>", table_html) if "<td" in row]
 
 
+@pytest.mark.slow
 def test_report_html_markdown_and_log(run_root: dict[str, Any],
                                       capsys: pytest.CaptureFixture[str]) -> None:
     root = run_root["root"]
@@ -151,6 +152,7 @@ def test_report_html_markdown_and_log(run_root: dict[str, Any],
     assert len(logs) == 1 and "report: " in logs[0].read_text()
 
 
+@pytest.mark.slow
 def test_compare_table_deltas_and_overlaid_curves(run_root: dict[str, Any],
                                                   tmp_path: Path) -> None:
     from quest.apps.report.build import build_report_data
@@ -222,6 +224,7 @@ def test_patch_geometry() -> None:
     assert (crop_patch(image, 3, 5, (8, 8), 12) == image[:, 8:20, 16:28]).all()
 
 
+@pytest.mark.slow
 def test_report_package_imports_without_matplotlib() -> None:
     code = ("import sys, quest.apps.report, quest.apps.cli\n"
             "print('matplotlib' in sys.modules)\n")

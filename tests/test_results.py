@@ -58,6 +58,7 @@ def test_params_hash_covers_what_each_method_reads() -> None:
     assert params_hash(cfg, "ce") != params_hash(rep, "ce")
 
 
+@pytest.mark.slow
 def test_student_run_is_recorded_and_sweep_skips_recorded_seeds(smoke_root: Path) -> None:
     base = ["--root", str(smoke_root), "--preset", "smoke", "--set", "student.train.epochs=1"]
     assert main(["teacher", *base]) == 0

@@ -166,6 +166,7 @@ def _committed_studies() -> list[Path]:
     return sorted((REPO / "studies").glob("*.yaml"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("study", _committed_studies(), ids=lambda p: p.stem)
 def test_committed_study_tables_are_current(study: Path) -> None:
     """README.md and results/<study>/TABLE.md match what the committed records give."""
@@ -226,6 +227,7 @@ def test_gpu_study_is_the_published_protocol_and_runs_on_the_tiny_preset(
     assert all(r["device"].startswith("cpu") and r["setting"] == "short" for r in recs)
 
 
+@pytest.mark.slow
 def test_size_study_figure_and_report_section(tmp_path: Path) -> None:
     """A study over training-set sizes gets a top-1 vs images-per-class figure, in TABLE.md, the
     README block and the report's studies section (records written here, not trained)."""

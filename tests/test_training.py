@@ -34,6 +34,7 @@ def make_trainer(tmp: Path, epochs: int, lr: float = 0.05, name: str = "t") -> T
                    fingerprint="fp", num_classes=10, progress="off", desc=name)
 
 
+@pytest.mark.slow
 def test_teacher_training_on_smoke_slice_beats_chance(tmp_path: Path,
                                                       smoke_prepared: Path) -> None:
     train, test = loaders(smoke_prepared)
@@ -45,6 +46,7 @@ def test_teacher_training_on_smoke_slice_beats_chance(tmp_path: Path,
     assert max(r["test_accuracy"] for r in history) > 0.16
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_to_identical_weights(tmp_path: Path,
                                                            smoke_prepared: Path) -> None:
     train, test = loaders(smoke_prepared)

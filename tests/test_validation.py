@@ -77,6 +77,7 @@ def _fails(what: str, cfg: Config, paths: Paths) -> str:
     return msg
 
 
+@pytest.mark.slow
 def test_every_suite_passes_on_the_smoke_chain(chain: dict[str, Any]) -> None:
     from quest.apps.validation import report_files, run_validation
 
@@ -97,6 +98,7 @@ def test_every_suite_passes_on_the_smoke_chain(chain: dict[str, Any]) -> None:
     assert features["observed"]["vectors"] == 300 * 8 * 8  # max_vectors: null in smoke
 
 
+@pytest.mark.slow
 def test_quest_run_stops_at_data_validation_when_a_class_is_missing(
         tmp_path: Path, smoke_prepared: Path, teacher_checkpoint: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -137,6 +139,7 @@ def test_quest_run_stops_at_data_validation_when_a_class_is_missing(
     assert report["observed"]["class_counts"]["train"]["cat"] == 1
 
 
+@pytest.mark.slow
 def test_nan_features_fail(chain: dict[str, Any], tmp_path: Path,
                            capsys: pytest.CaptureFixture[str]) -> None:
     paths = _copy(chain, tmp_path, "data/prepared", "data/features")
@@ -156,6 +159,7 @@ def test_nan_features_fail(chain: dict[str, Any], tmp_path: Path,
     assert "19200 vectors" in _fails("features", chain["cfg"], paths)
 
 
+@pytest.mark.slow
 def test_codebook_with_dead_or_nan_words_fails(chain: dict[str, Any], tmp_path: Path) -> None:
     paths = _copy(chain, tmp_path, "data/features", "models/codebook")
     words = np.load(paths.codebook)
@@ -173,6 +177,7 @@ def test_codebook_with_dead_or_nan_words_fails(chain: dict[str, Any], tmp_path: 
                                                                    paths)
 
 
+@pytest.mark.slow
 def test_predictions_not_summing_to_one_or_below_chance_fail(chain: dict[str, Any],
                                                              tmp_path: Path) -> None:
     from quest.apps.validation.runner import run_suite
