@@ -17,6 +17,19 @@ def _top1(tags: dict[str, str], name: str, version: int) -> float:
         ) from None
 
 
+def _existing_store(tracking_uri: str | None) -> str:
+    """The tracking URI to use; a SQLite store that does not exist yet is an error (opening
+    it would create an empty one)."""
+    from quest.apps.tracking.mlflow_log import resolve_tracking_uri, sqlite_path
+
+    uri = resolve_tracking_uri(Path.cwd(), tracking_uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise QuestError(f"no MLflow database at {db}: run `quest track` first "
+                         "(or pass --tracking-uri)")
+    return uri
+
+
 def promote(
     tracking_uri: str | None = None,
     min_top1: float = 0.0,
@@ -27,7 +40,7 @@ def promote(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from quest.apps.tracking.mlflow_log import resolve_tracking_uri, sqlite_path, using_tracking_uri
+    from quest.apps.tracking.mlflow_log import using_tracking_uri
     from quest.apps.tracking.registry import (
         CHALLENGER,
         CHAMPION,
@@ -36,12 +49,7 @@ def promote(
         version_tags,
     )
 
-    uri = resolve_tracking_uri(Path.cwd(), tracking_uri)
-    db = sqlite_path(uri)
-    if db is not None and not db.is_file():
-        # opening a missing SQLite store would create an empty one; say what is wrong instead
-        raise QuestError(f"no MLflow database at {db}: run `quest track` first "
-                         "(or pass --tracking-uri)")
+    uri = _existing_store(tracking_uri)
     with using_tracking_uri(uri):
         client = mlflow.MlflowClient()
         try:
