@@ -33,9 +33,6 @@ Predictor = Literal["learned_scale", "fixed_scale_bias"]
 ProgressMode = Literal["auto", "bar", "lines", "off"]
 Amp = Literal["fp32", "bf16"]
 
-SCHEDULES: tuple[str, ...] = typing.get_args(Schedule)
-PADDING_MODES: tuple[str, ...] = typing.get_args(PaddingMode)
-
 
 class Section(BaseModel):
     """A params.yaml section: unknown keys are errors, values keep their YAML types (an int is
@@ -470,11 +467,6 @@ def load_config(
     files beside it) and overrides, and validate everything."""
     return build_config(resolve_raw(read_params(path), preset, overrides,
                                     preset_dir=Path(path).parent / PRESETS_DIR))
-
-
-def _choice(value: Any, choices: tuple[str, ...], key: str) -> None:
-    if value not in choices:
-        raise QuestError(f"{key} is '{value}': choose one of {', '.join(choices)}")
 
 
 def _positive(value: float | None, key: str) -> None:
