@@ -21,7 +21,8 @@ Every run is identified by its method, its seed and the hash of the settings tha
 committed records; not results/runs/) is not trained again, so an interrupted study resumes, and a
 setting that changes only QuEST's knobs shares its CE and KD runs with the setting it derives from.
 Upstream stages are shared the same way: prepared data, teacher, features and codebook live in
-.quest/study-cache/<stage>-<hash of the sections they read>/, built once for all settings.
+.quest/study-cache/<stage>-<hash>/, keyed by the settings the stage table lists for each stage
+(the ones DVC and Prefect key it by) and by the stages before it, built once for all settings.
 A shared run is also labelled for every setting it serves (write_aliases), and `reproduce`
 retrains selected runs apart to compare them with the committed records.
 """
