@@ -21,7 +21,9 @@ from pathlib import Path
 
 QUEST = Path(__file__).resolve().parents[1] / "quest"
 RANK = {"infra": 0, "core": 1, "apps": 2}
-CORE_THIRD_PARTY = {"torch", "torchvision", "numpy", "PIL", "yaml", "pydantic", "faiss", "tqdm"}
+# webdataset: the tar-shard reader of the streaming path, imported only when shards are read
+CORE_THIRD_PARTY = {"torch", "torchvision", "numpy", "PIL", "yaml", "pydantic", "faiss", "tqdm",
+                    "webdataset"}
 OUTER = ("mlflow", "prefect", "dvc", "great_expectations", "pandas", "faiss", "matplotlib")
 
 

@@ -49,7 +49,7 @@ class Row(NamedTuple):
     teacher: str
     student: str
     lr: float
-    padding_mode: str
+    padding_mode: str  # "stream": the 224-pixel presets, RandomResizedCrop instead
     predictor: str
     init_scale: float
     levels: tuple[Level, ...]  # the first level, then the extra ones
@@ -105,13 +105,13 @@ TABLE: dict[str, Row] = {
         "Config_CIFAR100/WRN40w2_SNv1.py", "wrn_40_2", "shufflev1", 0.01, "reflect",
         "learned_scale", 3.0, _one("relu", "layer3", 2, 128, 960, 4)),
     "imagenet-resnet34-resnet18": Row(
-        "Config_ImageNet/RN34_RN18.py", "resnet34", "resnet18", 0.1, "reflect",
+        "Config_ImageNet/RN34_RN18.py", "resnet34", "resnet18", 0.1, "stream",
         "learned_scale", 3.0, _one("layer4", "layer4", 1, 512, 512, 7)),
     "imagenet-resnet50-mobilenetv2": Row(
-        "Config_ImageNet/RN50_MNv2.py", "resnet50", "mobilenet_v2", 0.1, "reflect",
+        "Config_ImageNet/RN50_MNv2.py", "resnet50", "mobilenet_v2", 0.1, "stream",
         "learned_scale", 3.0, _one("layer4", "features", 1, 2048, 1280, 7)),
     **{f"mit67-resnet34-resnet18-img{n}": Row(
-        f"Config_TransferLearning/RN34_RN18_IMG{n}.py", "resnet34", "resnet18", 0.05, "reflect",
+        f"Config_TransferLearning/RN34_RN18_IMG{n}.py", "resnet34", "resnet18", 0.05, "stream",
         "fixed_scale_bias", 10.0, _TRANSFER) for n in (10, 25, 50, 80)},
 }
 
@@ -162,10 +162,18 @@ def test_preset_carries_the_official_settings(name: str) -> None:
     assert all(lv.predictor == row.predictor and lv.init_scale == row.init_scale
                for lv in quest_levels(cfg))
     assert (q.predictor, q.init_scale) == (row.predictor, row.init_scale)
-    assert t.lr == row.lr and cfg.data.padding_mode == row.padding_mode
+    assert t.lr == row.lr and cfg.data.flip
+    if row.padding_mode == "stream":
+        # torchvision's RandomResizedCrop(224) for training, Resize(256) + CenterCrop(224) for
+        # testing, as the official ImageNet and transfer loaders
+        assert (cfg.data.format, cfg.data.image_size) == ("stream", 224)
+        assert (cfg.data.crop_scale_min, cfg.data.eval_crop_ratio) == (0.08, 0.875)
+        assert round(224 / cfg.data.eval_crop_ratio) == 256
+    else:
+        assert cfg.data.format == "prepared" and cfg.data.padding_mode == row.padding_mode
+        assert cfg.data.padding > 0
     assert (cfg.codebook.k, cfg.codebook.iterations) == (4096, 20)
     assert cfg.codebook.max_points_per_centroid >= 10_000_000  # FAISS: no sampling
-    assert cfg.data.padding > 0 and cfg.data.flip
     assert cfg.teacher.checkpoint  # imported, never trained here
     recipe = {k: getattr(t, k) for k in ("epochs", "batch_size", "momentum", "nesterov",
                                          "weight_decay", "schedule", "milestones", "gamma")}

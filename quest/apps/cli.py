@@ -167,6 +167,15 @@ def _add_tool_commands(sub: Any) -> None:
     p.add_argument("--kmeans-iterations", type=int, default=20, help="k-means iterations")
     p.add_argument("--synthetic", action="store_true", help="random CIFAR-shaped images")
     p.add_argument("--out-dir", default="benchmarks/results", help="where the JSON goes")
+    p = sub.add_parser(
+        "shards", help="write WebDataset tar shards from an image folder",
+        description="Write SRC's train/<class>/<image> and test/<class>/<image> as WebDataset "
+                    "shards OUT/train-000000.tar, ... (KEY.jpg + KEY.cls) and OUT/classes.txt, "
+                    "for data.format: stream with data.location: OUT.")
+    p.add_argument("src", help="image folder with train/ and test/")
+    p.add_argument("out", help="empty folder for the shards")
+    p.add_argument("--size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -212,6 +221,10 @@ def _load_cfg(args: argparse.Namespace) -> Any:
     return load_config(Path(args.root) / args.params, args.preset, args.overrides)
 
 
+TORCHRUN_STAGES = ("prepare", "teacher", "features", "codebook", "student", "evaluate",
+                   "validate")
+
+
 def _run_stage(args: argparse.Namespace) -> None:
     from quest.infra.paths import Paths
     from quest.infra.progress import setup_logging
@@ -233,12 +246,21 @@ def _run_stage(args: argparse.Namespace) -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     from quest.core.distributed import env_info
 
-    dist_info = env_info()  # a torchrun job: only `quest student`; rank 0 holds the lock
-    if dist_info is not None and args.command != "student":
-        raise QuestError(f"torchrun runs only `quest student`, not `quest {args.command}`: "
-                         "run the other stages in one process")
+    # a torchrun job: students train on every rank, the other stages run on rank 0 alone (see
+    # Stage.start); rank 0 holds the lock
+    dist_info = env_info()
+    if dist_info is not None and args.command not in TORCHRUN_STAGES:
+        raise QuestError(f"torchrun runs the stage commands ({', '.join(TORCHRUN_STAGES)}), "
+                         f"not `quest {args.command}`: run it in one process")
     rank = f"-rank{dist_info.rank}" if dist_info is not None else ""
     setup_logging(str(paths.logs / f"{args.command}-{stamp}{rank}.log"), args.debug)
+    if dist_info is not None and args.command != "student" and not dist_info.is_main:
+        # only the students train data-parallel; every other stage runs once, on rank 0, so
+        # that no two processes write the same outputs
+        from quest.infra.progress import log
+
+        log.info("%s runs on rank 0 only (this is rank %d)", args.command, dist_info.rank)
+        return
     from quest.infra.runlock import run_lock
 
     lock = (run_lock(paths.root, f"quest {args.command}")
@@ -409,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
             _cmd_models(args)
         elif args.command == "bench":
             _cmd_bench(args)
+        elif args.command == "shards":
+            from quest.apps.shards import write_shards
+
+            write_shards(Path(args.src), Path(args.out), args.size, args.seed)
         elif args.command == "promote":
             _cmd_promote(args)
         elif args.command == "study":

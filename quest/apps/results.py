@@ -55,7 +55,11 @@ def device_name(device: torch.device) -> str:
 # code: at that value they stay out of the hash, so the older records keep matching.
 _NEUTRAL = {("student", "train", "repeat"): 1, ("teacher", "train", "repeat"): 1,
             ("data", "padding_mode"): "constant", ("features", "pool"): 1,
-            ("quest", "extra_levels"): {}}
+            ("quest", "extra_levels"): {}, ("data", "format"): "prepared",
+            ("data", "crop_scale_min"): 0.08, ("data", "eval_crop_ratio"): 0.875,
+            ("data", "shuffle_buffer"): 1000}
+# Keys that change how fast a run goes, never what it computes (streams seed every sample).
+_SPEED_KEYS = {"data": ("workers",)}
 # Keys that name where inputs live or how progress shows, not what is computed.
 _LOCATION_KEYS = {"data": ("location", "download"), "teacher": ("checkpoint",)}
 
@@ -88,6 +92,9 @@ def method_settings(cfg: Config, method: str) -> dict[str, Any]:
             for key in keys:
                 value = out[section].get(key)
                 out[section][key] = Path(str(value)).name if isinstance(value, str) else value
+    for section, keys in _SPEED_KEYS.items():
+        for key in keys:
+            out.get(section, {}).pop(key, None)
     for keys, neutral in _NEUTRAL.items():
         node = out
         for key in keys[:-1]:

@@ -169,10 +169,10 @@ class _TrainStep(nn.Module):
 
 
 def data_parallel(distiller: Any, device: torch.device, train_loader: Any, info: DistInfo,
-                  batch_size: int) -> tuple[nn.Module, ShardedLoader]:
+                  batch_size: int, presharded: bool = False) -> tuple[nn.Module, Any]:
     """Make a distiller's training data-parallel over the job's ranks: the step function to
     give the Trainer (`step=`, with `is_main=info.is_main, graceful_stop=False`) and the rank's
-    sharded loader."""
+    sharded loader (`train_loader` itself when it already reads only this rank's share)."""
     if batch_size % info.world_size:
         raise QuestError(f"train.batch_size {batch_size} does not split over {info.world_size} "
                          "ranks: make it a multiple of the number of processes")
@@ -184,4 +184,5 @@ def data_parallel(distiller: Any, device: torch.device, train_loader: Any, info:
     ddp = nn.parallel.DistributedDataParallel(
         _TrainStep(distiller), device_ids=[device] if cuda else None,
         broadcast_buffers=False)
-    return ddp, ShardedLoader(train_loader, info.rank, info.world_size)
+    return ddp, train_loader if presharded else ShardedLoader(train_loader, info.rank,
+                                                              info.world_size)

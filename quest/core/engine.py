@@ -328,12 +328,16 @@ class Trainer:
                      state: EpochState) -> None:
         """SGD steps `skip`..`steps` of `epoch`, summed into `state` (a stop request saves it
         mid-epoch and raises KeyboardInterrupt)."""
+        seek = getattr(train_loader, "start_at", None)
+        if skip and seek is not None:
+            seek(skip)  # a loader seeded per sample starts after the trained batches
         batches = iter(track(train_loader, steps, f"{self.desc} {epoch + 1}/{self.opt.epochs}",
                              self.progress))
-        # redraw the batches the interrupted run consumed, so that the loader's random
-        # stream (shuffle, crops, flips) is where it was; their results are discarded
-        for _ in range(skip):
-            next(batches)
+        if seek is None:
+            # redraw the batches the interrupted run consumed, so that the loader's random
+            # stream (shuffle, crops, flips) is where it was; their results are discarded
+            for _ in range(skip):
+                next(batches)
         self._restore_rng()
         for i, (x, y) in enumerate(batches, start=skip):
             lr = lr_at(self.opt, epoch + i / steps)

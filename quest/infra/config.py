@@ -27,6 +27,7 @@ PaddingMode = Literal["constant", "reflect"]
 DataSource = Literal["image_folder", "cifar10", "cifar100"]
 OnCorrupt = Literal["skip", "fail"]
 LoaderKind = Literal["memory", "dataloader"]
+DataFormat = Literal["prepared", "stream"]
 FeatureDtype = Literal["float32", "float16"]
 Backend = Literal["auto", "faiss", "torch"]
 Predictor = Literal["learned_scale", "fixed_scale_bias"]
@@ -65,6 +66,13 @@ class DataConfig(Section):
     padding_mode: PaddingMode = "constant"
     flip: bool = True
     loader: LoaderKind = "memory"
+    # prepared: decode everything once into uint8 arrays (CIFAR-sized data); stream: index the
+    # image folder or WebDataset shards and decode batch by batch in worker processes
+    format: DataFormat = "prepared"
+    workers: int = 2  # stream: DataLoader worker processes per rank
+    crop_scale_min: float = 0.08  # stream training: RandomResizedCrop's smallest area share
+    eval_crop_ratio: float = 0.875  # stream evaluation: resize to image_size / ratio, center-crop
+    shuffle_buffer: int = 1000  # stream shards: samples mixed across shards in each worker
     subset: SubsetConfig = Field(default_factory=SubsetConfig)
 
 

@@ -94,3 +94,60 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+_NPY_MAGIC = b"\x93NUMPY\x01\x00"
+
+
+def _npy_header(dtype: np.dtype, rows: int, width: int, size: int | None = None) -> bytes:
+    """A .npy version 1.0 header for a C-order rows x width array, padded to `size` bytes (or
+    to the format's 64-byte alignment)."""
+    body = repr({"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                 "shape": (rows, width)}).encode("latin1")
+    fixed = len(_NPY_MAGIC) + 2
+    total = size if size is not None else -(-(fixed + len(body) + 1) // 64) * 64
+    pad = total - fixed - len(body) - 1
+    if pad < 0:
+        raise ValueError("the .npy header outgrew the space reserved for it")
+    return _NPY_MAGIC + (total - fixed).to_bytes(2, "little") + body + b" " * pad + b"\n"
+
+
+class NpyAppender:
+    """A rows x width .npy file that grows as rows are appended, written atomically.
+
+    Rows go straight to the file (no memory map, no preallocation), so memory use does not
+    depend on how many arrive; the header, written first with room for any row count, gets the
+    final count when the block ends. An exception leaves no file behind."""
+
+    def __init__(self, path: str | os.PathLike[str], dtype: Any, width: int) -> None:
+        self.path, self.dtype, self.width = Path(path), np.dtype(dtype), int(width)
+        self.rows = 0
+
+    def __enter__(self) -> NpyAppender:
+        self._ctx = atomic_path(self.path)
+        tmp = self._ctx.__enter__()
+        self._fh = open(tmp, "wb")
+        self._header_size = len(_npy_header(self.dtype, 10**15, self.width))
+        self._fh.write(_npy_header(self.dtype, 0, self.width, self._header_size))
+        return self
+
+    def append(self, rows: np.ndarray) -> None:
+        """Append rows (n x width), converted to the file's dtype."""
+        block = np.ascontiguousarray(rows, dtype=self.dtype)
+        if block.ndim != 2 or block.shape[1] != self.width:
+            raise ValueError(f"rows of shape {block.shape} do not fit a .npy of width "
+                             f"{self.width}")
+        self._fh.write(block.tobytes())
+        self.rows += block.shape[0]
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        try:
+            if exc[0] is None:
+                self._fh.seek(0)
+                self._fh.write(_npy_header(self.dtype, self.rows, self.width,
+                                           self._header_size))
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+        finally:
+            self._fh.close()
+        return self._ctx.__exit__(*exc)

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from quest.core.data.loader import InMemoryLoader, make_dataloader
-from quest.core.data.prepared import PreparedDataset, load_prepared
+from quest.core.data.prepared import META_FILE, PreparedDataset, load_prepared
+from quest.core.data.stream import FORMAT, StreamData, StreamLoader, open_stream
 from quest.infra.config import Config, OptimConfig
 from quest.infra.errors import QuestError
-from quest.infra.io_utils import atomic_path
+from quest.infra.io_utils import atomic_path, read_json
 from quest.infra.paths import Paths
 
 
@@ -40,12 +41,43 @@ def resolve_location(location: str | None, root: Path) -> str | None:
     return str(p if p.is_absolute() else (root / p))
 
 
-def load_data(paths: Paths, mmap: bool = False) -> PreparedDataset:
-    """Load the prepared dataset written by the prepare stage."""
+Data = PreparedDataset | StreamData
+
+
+def load_data(paths: Paths, mmap: bool = False) -> Data:
+    """Open what the prepare stage wrote: the prepared arrays, or the index of a stream."""
+    meta_path = paths.prepared / META_FILE
+    if meta_path.is_file():
+        try:
+            meta = read_json(meta_path)
+        except (OSError, ValueError):
+            meta = {}  # load_prepared reports the damaged file
+        if isinstance(meta, dict) and meta.get("format") == FORMAT:
+            return open_stream(paths.prepared, meta)
     return load_prepared(paths.prepared, mmap=mmap)
 
 
-def norm_stats(ds: PreparedDataset) -> tuple[list[float], list[float]]:
+def split_size(ds: Data, split: str) -> int:
+    """Number of images in the train or test split."""
+    if isinstance(ds, StreamData):
+        return ds.count(split)
+    return len(getattr(ds, split))
+
+
+def eval_loader(ds: Data, cfg: Config, device: torch.device, split: str = "test",
+                batch_size: int = 256) -> Any:
+    """Un-augmented batches of a split, in order (evaluation, features, predictions)."""
+    mean, std = norm_stats(ds)
+    cl = cfg.runtime.channels_last
+    if isinstance(ds, StreamData):
+        return StreamLoader(ds, split, train=False, batch_size=batch_size, mean=mean, std=std,
+                            device=device, channels_last=cl, workers=cfg.data.workers)
+    part = getattr(ds, split)
+    return InMemoryLoader(part.images, part.labels, batch_size=batch_size, mean=mean, std=std,
+                          train=False, device=device, channels_last=cl)
+
+
+def norm_stats(ds: Data) -> tuple[list[float], list[float]]:
     """The per-channel mean and std recorded by the prepare stage."""
     try:
         return list(ds.meta["mean"]), list(ds.meta["std"])
@@ -54,10 +86,19 @@ def norm_stats(ds: PreparedDataset) -> tuple[list[float], list[float]]:
 
 
 def make_loaders(
-    ds: PreparedDataset, cfg: Config, opt: OptimConfig, device: torch.device
+    ds: Data, cfg: Config, opt: OptimConfig, device: torch.device, rank: int = 0,
+    world: int = 1,
 ) -> tuple[Any, Any]:
-    """Train and test loaders for the configured loader kind (in-memory or DataLoader)."""
+    """Train and test loaders: a stream's (this rank's share of every batch under torchrun),
+    else the configured kind over the prepared arrays (in-memory or DataLoader)."""
     mean, std = norm_stats(ds)
+    if isinstance(ds, StreamData):
+        train = StreamLoader(ds, "train", train=True, batch_size=opt.batch_size, mean=mean,
+                             std=std, seed=opt.seed, device=device,
+                             channels_last=cfg.runtime.channels_last, repeat=opt.repeat,
+                             rank=rank, world=world, workers=cfg.data.workers,
+                             flip=cfg.data.flip)
+        return train, eval_loader(ds, cfg, device)
     common = {"mean": mean, "std": std, "padding": cfg.data.padding, "flip": cfg.data.flip,
               "padding_mode": cfg.data.padding_mode}
     if cfg.data.loader == "dataloader":

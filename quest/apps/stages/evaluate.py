@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from quest.apps.stages.common import load_data, norm_stats, resolve_device, to_device
+from quest.apps.stages.common import (
+    eval_loader,
+    load_data,
+    resolve_device,
+    split_size,
+    to_device,
+)
 from quest.core.checkpoint import load_model_file
-from quest.core.data.loader import InMemoryLoader
 from quest.core.engine import evaluate
 from quest.core.models.zoo import count_macs, count_parameters
 from quest.infra.config import Config
@@ -19,11 +24,9 @@ def run_evaluate(cfg: Config, paths: Paths) -> dict[str, Any]:
     """Write metrics/evaluation.json and metrics/per_class.json."""
     device = resolve_device(cfg)
     ds = load_data(paths)
-    mean, std = norm_stats(ds)
     num_classes = len(ds.classes)
-    image_shape = tuple(int(v) for v in ds.test.images.shape[1:])
-    loader = InMemoryLoader(ds.test.images, ds.test.labels, batch_size=256, mean=mean, std=std,
-                            train=False, device=device, channels_last=cfg.runtime.channels_last)
+    image_shape = ds.image_shape
+    loader = eval_loader(ds, cfg, device)
     models = {"teacher": paths.teacher_model}
     models.update({method_slug(m): paths.student_model(m) for m in cfg.student.methods})
     results: dict[str, Any] = {}
@@ -42,7 +45,7 @@ def run_evaluate(cfg: Config, paths: Paths) -> dict[str, Any]:
         per_class[name] = [round(v, 6) for v in ev["per_class"]]
         log.info("evaluate %s (%s): top-1 %.4f top-5 %.4f", name, meta["arch"], ev["top1"],
                  ev["top5"])
-    out = {"num_test_images": int(len(ds.test.labels)), "models": results}
+    out = {"num_test_images": split_size(ds, "test"), "models": results}
     write_json_atomic(paths.metrics / "evaluation.json", out)
     write_json_atomic(paths.metrics / "per_class.json", per_class)
     return out

@@ -21,6 +21,7 @@ from quest.apps.stages.common import (
 from quest.core import distributed
 from quest.core.checkpoint import load_model_file, save_model_file
 from quest.core.data.prepared import data_hash
+from quest.core.data.stream import StreamData
 from quest.core.engine import Trainer
 from quest.core.fastpath import autocast_step, describe, maybe_compile
 from quest.core.levels import LevelInputs, level_paths, quest_levels
@@ -152,16 +153,19 @@ def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None =
     if dist_info is not None:
         device = distributed.init(dist_info, device)
     ds = load_data(paths)
-    image_shape = tuple(int(v) for v in ds.train.images.shape[1:])
+    image_shape = ds.image_shape
     provenance: dict[str, Any] = {"data_sha256": data_hash(paths.prepared)}
     distiller = _build_distiller(cfg, paths, method, len(ds.classes), image_shape, device,
                                  provenance)
-    train_loader, test_loader = make_loaders(ds, cfg, s.train, device)
+    rank, world = (dist_info.rank, dist_info.world_size) if dist_info is not None else (0, 1)
+    # a stream reads only this rank's share; prepared arrays are sliced per batch instead
+    train_loader, test_loader = make_loaders(ds, cfg, s.train, device, rank, world)
     fingerprint = config_hash({"method": method, "student": config_hash(s), **provenance})
     step: Any = distiller.forward_train
     if dist_info is not None:
-        step, train_loader = distributed.data_parallel(distiller, device, train_loader,
-                                                       dist_info, s.train.batch_size)
+        step, train_loader = distributed.data_parallel(
+            distiller, device, train_loader, dist_info, s.train.batch_size,
+            presharded=isinstance(ds, StreamData))
     trainer = Trainer(distiller, s.train, checkpoint_path=paths.checkpoint(f"student-{method}"),
                       fingerprint=fingerprint, device=device, num_classes=len(ds.classes),
                       progress=cfg.runtime.progress, desc=f"student[{method}]",

@@ -200,7 +200,8 @@ def _data_stages() -> tuple[Stage, ...]:
     return (
         Stage("prepare", "prepare", "quest.apps.stages.prepare", "quest prepare",
               lambda key: ["data.source", "data.location", "data.image_size", "data.channels",
-                           "data.on_corrupt", "data.mean", "data.std",
+                           "data.on_corrupt", "data.mean", "data.std", "data.format",
+                           "data.crop_scale_min", "data.eval_crop_ratio", "data.shuffle_buffer",
                            "data.subset.train_per_class", "data.subset.test_per_class",
                            "data.subset.seed"],
               lambda cfg, paths, key: [], lambda paths, key: [paths.prepared],

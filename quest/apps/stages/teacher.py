@@ -90,7 +90,7 @@ def run_teacher(cfg: Config, paths: Paths) -> dict[str, Any]:
         source = {"trained": True, "epochs": t.train.epochs}
         write_csv_atomic(paths.plots / "teacher.csv", history)
     ev = evaluate(model, test_loader, num_classes, device)
-    image_shape = tuple(int(s) for s in ds.train.images.shape[1:])
+    image_shape = ds.image_shape
     metrics = {
         "arch": t.arch,
         "top1": ev["top1"],

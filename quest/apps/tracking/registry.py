@@ -70,14 +70,21 @@ def image_signature(height: int, width: int, channels: int, num_classes: int) ->
 
 def example_images(prepared_dir: Path, n: int = 2) -> np.ndarray:
     """A few raw test images, uint8 N x H x W x C, for the logged input example."""
-    from quest.core.data.prepared import load_prepared
+    from quest.core.data.prepared import META_FILE, load_prepared
+    from quest.core.data.stream import FORMAT, open_stream
+    from quest.infra.io_utils import read_json
 
     try:
-        ds = load_prepared(prepared_dir, mmap=True)
+        meta_path = Path(prepared_dir) / META_FILE
+        meta = read_json(meta_path) if meta_path.is_file() else {}
+        if isinstance(meta, dict) and meta.get("format") == FORMAT:
+            images, _ = open_stream(Path(prepared_dir), meta).sample_images("test", n)
+        else:
+            images = np.asarray(load_prepared(prepared_dir, mmap=True).test.images[:n])
     except QuestError as exc:
         raise QuestError(f"an input example needs the prepared data: {exc}") from None
     # the prepared format is N x C x H x W; models take what a camera gives, channels last
-    return np.ascontiguousarray(np.asarray(ds.test.images[:n]).transpose(0, 2, 3, 1))
+    return np.ascontiguousarray(images.transpose(0, 2, 3, 1))
 
 
 def log_and_register(

@@ -154,13 +154,45 @@ def _array_expectations(cfg: Config, train_hw: tuple[int, ...]) -> list[Any]:
     return exps
 
 
-def data_suite(cfg: Config, paths: Paths) -> Suite:
-    """Prepared data: array shape and dtype, label range, class balance, duplicates, pixels."""
-    from quest.core.data.prepared import load_prepared
+# images per split whose pixels the data suite checks when the data is streamed
+STREAM_SAMPLE = 256
 
-    ds = load_prepared(paths.prepared, mmap=True)
+
+def _stream_view(ds: Any) -> Any:
+    """A streamed dataset seen as the data suite sees prepared arrays: a seeded sample of
+    evaluation crops per split (pixels, shapes, duplicates) and the index's full class counts."""
+    from types import SimpleNamespace
+
+    from quest.core.data.prepared import Split
+
+    splits = {}
+    for name in ("train", "test"):
+        images, labels = ds.sample_images(name, STREAM_SAMPLE, seed=0)
+        splits[name] = Split(images, labels)
+    return SimpleNamespace(num_classes=len(ds.classes), classes=ds.classes, meta=ds.meta,
+                           train=splits["train"], test=splits["test"])
+
+
+def data_suite(cfg: Config, paths: Paths) -> Suite:
+    """Prepared data: array shape and dtype, label range, class balance, duplicates, pixels
+    (for a stream: the same checks on a sample of its crops, class balance on the index)."""
+    from quest.apps.stages.common import load_data
+    from quest.core.data.stream import StreamData
+
+    ds = load_data(paths, mmap=True)
+    full: dict[str, dict[str, int]] | None = None
+    if isinstance(ds, StreamData):
+        full = {k: {str(c): int(n) for c, n in v.items()}
+                for k, v in ds.meta["class_counts"].items()}
+        ds = _stream_view(ds)
     v = cfg.validation.data
     f = _data_frames(ds)
+    if full is not None:
+        for row in f.classes:
+            counts = full[row["split"]]
+            mean_count = sum(counts.values()) / max(len(counts), 1)
+            row["count"] = counts[row["class"]]
+            row["share_of_mean"] = row["count"] / mean_count if mean_count else 0.0
     class_exps = [gxe.ExpectColumnValuesToBeBetween(
         column="share_of_mean", min_value=v.min_class_share,
         description=f"every class holds at least {v.min_class_share:.0%} of its split's mean "
@@ -169,7 +201,8 @@ def data_suite(cfg: Config, paths: Paths) -> Suite:
     frame = f.images
     observed = {
         "classes": ds.num_classes,
-        "images": {"train": len(ds.train), "test": len(ds.test)},
+        "images": ({k: sum(c.values()) for k, c in full.items()} if full is not None
+                   else {"train": len(ds.train), "test": len(ds.test)}),
         "class_counts": {name: {c["class"]: c["count"] for c in f.classes if c["split"] == name}
                          for name in names},
         "duplicates_test_in_train": int(f.duplicates.sum()),
@@ -208,7 +241,9 @@ def _need(path: Any, fix: str) -> None:
 
 def features_suite(cfg: Config, paths: Paths) -> Suite:
     """Teacher features: finite, vector norms in range, as many vectors as configured."""
-    from quest.core.data.prepared import load_prepared
+    from quest.apps.stages.common import load_data, split_size
+    from quest.apps.stages.features import stream_keep
+    from quest.core.data.stream import StreamData
 
     _need(paths.features, "run `quest features` first")
     _need(paths.features_meta, "run `quest features` first")
@@ -219,9 +254,13 @@ def features_suite(cfg: Config, paths: Paths) -> Suite:
     meta = read_json(paths.features_meta)
     c, h, w = (int(s) for s in meta["map_shape"])
     # the configured count, from the prepared data and the config rather than the stage's meta
-    positions = len(load_prepared(paths.prepared, mmap=True).train) * h * w
+    ds = load_data(paths, mmap=True)
+    positions = split_size(ds, "train") * h * w
     mv = cfg.features.max_vectors
-    expected = positions if mv is None else min(mv, positions)
+    if isinstance(ds, StreamData):
+        expected = stream_keep(cfg, positions)
+    else:
+        expected = positions if mv is None else min(mv, positions)
     v = cfg.validation.features
     norms, bad = _row_stats(feats)
     frame = pd.DataFrame({"vector": np.arange(len(norms)), "norm": norms, "nonfinite": bad})
@@ -302,30 +341,26 @@ def student_probabilities(cfg: Config, paths: Paths) -> tuple[dict[str, np.ndarr
     """Softmax outputs of every student in student.methods on the prepared test split."""
     import torch
 
-    from quest.apps.stages.common import (
-        load_data,
-        norm_stats,
-        resolve_device,
-        to_device,
-    )
+    from quest.apps.stages.common import eval_loader, load_data, resolve_device, to_device
     from quest.core.checkpoint import load_model_file
-    from quest.core.data.loader import InMemoryLoader
 
     device = resolve_device(cfg)
     ds = load_data(paths)
-    mean, std = norm_stats(ds)
-    loader = InMemoryLoader(ds.test.images, ds.test.labels, batch_size=256, mean=mean, std=std,
-                            train=False, device=device, channels_last=cfg.runtime.channels_last)
+    loader = eval_loader(ds, cfg, device)
     probs: dict[str, np.ndarray] = {}
+    labels: list[np.ndarray] = []
     for method in cfg.student.methods:
         model, _ = load_model_file(paths.student_model(method), f"student model [{method}]")
         model = to_device(model, device, cfg.runtime.channels_last).eval()
         out = []
+        seen = []
         with torch.inference_mode():
-            for x, _ in loader:
+            for x, y in loader:
                 out.append(torch.softmax(model(x).float(), dim=1).double().cpu().numpy())
+                seen.append(y.cpu().numpy())
         probs[method] = np.concatenate(out)
-    return probs, np.asarray(ds.test.labels, dtype=np.int64)
+        labels = seen
+    return probs, np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
 
 
 def predictions_suite(cfg: Config, paths: Paths,

@@ -501,7 +501,8 @@ class _Decoder:
                 (w0, h0), (w1, h1) = self.size, conv.size
                 raise QuestError(
                     f"images have different sizes ({w0}x{h0} and {w1}x{h1}, e.g. "
-                    f"{self.size_from} and {name}): set data.image_size to resize them"
+                    f"{self.size_from} and {name}): set data.image_size to resize them, or "
+                    "data.format: stream to crop them as they are read"
                 )
             # frombuffer(tobytes()) is measurably faster than asarray() for tiny images.
             w, h = conv.size
@@ -594,6 +595,7 @@ def _decode_all(
                 # Preallocate from the first image's shape (the decoder holds every image to
                 # it): stacking 60k small arrays would double peak memory and time. Rows stay
                 # H x W x C here, a plain copy; one transpose at the end is cheaper.
+                _check_fits(capacity, arr.shape)
                 buffers[split] = np.empty((capacity[split], *arr.shape), np.uint8)
             buffers[split][len(keys[split])] = arr
             keys[split].append((label, name))
@@ -606,6 +608,31 @@ def _decode_all(
     splits = {split: _assemble(split, buffers.get(split), keys[split], plan, display)
               for split in ("train", "test")}
     return splits, skipped
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_fits(capacity: dict[str, int], shape: tuple[int, ...]) -> None:
+    """Refuse, before allocating, a prepared array that cannot fit in memory: the assembly
+    needs about twice the decoded bytes (buffer plus its transposed copy)."""
+    need = 2 * sum(capacity.values()) * int(np.prod(shape))
+    avail = _available_memory()
+    if avail is not None and need > avail:
+        n = sum(capacity.values())
+        raise QuestError(
+            f"{n} images of {'x'.join(map(str, shape))} need about {need / 2**30:.1f} GiB to "
+            f"prepare in memory, {avail / 2**30:.1f} GiB is available: set data.format: stream "
+            "(with data.image_size) to read them batch by batch")
 
 
 def _in_storage_order(entries: list[Entry], wanted: dict[str, Any]) -> Iterator[str]:

@@ -1,0 +1,288 @@
+"""The streaming data path: image folders and WebDataset shards of mixed-size images, indexed
+by `quest prepare` (data.format: stream) and decoded batch by batch; seeded per sample, so an
+epoch does not depend on worker count or on an interruption; ranks read disjoint shares."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from quest.apps.shards import make_image_folder, write_shards
+from quest.core.data.stream import (
+    RankSampler,
+    StreamLoader,
+    assign_shards,
+    open_stream,
+    scan,
+)
+from quest.infra.config import load_config
+from quest.infra.errors import QuestError
+from quest.infra.io_utils import NpyAppender, read_json
+from quest.infra.paths import Paths
+
+REPO = Path(__file__).resolve().parents[1]
+MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 classes of JPEGs 64-160 px of mixed aspect: 6 train and 2 test images per class."""
+    return make_image_folder(tmp_path_factory.mktemp("stream") / "images", classes=10,
+                             train_per_class=6, test_per_class=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def shards(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    made = write_shards(folder, out, size=16, seed=0)
+    assert made == {"train": 4, "test": 2}  # 60 train / 16 per shard, 20 test
+    return out
+
+
+def _cfg(location: Path, *extra: str) -> object:
+    return load_config(REPO / "params.yaml", "stream-tiny",
+                       [f"data.location={location}", "data.workers=0", *extra])
+
+
+def _prepared(cfg: object, root: Path) -> Path:
+    from quest.apps.stages.prepare import run_prepare
+
+    run_prepare(cfg, Paths(root))  # type: ignore[arg-type]
+    return root / "data" / "prepared"
+
+
+def _batches(loader: StreamLoader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_npy_appender_grows_then_writes_its_header_and_is_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "v.npy"
+    with NpyAppender(path, np.float16, 3) as out:
+        for i in range(5):
+            out.append(np.full((i, 3), i))
+        assert not path.exists()  # nothing under the final name until the block ends
+    got = np.load(path, mmap_mode="r")
+    assert got.shape == (10, 3) and got.dtype == np.float16
+    assert got[:, 0].tolist() == [1, 2, 2, 3, 3, 3, 4, 4, 4, 4]
+    with pytest.raises(RuntimeError), NpyAppender(path, np.float32, 3) as out:
+        out.append(np.zeros((2, 3)))
+        raise RuntimeError("interrupted")
+    assert np.load(path).shape == (10, 3)  # the earlier file is intact, no temporary left
+    assert [p.name for p in tmp_path.iterdir()] == ["v.npy"]
+
+
+def test_rank_sampler_splits_each_epoch_into_disjoint_equal_shares() -> None:
+    n = 11
+    shares = []
+    for rank in range(2):
+        s = RankSampler(n, shuffle=True, seed=3, rank=rank, world=2, repeat=2)
+        s.epoch = 5
+        shares.append([i for i, _ in s])
+        assert len(s) == len(shares[-1]) == 11  # 22 positions over 2 ranks
+    merged = sorted(shares[0] + shares[1])
+    assert merged == sorted(list(range(n)) * 2)  # every image twice (repeat 2), none lost
+    s = RankSampler(n, shuffle=True, seed=3, rank=1, world=2, repeat=2)
+    s.epoch, s.start = 5, 4
+    assert [i for i, _ in s] == shares[1][4:]  # a resumed share continues where it stopped
+    s.epoch, s.start = 6, 0
+    assert [i for i, _ in s] != shares[1]  # another epoch, another order
+
+
+def test_shards_are_assigned_disjointly_per_rank_and_reshuffled_per_epoch() -> None:
+    names = [f"train-{i:06d}.tar" for i in range(7)]
+    epoch0 = [assign_shards(names, shuffle=True, seed=0, epoch=0, rank=r, world=3)
+              for r in range(3)]
+    assert sorted(sum(epoch0, [])) == names
+    assert all(not set(a) & set(b) for a in epoch0 for b in epoch0 if a is not b)
+    epoch1 = [assign_shards(names, shuffle=True, seed=0, epoch=1, rank=r, world=3)
+              for r in range(3)]
+    assert epoch1 != epoch0
+
+
+def test_folder_and_its_shards_index_the_same_images(folder: Path, shards: Path,
+                                                     tmp_path: Path) -> None:
+    a = scan(folder, "skip")
+    b = scan(shards, "skip")
+    assert (a.kind, b.kind) == ("folder", "shards")
+    assert a.classes == b.classes == [f"class{c:03d}" for c in range(10)]
+    assert a.count("train") == b.count("train") == 60 and a.count("test") == b.count("test") == 20
+    assert a.class_counts == b.class_counts
+    # every shard sample holds the bytes of one folder image, under its class's label
+    with tarfile.open(shards / "test-000000.tar") as tar:
+        names = tar.getnames()
+    assert len(names) == 2 * 16 and names[0].endswith((".cls", ".jpg"))
+
+
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_an_epoch_is_reproducible_whatever_the_workers_and_resumes_mid_epoch(
+        source: str, folder: Path, shards: Path, tmp_path: Path) -> None:
+    location = folder if source == "folder" else shards
+    data = open_stream(*_open(_cfg(location), tmp_path))
+
+    def loader(workers: int) -> StreamLoader:
+        return StreamLoader(data, "train", train=True, batch_size=8, mean=MEAN, std=STD,
+                            seed=1, workers=workers)
+
+    one = loader(0)
+    one.set_epoch(2)
+    first = _batches(one)
+    assert len(first) == len(one) == 60 // 8
+    assert all(x.shape == (8, 3, 64, 64) for x, _ in first)  # crops of mixed-size images
+    # folders: per-sample seeds give the same batches with 0 or 2 workers; shards: each
+    # worker reads its own shards, so the same worker count gives the same batches
+    two = loader(2 if source == "folder" else 0)
+    two.set_epoch(2)
+    again = _batches(two)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(first, again, strict=True))
+    if source == "shards":
+        mixed = loader(2)
+        mixed.set_epoch(2)
+        assert sum(len(y) for _, y in mixed) == 56  # 2 workers: 7 full batches all the same
+    one.set_epoch(3)
+    assert not torch.equal(_batches(one)[0][0], first[0][0])  # another epoch, other crops
+    one.set_epoch(2)
+    one.start_at(3)  # the Trainer's resume: skip 3 trained batches
+    tail = _batches(one)
+    assert len(tail) == len(first) - 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(first[3:], tail, strict=True))
+
+
+def _open(cfg: object, root: Path) -> tuple[Path, dict]:
+    out = _prepared(cfg, root)
+    return out, read_json(out / "meta.json")
+
+
+def test_evaluation_crops_every_test_image_once_in_order(folder: Path, tmp_path: Path) -> None:
+    out, meta = _open(_cfg(folder), tmp_path)
+    assert meta["format"] == "stream" and meta["counts"] == {"train": 60, "test": 20}
+    assert len(meta["mean"]) == 3 and meta["stats_from_images"] == 60
+    data = open_stream(out, meta)
+    ev = StreamLoader(data, "test", train=False, batch_size=8, mean=MEAN, std=STD, workers=2)
+    labels = torch.cat([y for _, y in ev]).tolist()
+    assert labels == [lab for _, lab in data.items["test"]]
+    assert len(ev) == 3  # 8 + 8 + 4: evaluation keeps the last partial batch
+
+
+def test_stream_refuses_bad_settings_and_inputs_in_one_line(folder: Path, shards: Path,
+                                                            tmp_path: Path) -> None:
+    with pytest.raises(QuestError, match="needs data.image_size"):
+        _prepared(_cfg(folder, "data.image_size=null"), tmp_path / "a")
+    archive = tmp_path / "images.tar.gz"
+    archive.write_bytes(b"not really")
+    with pytest.raises(QuestError, match="reads a folder, not the file"):
+        _prepared(_cfg(archive), tmp_path / "b")
+    with pytest.raises(QuestError, match="data path does not exist"):
+        _prepared(_cfg(tmp_path / "nowhere"), tmp_path / "c")
+    # a corrupt image: skipped (and listed) by default, named by on_corrupt: fail
+    bad = tmp_path / "bad"
+    make_image_folder(bad, classes=2, train_per_class=3, test_per_class=1, seed=1)
+    (bad / "train" / "class000" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    out, meta = _open(_cfg(bad), tmp_path / "d")
+    assert meta["skipped"]["files"] == ["train/class000/broken.jpg"]
+    assert meta["counts"]["train"] == 6
+    with pytest.raises(QuestError, match=r"cannot read image .*broken\.jpg.*on_corrupt: skip"):
+        _prepared(_cfg(bad, "data.on_corrupt=fail"), tmp_path / "e")
+    # a shard sample without its label
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    for split in ("train", "test"):
+        with tarfile.open(lonely / f"{split}-000000.tar", "w") as tar:
+            buf = io.BytesIO()
+            Image.new("RGB", (8, 8)).save(buf, "JPEG")
+            info = tarfile.TarInfo("k0.jpg")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    with pytest.raises(QuestError, match=r"k0 has an image but no \.cls label"):
+        _prepared(_cfg(lonely), tmp_path / "f")
+    # more ranks than shards
+    data = open_stream(*_open(_cfg(shards), tmp_path / "g"))
+    with pytest.raises(QuestError, match="2 test shards cannot feed 3 ranks"):
+        StreamLoader(data, "test", train=True, batch_size=9, mean=MEAN, std=STD, world=3)
+
+
+def test_prepared_format_points_mixed_sizes_and_oversized_data_to_the_stream(
+        folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from quest.core.data import sources
+
+    with pytest.raises(QuestError, match="set data.image_size to resize them, or "
+                                         "data.format: stream"):
+        _prepared(_cfg(folder, "data.format=prepared", "data.image_size=null"), tmp_path / "a")
+    monkeypatch.setattr(sources, "_available_memory", lambda: 1 << 20)
+    with pytest.raises(QuestError, match=r"80 images of 64x64x3 need about .* GiB to prepare "
+                                         r"in memory, 0\.0 GiB is available: set data\.format: "
+                                         "stream"):
+        _prepared(_cfg(folder, "data.format=prepared"), tmp_path / "b")
+
+
+def test_data_suite_checks_a_stream(folder: Path, tmp_path: Path) -> None:
+    """The Great Expectations data suite on a stream: crops of a sample, the index's counts."""
+    from quest.apps.validation import run_validation
+
+    cfg = _cfg(folder)
+    _prepared(cfg, tmp_path)
+    rep = run_validation("data", cfg, Paths(tmp_path))  # type: ignore[arg-type]
+    assert rep["passed"] == rep["evaluated"] > 5
+    observed = read_json(tmp_path / "reports" / "validation" / "data.json")["observed"]
+    assert observed["images"] == {"train": 60, "test": 20}
+    assert observed["class_counts"]["train"]["class003"] == 6
+
+
+def _quest(args: list[str], cwd: Path, env_extra: dict[str, str] | None = None) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
+    for key in ("QUEST_DATA_LOCATION", "QUEST_TEACHER_CHECKPOINT", "QUEST_PRESET",
+                "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_streaming_pipeline_under_two_torchrun_processes(folder: Path, tmp_path: Path) -> None:
+    """An ImageNet-shaped folder (10 classes, 64-160 px of mixed aspect) through prepare,
+    features, codebook, a QuEST student epoch and evaluation, every stage launched by torchrun
+    with 2 CPU processes: the student trains on both ranks, each reading its own share; the
+    other stages run once, on rank 0. (Shards take the same stages: the loader tests above.)"""
+    from quest.core.checkpoint import save_model_file
+    from quest.core.models.zoo import build_model
+
+    cfg = _cfg(folder, "data.workers=1", "student.methods=[quest]",
+               "student.train.batch_size=20")
+    (tmp_path / "params.yaml").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    torch.manual_seed(0)
+    classes = [f"class{c:03d}" for c in range(10)]
+    save_model_file(tmp_path / "models" / "teacher" / "teacher.pt", build_model("resnet20", 10),
+                    arch="resnet20", num_classes=10, classes=classes, mean=MEAN, std=STD)
+    run = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "quest"]
+    for stage in ("prepare", "features", "codebook", "student", "evaluate"):
+        _quest([*run, stage], tmp_path)
+    meta = read_json(tmp_path / "data" / "prepared" / "meta.json")
+    assert (meta["format"], meta["kind"]) == ("stream", "folder")
+    feats = np.load(tmp_path / "data" / "features" / "teacher_features.npy", mmap_mode="r")
+    # 60 images x 16 x 16 positions of layer3 at 64 px, all kept (under max_vectors 20000)
+    assert feats.shape == (60 * 16 * 16, 64) and np.isfinite(feats).all()
+    assert np.load(tmp_path / "models" / "codebook" / "codebook.npy").shape == (32, 64)
+    metrics = read_json(tmp_path / "metrics" / "students" / "quest.json")
+    assert metrics["epochs"] == 1 and metrics["history"][0]["word_accuracy"] >= 0.0
+    evaluation = read_json(tmp_path / "metrics" / "evaluation.json")
+    assert evaluation["num_test_images"] == 20
+    assert set(evaluation["models"]) == {"teacher", "quest"}
+    logs = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    # the student ran on both ranks; features ran on rank 0 alone (rank 1 said so and left)
+    assert any(n.startswith("student-") and n.endswith("-rank1.log") for n in logs)
+    rank1_features = [n for n in logs if n.startswith("features-") and n.endswith("rank1.log")]
+    assert "runs on rank 0 only" in (tmp_path / "logs" / rank1_features[0]).read_text()
