@@ -1,8 +1,8 @@
 """The QuEST head before and after, side by side in one process, and what it costs a step.
 
 Times (1) the fused head alone, forward + backward over 128 x 8 x 8 positions, for the earlier
-implementation (benchmarks/fused_quest_v1.py) and the current one (quest/core/fused_quest.py),
-rounds interleaved, at K = 1024 and 4096; (2) whole SGD steps of a resnet20 student with a resnet56
+implementation (benchmarks/fused_quest_v1.py), the current one (quest/core/fused_quest.py) with
+the earlier fixed 256-row CPU blocks, and the current one as it is, rounds interleaved, at K = 1024 and 4096; (2) whole SGD steps of a resnet20 student with a resnet56
 teacher for kd and quest (the current head), interleaved, at each K. Writes
 benchmarks/results/head-<device>.json. Run on an otherwise idle machine:
 
@@ -69,10 +69,21 @@ def head_times(k: int, rounds: int) -> dict[str, float]:
     def call(fn: Any) -> Any:
         return lambda: fn(student, weight, teacher, words, 5.0)[0].backward()
 
-    out = _median_ms({"v1": call(_old_head()), "current": call(fused_quest.fused_quest_kl)},
-                     rounds)
-    return {"head_v1_ms": out["v1"], "head_current_ms": out["current"],
-            "ratio_current_over_v1": round(out["current"] / out["v1"], 3)}
+    def fixed_256() -> Any:
+        # the current head with the earlier fixed 256-row CPU blocks
+        saved = fused_quest._CPU_BLOCK_ROWS
+        fused_quest._CPU_BLOCK_ROWS = (256, 256)
+        try:
+            return call(fused_quest.fused_quest_kl)()
+        finally:
+            fused_quest._CPU_BLOCK_ROWS = saved
+
+    out = _median_ms({"v1": call(_old_head()), "block256": fixed_256,
+                      "current": call(fused_quest.fused_quest_kl)}, rounds)
+    return {"head_v1_ms": out["v1"], "head_block256_ms": out["block256"],
+            "head_current_ms": out["current"], "current_block_rows": fused_quest._cpu_block(k),
+            "ratio_current_over_v1": round(out["current"] / out["v1"], 3),
+            "ratio_current_over_block256": round(out["current"] / out["block256"], 3)}
 
 
 def step_times(k: int, rounds: int) -> dict[str, float]:

@@ -230,15 +230,15 @@ def test_fused_path_matches_unfused_value_gradients_and_stats() -> None:
     t = torch.randn(3, 6, 4, 4, dtype=torch.float64)
     import quest.core.fused_quest as fq
 
-    old = fq._CPU_BLOCK
-    fq._CPU_BLOCK = 7  # several blocks, the last one partial
+    old = fq._CPU_BLOCK_ROWS
+    fq._CPU_BLOCK_ROWS = (7, 7)  # several blocks, the last one partial
     try:
         terms = crit.terms(s, t)
         fused_loss = terms["loss"]
         grads_fused = torch.autograd.grad(fused_loss, [s, crit.predictor.weight,
                                                        crit.predictor.scale])
     finally:
-        fq._CPU_BLOCK = old
+        fq._CPU_BLOCK_ROWS = old
     p_t = crit.targets(t)
     ref_loss, ref_acc = crit.from_targets(s, p_t)
     grads_ref = torch.autograd.grad(ref_loss, [s, crit.predictor.weight, crit.predictor.scale])
@@ -281,14 +281,14 @@ def test_fused_bias_gradients_and_student_max_match_unfused() -> None:
     t = torch.randn(3, 6, 4, 4, dtype=torch.float64)
     import quest.core.fused_quest as fq
 
-    old = fq._CPU_BLOCK
-    fq._CPU_BLOCK = 7
+    old = fq._CPU_BLOCK_ROWS
+    fq._CPU_BLOCK_ROWS = (7, 7)
     try:
         terms = crit.terms(s, t)
         params = [s, crit.predictor.weight, crit.predictor.bias]
         grads_fused = torch.autograd.grad(terms["loss"], params)
     finally:
-        fq._CPU_BLOCK = old
+        fq._CPU_BLOCK_ROWS = old
     ref_loss, _ = crit.from_targets(s, crit.targets(t))
     grads_ref = torch.autograd.grad(ref_loss, params)
     assert terms["loss"].item() == pytest.approx(ref_loss.item(), abs=1e-6)

@@ -286,3 +286,46 @@ def test_streaming_pipeline_under_two_torchrun_processes(folder: Path, tmp_path:
     assert any(n.startswith("student-") and n.endswith("-rank1.log") for n in logs)
     rank1_features = [n for n in logs if n.startswith("features-") and n.endswith("rank1.log")]
     assert "runs on rank 0 only" in (tmp_path / "logs" / rank1_features[0]).read_text()
+
+
+@pytest.mark.slow
+def test_dvc_tracks_an_external_image_folder_without_copying_it(folder: Path,
+                                                               tmp_path: Path) -> None:
+    """The README's recipe for large data: `dvc import-url --no-download` records the external
+    folder's hash in a .dvc file and copies nothing; `dvc update --no-download` records the
+    new hash once the data changes; `quest prepare` indexes the folder where it lies."""
+    import shutil
+
+    import yaml
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_STUDIO_OFFLINE": "true",
+           "HOME": str(tmp_path / "home"), "GIT_CONFIG_NOSYSTEM": "1",
+           "DVC_GLOBAL_CONFIG_DIR": str(tmp_path / "dvc-global"),
+           "DVC_SYSTEM_CONFIG_DIR": str(tmp_path / "dvc-system"),
+           "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site-cache")}
+
+    def run(*args: str) -> None:
+        proc = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, f"{args}: {proc.stdout}{proc.stderr}"
+
+    external = tmp_path / "mnt" / "images"
+    shutil.copytree(folder, external)
+    project = tmp_path / "project"
+    (project / "data" / "raw").mkdir(parents=True)
+    run("git", "init", "-q")
+    run(str(bin_dir / "dvc"), "init", "-q")
+    run(str(bin_dir / "dvc"), "import-url", "--no-download", str(external), "data/raw/images")
+    spec = yaml.safe_load((project / "data" / "raw" / "images.dvc").read_text())
+    dep = spec["deps"][0]
+    assert (dep["path"], dep["nfiles"]) == (str(external), 80) and dep["md5"].endswith(".dir")
+    assert not (project / "data" / "raw" / "images").exists()
+    assert not [f for _, _, files in os.walk(project / ".dvc" / "cache") for f in files]
+    victim = external / "train" / "class000" / "train_0_00000.jpg"
+    Image.new("RGB", (90, 70), (200, 10, 10)).save(victim)
+    run(str(bin_dir / "dvc"), "update", "--no-download", "data/raw/images.dvc")
+    again = yaml.safe_load((project / "data" / "raw" / "images.dvc").read_text())["deps"][0]
+    assert again["md5"] != dep["md5"] and again["nfiles"] == 80
+    meta = _open(_cfg(external), project)[1]
+    assert meta["location"] == str(external) and meta["counts"]["train"] == 60
