@@ -39,8 +39,38 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def stream_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An indexed stream: 10 classes x 10 training JPEGs of mixed sizes, cropped to 32 px."""
+    from quest.apps.shards import make_image_folder
+    from quest.apps.stages.prepare import run_prepare
+    from quest.infra.config import load_config
+    from quest.infra.paths import Paths
+
+    root = tmp_path_factory.mktemp("stream")
+    folder = make_image_folder(root / "images", classes=10, train_per_class=10,
+                               test_per_class=5, sides=(40, 90))
+    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml", "stream-tiny",
+                      [f"data.location={folder}", "data.image_size=32", "data.workers=0"])
+    run_prepare(cfg, Paths(root))
+    return root / "data" / "prepared"
+
+
+def make_stream_loaders(prepared: Path) -> tuple[Any, Any]:
+    """The stream's 100 training images in 5 batches of 20, its 50 test images (2 workers)."""
+    from quest.core.data.stream import StreamLoader, open_stream
+    from quest.infra.io_utils import read_json
+
+    data = open_stream(prepared, read_json(prepared / "meta.json"))
+    common = {"mean": data.meta["mean"], "std": data.meta["std"], "workers": 2}
+    return (StreamLoader(data, "train", train=True, batch_size=20, seed=3, **common),
+            StreamLoader(data, "test", train=False, batch_size=50, **common))
+
+
 def make_loaders(prepared: Path, kind: str) -> tuple[Any, Any]:
     """100 training images in 5 batches of 20 (a few steps keep the test fast), 50 test images."""
+    if kind == "stream":
+        return make_stream_loaders(prepared)
     ds = load_prepared(prepared)
     mean, std = ds.meta["mean"], ds.meta["std"]
     images, labels = ds.train.images[:100], ds.train.labels[:100]
@@ -95,10 +125,16 @@ def assert_same_run(a: Trainer, b: Trainer) -> None:
 
 
 @pytest.mark.parametrize(("kind", "epoch", "step"),
-                         [("memory", 0, 1), ("memory", 1, 3), ("dataloader", 1, 2)])
+                         [("memory", 0, 1), ("memory", 1, 3), ("dataloader", 1, 2),
+                          ("stream", 1, 2)])
 def test_sigint_mid_epoch_resumes_to_identical_weights(
-    tmp_path: Path, smoke_prepared: Path, kind: str, epoch: int, step: int
+    tmp_path: Path, smoke_prepared: Path, kind: str, epoch: int, step: int,
+    request: pytest.FixtureRequest,
 ) -> None:
+    """The stream resumes by starting its sampler after the trained batches (start_at), the
+    others by redrawing them: either way the weights equal an uninterrupted run's."""
+    if kind == "stream":
+        smoke_prepared = request.getfixturevalue("stream_prepared")
     straight = make_trainer(tmp_path / "straight.pt")
     straight.fit(*make_loaders(smoke_prepared, kind))
 
