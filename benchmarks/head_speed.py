@@ -2,9 +2,10 @@
 
 Times (1) the fused head alone, forward + backward over 128 x 8 x 8 positions, for the earlier
 implementation (benchmarks/fused_quest_v1.py), the current one (quest/core/fused_quest.py) with
-the earlier fixed 256-row CPU blocks, and the current one as it is, rounds interleaved, at K = 1024 and 4096; (2) whole SGD steps of a resnet20 student with a resnet56
-teacher for kd and quest (the current head), interleaved, at each K. Writes
-benchmarks/results/head-<device>.json. Run on an otherwise idle machine:
+the earlier fixed 256-row CPU blocks, and the current one as it is, rounds interleaved, at
+K = 1024 and 4096; (2) whole SGD steps of a resnet20 student with a resnet56 teacher for kd and
+quest (the current head), interleaved, at each K. Writes benchmarks/results/head-<device>.json.
+Run on an otherwise idle machine:
 
     .venv/bin/python benchmarks/head_speed.py
 """

@@ -175,6 +175,19 @@ def test_evaluation_crops_every_test_image_once_in_order(folder: Path, tmp_path:
     assert len(ev) == 3  # 8 + 8 + 4: evaluation keeps the last partial batch
 
 
+def test_shard_evaluation_reads_every_test_image_once_with_several_workers(
+        shards: Path, tmp_path: Path) -> None:
+    """Each worker batches its own shards (16 + 4 test images here): all 20 arrive, in the
+    number of batches len() promises."""
+    data = open_stream(*_open(_cfg(shards), tmp_path))
+    ev = StreamLoader(data, "test", train=False, batch_size=8, mean=MEAN, std=STD, workers=2)
+    batches = list(ev)
+    assert len(batches) == len(ev) == 2 + 1  # worker 0: 16 = 8 + 8; worker 1: 4
+    labels = sorted(torch.cat([y for _, y in batches]).tolist())
+    assert labels == sorted(lab for lab, n in enumerate(data.meta["class_counts"]["test"].values())
+                            for _ in range(n))
+
+
 def test_stream_refuses_bad_settings_and_inputs_in_one_line(folder: Path, shards: Path,
                                                             tmp_path: Path) -> None:
     with pytest.raises(QuestError, match="needs data.image_size"):

@@ -536,7 +536,20 @@ class StreamLoader:
         per_rank = -(-self.num_samples * self.repeat // self.world)
         if self.train:
             return per_rank // self.batch
+        if self.data.kind == "shards" and self._workers() > 1:
+            # each worker batches its own shards, so each ends with its own partial batch
+            counts = [n for _, n in self.data.items[self.split]]
+            w = self._workers()
+            return sum(-(-sum(counts[i::w]) // self.batch) for i in range(w))
         return -(-per_rank // self.batch)
+
+    def _workers(self) -> int:
+        """DataLoader workers: for shards at most one per shard of this rank's share (a worker
+        without shards would end at once)."""
+        if self.data.kind != "shards" or not self.workers:
+            return self.workers
+        share = len(self.data.items[self.split][self.rank :: self.world])
+        return max(1, min(self.workers, share))
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order and augmentation the next iteration reproduces."""
@@ -550,14 +563,10 @@ class StreamLoader:
     def _loader(self) -> tuple[DataLoader, int]:
         ds = self.data.dataset(self.split, self.transform, train=self.train, seed=self.seed,
                                rank=self.rank, world=self.world)
-        workers = self.workers
+        workers = self._workers()
         skip = 0
         if isinstance(ds, ShardStream):
             ds.epoch = self.epoch
-            # a worker without shards would end early; the shards bound the useful workers
-            share = len(assign_shards(ds.shards, shuffle=False, seed=0, epoch=0,
-                                      rank=self.rank, world=self.world))
-            workers = max(0, min(workers, share)) if workers else 0
             skip = self.start  # shards cannot seek: the trained batches are read again
             kwargs: dict[str, Any] = {}
         else:
@@ -573,15 +582,16 @@ class StreamLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         loader, skip = self._loader()
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        todo = len(self) - self.start
         it = iter(loader)
         for _ in range(skip):
             next(it)
-        for _ in range(todo):
-            try:
-                x, y = next(it)
-            except StopIteration:
-                return
+        # a training stream of shards never ends by itself: it stops after the epoch's batches
+        todo = len(self) - self.start if self.train else None
+        n = 0
+        for x, y in it:
             yield (x.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
                    y.to(self.device, non_blocking=True))
+            n += 1
+            if todo is not None and n >= todo:
+                break
         self.start = 0
