@@ -76,14 +76,15 @@ def _prepare_stream(cfg: Config, paths: Paths,
     settings = {"image_size": d.image_size, "channels": d.channels,
                 "crop_scale_min": d.crop_scale_min, "eval_crop_ratio": d.eval_crop_ratio,
                 "shuffle_buffer": d.shuffle_buffer}
-    meta = write_index(index, paths.prepared, {**settings, "mean": d.mean, "std": d.std})
+    stats: dict[str, Any] = {"mean": d.mean, "std": d.std}
     if d.mean is None or d.std is None:
-        # the normalisation from a seeded sample of evaluation crops: bounded work and memory
+        # the normalisation from a seeded sample of evaluation crops: bounded work and memory;
+        # computed before anything is written, so the index never lacks it
         sample, _ = StreamData(index.root, index.kind, index.classes, index.items,
-                               meta).sample_images("train", STATS_SAMPLE, d.subset.seed)
+                               settings).sample_images("train", STATS_SAMPLE, d.subset.seed)
         mean, std = channel_stats(sample)
-        meta = write_index(index, paths.prepared, {**settings, "mean": mean, "std": std,
-                                                   "stats_from_images": len(sample)})
+        stats = {"mean": mean, "std": std, "stats_from_images": len(sample)}
+    meta = write_index(index, paths.prepared, {**settings, **stats})
     summary = {
         "format": "stream",
         "kind": index.kind,
