@@ -43,7 +43,7 @@ ALL_STAGES = {"prepare", "teacher", "features", "codebook", *STUDENTS, "evaluate
 # settings dvc.yaml deliberately leaves out of every stage's params (see its header)
 UNTRACKED = {"runtime.device", "runtime.threads", "runtime.channels_last", "runtime.progress",
              "runtime.amp", "runtime.compile",
-             "data.download", "features.batch_size",
+             "data.download", "data.workers", "features.batch_size",
              # read by `quest promote` against the MLflow registry, not by any DVC stage
              "promotion.min_top1", "promotion.model_name"}
 TIMINGS: dict[str, float] = {}
