@@ -1,11 +1,11 @@
 """The QuEST head before and after, side by side in one process, and what it costs a step.
 
-Times (1) the fused head alone, forward + backward over 128 x 8 x 8 positions, for the earlier
-implementation (benchmarks/fused_quest_v1.py), the current one (quest/core/fused_quest.py) with
-the earlier fixed 256-row CPU blocks, and the current one as it is, rounds interleaved, at
-K = 1024 and 4096; (2) whole SGD steps of a resnet20 student with a resnet56 teacher for kd and
-quest (the current head), interleaved, at each K. Writes benchmarks/results/head-<device>.json.
-Run on an otherwise idle machine:
+Times (1) the fused head alone, forward + backward over 128 x 8 x 8 positions, for the first
+implementation (benchmarks/fused_quest_v1.py), the head as it was at commit PREVIOUS (read from
+git, before the denormal floor and the single-pass maxima), and the current one
+(quest/core/fused_quest.py), rounds interleaved, at K = 1024 and 4096; (2) whole SGD steps of
+a resnet20 student with a resnet56 teacher for kd and quest (the current head), interleaved, at
+each K. Writes benchmarks/results/head-<device>.json. Run on an otherwise idle machine:
 
     .venv/bin/python benchmarks/head_speed.py
 """
@@ -16,7 +16,9 @@ import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,14 +37,30 @@ from quest.core.models.zoo import build_model  # noqa: E402
 from quest.infra.config import load_config  # noqa: E402
 from quest.infra.io_utils import write_json_atomic  # noqa: E402
 
+# the head before the denormal floor, amax and the transposed weight gradient (stop 19)
+PREVIOUS = "13c213a"
 
-def _old_head() -> Any:
-    spec = importlib.util.spec_from_file_location("fused_quest_v1",
-                                                  ROOT / "benchmarks" / "fused_quest_v1.py")
+
+def _load_head(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.fused_quest_kl
+
+
+def _old_head() -> Any:
+    return _load_head("fused_quest_v1", ROOT / "benchmarks" / "fused_quest_v1.py")
+
+
+def _previous_head() -> Any:
+    """quest/core/fused_quest.py as committed at PREVIOUS (needs the git history)."""
+    text = subprocess.run(["git", "-C", str(ROOT), "show", f"{PREVIOUS}:quest/core/fused_quest.py"],
+                          check=True, capture_output=True, text=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fused_quest_previous.py"
+        path.write_text(text)
+        return _load_head("fused_quest_previous", path)
 
 
 def _median_ms(runs: dict[str, Any], rounds: int) -> dict[str, float]:
@@ -70,21 +88,12 @@ def head_times(k: int, rounds: int) -> dict[str, float]:
     def call(fn: Any) -> Any:
         return lambda: fn(student, weight, teacher, words, 5.0)[0].backward()
 
-    def fixed_256() -> Any:
-        # the current head with the earlier fixed 256-row CPU blocks
-        saved = fused_quest._CPU_BLOCK_ROWS
-        fused_quest._CPU_BLOCK_ROWS = (256, 256)
-        try:
-            return call(fused_quest.fused_quest_kl)()
-        finally:
-            fused_quest._CPU_BLOCK_ROWS = saved
-
-    out = _median_ms({"v1": call(_old_head()), "block256": fixed_256,
+    out = _median_ms({"v1": call(_old_head()), "previous": call(_previous_head()),
                       "current": call(fused_quest.fused_quest_kl)}, rounds)
-    return {"head_v1_ms": out["v1"], "head_block256_ms": out["block256"],
+    return {"head_v1_ms": out["v1"], f"head_{PREVIOUS}_ms": out["previous"],
             "head_current_ms": out["current"], "current_block_rows": fused_quest._cpu_block(k),
             "ratio_current_over_v1": round(out["current"] / out["v1"], 3),
-            "ratio_current_over_block256": round(out["current"] / out["block256"], 3)}
+            f"ratio_current_over_{PREVIOUS}": round(out["current"] / out["previous"], 3)}
 
 
 def step_times(k: int, rounds: int) -> dict[str, float]:

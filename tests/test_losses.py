@@ -251,6 +251,42 @@ def test_fused_path_matches_unfused_value_gradients_and_stats() -> None:
         assert terms[key].item() == pytest.approx(stats[key].item(), rel=1e-6)
 
 
+def test_fused_head_is_exact_when_teacher_logits_span_far_beyond_the_floor() -> None:
+    """Near-hard targets (logits hundreds apart): the words the floor raises carry < 2e-35."""
+    import quest.core.fused_quest as fq
+
+    torch.manual_seed(8)
+    crit = QuestLoss(3 * torch.randn(64, 6), student_channels=5, temperature=20.0).double()
+    s = torch.randn(2, 5, 4, 4, dtype=torch.float64, requires_grad=True)
+    t = 3 * torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    logits = -20.0 * torch.cdist(t.permute(0, 2, 3, 1).reshape(-1, 6), crit.codebook).pow(2)
+    gap = logits.max(dim=1, keepdim=True).values - logits
+    assert (gap > fq._LOGIT_FLOOR).float().mean() > 0.5  # most words sit below the floor
+    terms = crit.terms(s, t)
+    params = [s, crit.predictor.weight, crit.predictor.scale]
+    grads_fused = torch.autograd.grad(terms["loss"], params)
+    saved = fq._LOGIT_FLOOR
+    fq._LOGIT_FLOOR = float("inf")  # the same head without the floor
+    try:
+        unfloored = crit.terms(s, t)
+        grads_unfloored = torch.autograd.grad(unfloored["loss"], params)
+    finally:
+        fq._LOGIT_FLOOR = saved
+    assert terms["loss"].item() == pytest.approx(unfloored["loss"].item(), rel=1e-6)
+    for a, b in zip(grads_fused, grads_unfloored, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+    p_t = crit.targets(t)
+    ref_loss, ref_acc = crit.from_targets(s, p_t)
+    grads_ref = torch.autograd.grad(ref_loss, params)
+    # float32 logits in the thousands: the float64 reference agrees to float32's precision
+    assert terms["loss"].item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert terms["word_accuracy"].item() == pytest.approx(ref_acc.item())
+    assert terms["mean_max_assignment"].item() == pytest.approx(
+        p_t.reshape(-1, 64).max(dim=1).values.mean().item(), rel=1e-6)
+    for a, b in zip(grads_fused, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_fixed_scale_bias_predictor_against_loop_reference(small: dict[str, torch.Tensor]) -> None:
     """The transfer-learning predictor: a constant scale plus a learnable per-word bias."""
     torch.manual_seed(3)

@@ -446,11 +446,17 @@ def _ru_maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+QUEST_OVER_KD_LIMITS = {1024: 1.15, 4096: 1.5}
+
+
 def _goals(r: dict[str, Any]) -> dict[str, Any]:
     """The performance goals against the measured ratios (noisy on a shared machine)."""
+    # issue 13: a QuEST step at most 1.15x a KD step at K = 1024 and 1.5x at K = 4096 (the
+    # head's K-wide products grow with K); 1.25x for any other K
+    ratio, k = r["steps"]["ratio_quest_over_kd"], r["steps"]["k"]
+    limit = QUEST_OVER_KD_LIMITS.get(k, 1.25)
     goals: dict[str, Any] = {
-        "quest_step_at_most_1.25x_kd": {"ratio": r["steps"]["ratio_quest_over_kd"],
-                                        "met": r["steps"]["ratio_quest_over_kd"] <= 1.25},
+        f"quest_step_at_most_{limit}x_kd_k{k}": {"ratio": ratio, "met": ratio <= limit},
         "in_memory_loader_at_least_5x_dataloader": {
             "ratio": r["loader"]["ratio_in_memory_over_dataloader"],
             "met": r["loader"]["ratio_in_memory_over_dataloader"] >= 5.0},
