@@ -448,6 +448,32 @@ def test_corrupt_file_skip_or_fail(
     assert ("bad.jpg" in str(err.value)) or ("notes.txt" in str(err.value))
 
 
+@pytest.mark.parametrize("kind", ["dir", "tar.gz"])
+def test_val_folder_is_the_test_split_when_there_is_no_test_folder(tmp_path: Path,
+                                                                   kind: str) -> None:
+    """ImageNet's own layout, train/ + val/, reads as train + test; test/ wins over val/."""
+    from quest.core.data.stream import scan_folder
+
+    files = folder_files()
+    as_val = {("val/" + k[5:] if k.startswith("test/") else k): v for k, v in files.items()}
+    ref = prepare_dataset("image_folder", str(write_dir(tmp_path / "ref", files)),
+                          progress=False)
+    ds = prepare_dataset("image_folder", str(make_source(tmp_path, kind, as_val)), progress=False)
+    assert len(ds.train) == len(ref.train) and len(ds.test) == len(ref.test)
+    assert np.array_equal(ds.test.images, ref.test.images)
+    assert np.array_equal(ds.test.labels, ref.test.labels)
+    both = {**files, "val/cat/extra.png": files[next(k for k in files if k.startswith("test/"))]}
+    root = write_dir(tmp_path / "both", both)
+    assert len(prepare_dataset("image_folder", str(root), progress=False).test) == len(ref.test)
+    if kind == "dir":  # the streaming path indexes the same files
+        test_items = scan_folder(tmp_path / "imgs", "skip").items["test"]
+        ref_items = scan_folder(tmp_path / "ref", "skip").items["test"]
+        assert sorted(test_items) == sorted(("val/" + r[5:], lab) for r, lab in ref_items)
+    bad = {k: v for k, v in as_val.items() if not k.startswith("val/dog/")}
+    with pytest.raises(QuestError, match=r"val/ and train/ must have the same class folders"):
+        prepare_dataset("image_folder", str(write_dir(tmp_path / "bad", bad)), progress=False)
+
+
 def test_layout_errors(tmp_path: Path) -> None:
     files = folder_files()
     no_train = {k: v for k, v in files.items() if not k.startswith("train/")}

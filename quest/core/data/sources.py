@@ -379,31 +379,42 @@ def _hidden(parts: list[str]) -> bool:
     return parts[0] in _IGNORED_TOP or any(p.startswith(".") for p in parts)
 
 
-def _find_root(entries: list[Entry], where: str) -> str:
-    """The prefix ('' or 'top/') under which train/ and test/ live, else a QuestError."""
+def _folders(entries: list[Entry]) -> set[str]:
+    """Every folder named by the entries: listed ones and those anything lies inside."""
     dirs: set[str] = set()
     for e in entries:
         parts = e.name.split("/")
         if _hidden(parts):
             continue
-        # A folder exists if it is listed or if anything lies inside it.
         upto = len(parts) if e.is_dir else len(parts) - 1
         dirs.update("/".join(parts[:i]) for i in range(1, upto + 1))
+    return dirs
+
+
+def _test_folder(dirs: set[str], prefix: str) -> str:
+    """The test split's folder name: test/, else val/ (ImageNet's layout, train/ + val/)."""
+    return "val" if f"{prefix}test" not in dirs and f"{prefix}val" in dirs else "test"
+
+
+def _find_root(entries: list[Entry], where: str) -> str:
+    """The prefix ('' or 'top/') under which train/ and test/ (or val/) live, else a QuestError."""
+    dirs = _folders(entries)
     tops = {d for d in dirs if "/" not in d}
-    if "train" in tops or "test" in tops:
+    if tops & {"train", "test", "val"}:
         prefix = ""
     elif len(tops) == 1:
         prefix = next(iter(tops)) + "/"
     else:
         prefix = None
-    missing = [s for s in ("train", "test") if prefix is None or f"{prefix}{s}" not in dirs]
+    wanted = ("train", "test" if prefix is None else _test_folder(dirs, prefix))
+    missing = [s for s in wanted if prefix is None or f"{prefix}{s}" not in dirs]
     if missing:
         what = " and ".join(f"{s}/" for s in missing) + (
             " folders" if len(missing) > 1 else " folder"
         )
         raise QuestError(
             f"{where} has no {what}: expected train/<class>/<image> and "
-            "test/<class>/<image>, optionally inside one top-level folder"
+            "test/<class>/<image> (or val/<class>/<image>), optionally inside one top-level folder"
         )
     assert prefix is not None
     return prefix
@@ -423,6 +434,9 @@ def _plan(entries: list[Entry], prefix: str, where: str) -> _Plan:
     class_dirs: dict[str, set[str]] = {"train": set(), "test": set()}
     raw_files: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
     ignored: list[str] = []
+    # the folder that holds the test split: test/, or val/ where there is no test/
+    test_name = _test_folder(_folders(entries), prefix)
+    split_of = {"train": "train", test_name: "test"}
     for e in entries:
         parts = e.name.split("/")
         if _hidden(parts):
@@ -434,7 +448,7 @@ def _plan(entries: list[Entry], prefix: str, where: str) -> _Plan:
                 ignored.append(e.name)
             continue
         rel = e.name[len(prefix) :].split("/")
-        split = rel[0]
+        split = split_of.get(rel[0], "")
         if split not in class_dirs:
             if not e.is_dir:
                 ignored.append(e.name)
@@ -455,8 +469,8 @@ def _plan(entries: list[Entry], prefix: str, where: str) -> _Plan:
         only_train = sorted(class_dirs["train"] - class_dirs["test"])
         only_test = sorted(class_dirs["test"] - class_dirs["train"])
         raise QuestError(
-            f"{where}: test/ and train/ must have the same class folders "
-            f"(only in train: {only_train or 'none'}; only in test: {only_test or 'none'})"
+            f"{where}: {test_name}/ and train/ must have the same class folders "
+            f"(only in train: {only_train or 'none'}; only in {test_name}: {only_test or 'none'})"
         )
     index = {c: i for i, c in enumerate(classes)}
     files = {s: [(n, index[c]) for n, c in raw_files[s]] for s in raw_files}

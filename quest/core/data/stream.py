@@ -92,8 +92,8 @@ def _check_header(path: Path) -> str | None:
 
 def scan_folder(root: Path, on_corrupt: str,
                 subset: tuple[int | None, int | None, int] | None = None) -> StreamIndex:
-    """Index a folder with train/<class>/<image> and test/<class>/<image> (ImageNet's val/ can
-    be linked as test/). Each image's header is read once: unreadable files are skipped or,
+    """Index a folder with train/<class>/<image> and test/<class>/<image> (or val/<class>/...,
+    ImageNet's layout, where there is no test/). Each image's header is read once: unreadable files are skipped or,
     with on_corrupt "fail", reported."""
     from quest.core.data.sources import _DirectoryReader, _find_root, _plan, _subset_plan
 
@@ -120,7 +120,7 @@ def scan_folder(root: Path, on_corrupt: str,
             kept.append((rel, label))
         if not kept:
             raise QuestError(f"{root}: no readable images in {prefix}{split}/ "
-                             "(expected train/<class>/<image> and test/<class>/<image>)")
+                             "(expected train/<class>/<image> and test/ or val/<class>/<image>)")
         items[split] = kept
     counts = {s: np.bincount([lab for _, lab in items[s]], minlength=len(plan.classes)).tolist()
               for s in SPLITS}
