@@ -37,7 +37,7 @@ from quest.core.models.zoo import build_model  # noqa: E402
 from quest.infra.config import load_config  # noqa: E402
 from quest.infra.io_utils import write_json_atomic  # noqa: E402
 
-# the head before the denormal floor, amax and the transposed weight gradient (stop 19)
+# the head before the denormal floor, amax, reused buffers and the transposed weight gradient
 PREVIOUS = "13c213a"
 
 
