@@ -93,8 +93,8 @@ def _check_header(path: Path) -> str | None:
 def scan_folder(root: Path, on_corrupt: str,
                 subset: tuple[int | None, int | None, int] | None = None) -> StreamIndex:
     """Index a folder with train/<class>/<image> and test/<class>/<image> (or val/<class>/...,
-    ImageNet's layout, where there is no test/). Each image's header is read once: unreadable files are skipped or,
-    with on_corrupt "fail", reported."""
+    ImageNet's layout, where there is no test/). Each image's header is read once: unreadable
+    files are skipped or, with on_corrupt "fail", reported."""
     from quest.core.data.sources import _DirectoryReader, _find_root, _plan, _subset_plan
 
     reader = _DirectoryReader(root)
