@@ -56,6 +56,12 @@ def test_params_hash_covers_what_each_method_reads() -> None:
     assert params_hash(cfg, "ce") == params_hash(rep, "ce")
     rep = load_config(REPO / "params.yaml", overrides=["student.train.repeat=4"])
     assert params_hash(cfg, "ce") != params_hash(rep, "ce")
+    # the QuEST tap is read by the methods with feature taps only (a CE run pairs with it)
+    tap = load_config(REPO / "params.yaml", overrides=["student.layer=layer2",
+                                                       "features.layer=layer2"])
+    for method in ("ce", "kd", "fitnet", "at"):
+        assert params_hash(cfg, method) == params_hash(tap, method), method
+    assert params_hash(cfg, "quest") != params_hash(tap, "quest")
 
 
 @pytest.mark.slow

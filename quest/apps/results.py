@@ -81,6 +81,10 @@ def method_settings(cfg: Config, method: str) -> dict[str, Any]:
     student["train"] = {k: v for k, v in student["train"].items() if k != "seed"}
     out["student"] = student
     spec = get_method(method)
+    if not spec.needs_codebook:
+        # student.layer is the QuEST tap: a method without feature taps runs the same whatever
+        # it names. Reset to its default (not dropped) so records written before keep their hash
+        student["layer"] = None
     # what the method reads (the registry says): upstream sections, then its student settings
     for section in spec.config_sections():
         out[section] = d[section]
