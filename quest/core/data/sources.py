@@ -396,8 +396,9 @@ def _test_folder(dirs: set[str], prefix: str) -> str:
     return "val" if f"{prefix}test" not in dirs and f"{prefix}val" in dirs else "test"
 
 
-def _find_root(entries: list[Entry], where: str) -> str:
-    """The prefix ('' or 'top/') under which train/ and test/ (or val/) live, else a QuestError."""
+def _find_root(entries: list[Entry], where: str) -> tuple[str, str]:
+    """The prefix ('' or 'top/') under which train/ and test/ (or val/) live, and the test
+    split's folder name ('test' or 'val'); else a QuestError."""
     dirs = _folders(entries)
     tops = {d for d in dirs if "/" not in d}
     if tops & {"train", "test", "val"}:
@@ -417,7 +418,7 @@ def _find_root(entries: list[Entry], where: str) -> str:
             "test/<class>/<image> (or val/<class>/<image>), optionally inside one top-level folder"
         )
     assert prefix is not None
-    return prefix
+    return prefix, wanted[1]
 
 
 @dataclass
@@ -429,13 +430,12 @@ class _Plan:
     ignored: list[str]
 
 
-def _plan(entries: list[Entry], prefix: str, where: str) -> _Plan:
-    """Assign files to (split, class); classes are train/'s sorted subfolder names."""
+def _plan(entries: list[Entry], prefix: str, test_name: str, where: str) -> _Plan:
+    """Assign files to (split, class), the test split read from `test_name`/ (test/ or val/,
+    as `_find_root` found); classes are train/'s sorted subfolder names."""
     class_dirs: dict[str, set[str]] = {"train": set(), "test": set()}
     raw_files: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
     ignored: list[str] = []
-    # the folder that holds the test split: test/, or val/ where there is no test/
-    test_name = _test_folder(_folders(entries), prefix)
     split_of = {"train": "train", test_name: "test"}
     for e in entries:
         parts = e.name.split("/")
@@ -724,8 +724,8 @@ def _prepare_image_folder(
         return f"{location}:{name}" if name else str(location)
 
     try:
-        prefix = _find_root(reader.entries, str(location))
-        plan = _plan(reader.entries, prefix, str(location))
+        prefix, test_name = _find_root(reader.entries, str(location))
+        plan = _plan(reader.entries, prefix, test_name, str(location))
         if subset is not None:
             plan = _subset_plan(plan, subset)
         decoder = _Decoder(channels, image_size)

@@ -98,8 +98,8 @@ def scan_folder(root: Path, on_corrupt: str,
     from quest.core.data.sources import _DirectoryReader, _find_root, _plan, _subset_plan
 
     reader = _DirectoryReader(root)
-    prefix = _find_root(reader.entries, str(root))
-    plan = _plan(reader.entries, prefix, str(root))
+    prefix, test_name = _find_root(reader.entries, str(root))
+    plan = _plan(reader.entries, prefix, test_name, str(root))
     if subset is not None:
         plan = _subset_plan(plan, subset)
     items: dict[str, list[tuple[str, int]]] = {}
