@@ -149,6 +149,8 @@ def test_bad_study_files_are_one_line_errors(study_root: Path,
         "settings:\n  - name: a\n    methods: [fitnetz]\n": "unknown method 'fitnetz'",
         "settings:\n  - name: a\n  - name: a\n": "unique",
         "setings: []\n": "unknown key(s) setings",
+        "set: [1]\nsettings:\n  - name: a\n": "'set' must map dotted keys",
+        "set: {codebook.kk: 8}\nsettings:\n  - name: a\n": "codebook",
     }
     for text, needle in bad.items():
         (study_root / "studies" / "tiny.yaml").write_text(text)
@@ -160,6 +162,20 @@ def test_bad_study_files_are_one_line_errors(study_root: Path,
     (study_root / "studies" / "tiny.yaml").write_text("settings:\n  - name: a\n")
     assert _study(study_root, "--method", "fitnet", "--dry-run") == 2
     assert "runs method 'fitnet'" in capsys.readouterr().err
+
+
+def test_study_wide_set_is_under_every_settings_own(tmp_path: Path) -> None:
+    """The study's `set:` frames every setting (a pinned K keeps its records when params.yaml's
+    default changes); a setting's own override wins over it."""
+    from quest.apps.stages.study import load_study, setting_config
+
+    path = tmp_path / "frame.yaml"
+    path.write_text("set: {codebook.k: 96, student.quest.weight: 2.0}\n"
+                    "settings:\n  - name: a\n  - name: b\n    set: {codebook.k: 48}\n")
+    study = load_study(path, REPO)
+    a, b = (setting_config(study, s, REPO) for s in study.settings)
+    assert (a.codebook.k, a.student.quest.weight) == (96, 2.0)
+    assert (b.codebook.k, b.student.quest.weight) == (48, 2.0)
 
 
 def _committed_studies() -> list[Path]:

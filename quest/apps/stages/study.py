@@ -6,6 +6,8 @@ A study file (studies/NAME.yaml) reads::
     description: what question the study answers
     params: params.yaml             # base params file, relative to the project root
     preset: null                    # optional preset applied to it
+    set: {codebook.k: 1024}         # optional: overrides under every setting's own (the
+                                    # study's frame, kept when params.yaml's defaults change)
     methods: [ce, kd, quest]        # default methods of every setting
     seeds: [0, 1, 2]                # default seeds of every setting
     findings: what the evidence says (optional; shown with the tables and in the report)
@@ -80,6 +82,9 @@ class Study:
     preset: str | None
     settings: list[Setting] = field(default_factory=list)
     findings: str = ""  # what the evidence says, in words (shown with the tables)
+    # overrides under every setting's own: the study's frame (e.g. a pinned K), so its settings
+    # keep their meaning, and their records, when params.yaml's defaults change
+    base: dict[str, Any] = field(default_factory=dict)
 
 
 def _str_list(value: Any, key: str, path: Path) -> list[Any]:
@@ -99,11 +104,15 @@ def load_study(path: str | os.PathLike[str], root: Path) -> Study:
         raise QuestError(f"study file {p} is not valid YAML: fix its syntax") from None
     if not isinstance(raw, dict):
         raise QuestError(f"study file {p} must hold a mapping with a 'settings:' list")
-    unknown = set(raw) - {"name", "description", "params", "preset", "methods", "seeds",
+    unknown = set(raw) - {"name", "description", "params", "preset", "set", "methods", "seeds",
                           "settings", "findings"}
     if unknown:
         raise QuestError(f"{p}: unknown key(s) {', '.join(sorted(unknown))}: use name, "
-                         "description, params, preset, methods, seeds, settings, findings")
+                         "description, params, preset, set, methods, seeds, settings, findings")
+    base = raw.get("set") or {}
+    if not isinstance(base, dict):
+        raise QuestError(f"{p}: 'set' must map dotted keys to values (the overrides every "
+                         "setting starts from)")
     methods = raw.get("methods", ["ce", "kd", "quest"])
     seeds = raw.get("seeds", [0])
     settings = []
@@ -132,7 +141,7 @@ def load_study(path: str | os.PathLike[str], root: Path) -> Study:
                   description=str(raw.get("description", "")).strip(),
                   params=root / str(raw.get("params", "params.yaml")),
                   preset=raw.get("preset"), settings=settings,
-                  findings=str(raw.get("findings", "")).strip())
+                  findings=str(raw.get("findings", "")).strip(), base=dict(base))
     for s in settings:  # every setting must build a valid config before anything runs
         setting_config(study, s, root)
     return study
@@ -142,7 +151,7 @@ def setting_config(study: Study, setting: Setting, root: Path, seed: int | None 
     """The validated config of one setting (and seed), input locations made absolute."""
     raw = resolve_raw(read_params(study.params), study.preset,
                       preset_dir=Path(study.params).parent / PRESETS_DIR)
-    for key, value in setting.overrides.items():
+    for key, value in [*study.base.items(), *setting.overrides.items()]:
         set_dotted(raw, str(key), value)
     if seed is not None:
         set_dotted(raw, "student.train.seed", seed)
