@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from scipy import stats
 
@@ -280,7 +281,62 @@ def test_size_study_figure_and_report_section(tmp_path: Path) -> None:
     # n20-hot runs KD only; it is compared with n20's CE runs (the same CE settings)
     row = next(line for line in readme.splitlines() if line.startswith("| n20-hot | kd | 0,1 |"))
     assert "(n=2)" in row.split("|")[5] and "| n20-hot | ce |" not in readme
-    ((name, _, body, plot),) = study_sections(tmp_path)
-    assert name == "sizes" and plot is not None and body in readme
+    ((name, _, body, plots),) = study_sections(tmp_path)
+    assert name == "sizes" and [p.name for p in plots] == ["study_sizes"] and body in readme
     html = markdown_to_html(body)
     assert html.count("<table>") == 1 and "<td>n20-hot</td>" in html
+
+
+def test_word_accuracy_correlation_and_figure(tmp_path: Path) -> None:
+    """Across settings that train QuEST on the same data and steps, the table states Pearson's
+    r of top-1 against word accuracy (settings that share their runs count once; another
+    schedule is left out) and draws the figure; below five settings neither appears."""
+    from PIL import Image
+
+    from quest.apps.report.build import study_sections
+    from quest.apps.stages.study import load_study, planned_runs
+    from quest.apps.study_table import WORD_FIGURE, update_tables
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "studies").mkdir()
+    weights = [0.3, 1.0, 3.0, 10.0, 30.0]
+    settings = "".join(f"  - name: w{w}\n    set: {{student.quest.weight: {w}}}\n"
+                       for w in weights)
+    settings += ("  - name: same\n    set: {student.quest.weight: 30.0}\n"  # w30.0's runs
+                 "  - name: short\n    set: {student.quest.weight: 30.0, "
+                 "student.train.epochs: 2}\n")
+    (tmp_path / "studies" / "words.yaml").write_text(
+        f"methods: [quest]\nseeds: [0, 1]\nsettings:\n{settings}")
+    study = load_study(tmp_path / "studies" / "words.yaml", tmp_path)
+    out = tmp_path / "results" / "words"
+    out.mkdir(parents=True)
+    truth: dict[str, tuple[float, float]] = {}
+    plan = [run for run in planned_runs(study, tmp_path) if run[0].name != "same"]
+    for i, (setting, method, seed, _, h) in enumerate(plan):  # `same` reads w30.0's records
+        w = 0.1 + 0.05 * (i // 2) + 0.01 * seed
+        top1 = 0.5 + 0.4 * w + (0.02 if i % 4 == 1 else 0.0) + 0.01 * seed
+        truth.setdefault(setting.name, (0.0, 0.0))
+        a, b = truth[setting.name]
+        truth[setting.name] = (a + w / 2, b + 100 * top1 / 2)
+        (out / f"{i:02d}.json").write_text(json.dumps({
+            "finished_at": f"t{i:02d}", "method": method, "seed": seed, "params_hash": h,
+            "setting": setting.name, "top1": top1, "top5": 0.9,
+            "history": [{"epoch": 1, "word_accuracy": w}]}))
+    (tmp_path / "README.md").write_text("# x\n")
+    update_tables(study, tmp_path)
+    table = (out / "TABLE.md").read_text()
+    xs, ys = zip(*(truth[f"w{w}"] for w in weights), strict=True)
+    r = float(np.corrcoef(xs, ys)[0, 1])
+    assert "over the 5 settings" in table and f"Pearson r = {r:.2f}" in table
+    assert Image.open(out / WORD_FIGURE).size[0] > 100
+    assert f"results/words/{WORD_FIGURE}" in (tmp_path / "README.md").read_text()
+    ((_, _, _, plots),) = study_sections(tmp_path)
+    assert [p.name for p in plots] == ["study_words_words"]
+    # four comparable settings are too few to correlate: no sentence, no figure
+    text = (tmp_path / "studies" / "words.yaml").read_text()
+    (tmp_path / "studies" / "words.yaml").write_text(
+        text.replace("  - name: w0.3\n", "  - name: w0.3\n    seeds: [7]\n"))
+    study = load_study(tmp_path / "studies" / "words.yaml", tmp_path)
+    update_tables(study, tmp_path)
+    assert "Pearson" not in (out / "TABLE.md").read_text()
+    assert WORD_FIGURE not in (tmp_path / "README.md").read_text()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ from quest.core.methods import get as get_method
 from quest.infra.io_utils import write_bytes_atomic, write_text_atomic
 
 SIZE_FIGURE = "top1_vs_images_per_class.png"
+WORD_FIGURE = "top1_vs_word_accuracy.png"
+# the fewest settings a word-accuracy correlation is reported over (fewer say little)
+MIN_WORD_POINTS = 5
 
 # Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (then the normal's).
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -181,7 +185,75 @@ def render(study: Study, root: Path) -> str:
             cells = [_diag(runs, k) for k in ("word_accuracy", "mean_max_assignment",
                                              "student_mean_max", "predictor_scale", "quest", "ce")]
             lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+    points = word_points(study, root)
+    if points:
+        xs = [p.word_accuracy for p in points]
+        ys = [p.top1 for p in points]
+        lines += ["", f"Top-1 against the visual-word accuracy the student reached, over the "
+                  f"{len(points)} settings of QuEST-based methods that train on the same data "
+                  f"for the same steps ({points[0].group}; mean over seeds each): Pearson r = "
+                  f"{pearson(xs, ys):.2f} (word accuracy {min(xs):.3f} to {max(xs):.3f}, "
+                  f"top-1 {min(ys):.2f} to {max(ys):.2f} %)."]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class WordPoint:
+    """One setting's QuEST-based method: mean word accuracy and top-1 over its seeds."""
+
+    setting: str
+    method: str
+    word_accuracy: float
+    top1: float
+    seeds: int
+    group: str  # the data and schedule it trained on (points of one group are comparable)
+
+
+def pearson(xs: list[float], ys: list[float]) -> float:
+    """Pearson's correlation coefficient (nan when either side is constant)."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+
+
+def word_points(study: Study, root: Path) -> list[WordPoint]:
+    """The QuEST-based runs' (word accuracy, top-1) per setting, for the largest group of
+    settings that train on the same data for the same number of steps: across training
+    lengths or data sizes top-1 moves for other reasons. Empty below MIN_WORD_POINTS settings."""
+    data = collect(study, root)
+    groups: dict[str, list[WordPoint]] = {}
+    seen: set[frozenset[tuple[str, str, int]]] = set()  # settings that share runs count once
+    for s in study.settings:
+        cfg = setting_config(study, s, root)
+        sub, t = cfg.data.subset, cfg.student.train
+        group = (f"{sub.train_per_class or 'all'} train images per class x {t.repeat}, "
+                 f"{t.epochs} epochs")
+        for method, runs in sorted(data.get(s.name, {}).items(), key=lambda kv: _order(kv[0])):
+            words = [r["history"][-1]["word_accuracy"] for r in runs.values()
+                     if r.get("history") and "word_accuracy" in r["history"][-1]]
+            same = frozenset((r["params_hash"], method, seed) for seed, r in runs.items())
+            if not get_method(method).needs_codebook or len(words) != len(runs) or same in seen:
+                continue
+            seen.add(same)
+            top1 = list(_top1(runs).values())
+            groups.setdefault(group, []).append(WordPoint(
+                s.name, method, sum(words) / len(words), sum(top1) / len(top1), len(runs), group))
+    best = max(groups.values(), key=len, default=[])
+    return best if len(best) >= MIN_WORD_POINTS else []
+
+
+def word_figure(study: Study, root: Path) -> bytes | None:
+    """The PNG of top-1 against word accuracy across the study's comparable settings, or None."""
+    points = word_points(study, root)
+    if not points:
+        return None
+    from quest.apps.report.figures import study_word_figure
+
+    return study_word_figure([(p.setting if p.method == "quest" else f"{p.setting} ({p.method})",
+                               p.word_accuracy, p.top1) for p in points],
+                             f"study {study.name}: {points[0].group}")
 
 
 def size_series(study: Study, root: Path) -> dict[str, dict[int, list[float]]]:
@@ -233,13 +305,16 @@ def update_tables(study: Study, root: Path, *, check: bool = False) -> list[Path
     text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
     start, end = markers(study.name)
     rel = study_results_dir(root, study).relative_to(root)
+    words = bool(word_points(study, root))
     readme_body = body + (f"\n\n![top-1 against training images per class]({rel}/{SIZE_FIGURE})"
-                          if series else "")
+                          if series else "") + (
+        f"\n\n![top-1 against visual-word accuracy]({rel}/{WORD_FIGURE})" if words else "")
     new = _replace(text, start, end, readme_body)
     if new is None:
         new = text.rstrip("\n") + f"\n\n{start}\n{readme_body}\n{end}\n"
     table = study_results_dir(root, study) / "TABLE.md"
     link = f"\n![top-1 against training images per class]({SIZE_FIGURE})\n" if series else ""
+    link += f"\n![top-1 against visual-word accuracy]({WORD_FIGURE})\n" if words else ""
     findings = f"{study.findings}\n\n" if study.findings else ""
     table_text = f"# Study {study.name}\n\n{study.description}\n\n{findings}{body}\n{link}"
     changed = []
@@ -257,4 +332,7 @@ def update_tables(study: Study, root: Path, *, check: bool = False) -> list[Path
     figure = size_figure(study, root) if series else None
     if figure is not None:  # drawn from the same records; not compared (renderers differ)
         write_bytes_atomic(table.parent / SIZE_FIGURE, figure)
+    figure = word_figure(study, root) if words else None
+    if figure is not None:
+        write_bytes_atomic(table.parent / WORD_FIGURE, figure)
     return changed

@@ -152,11 +152,12 @@ def _labels(root: Path, other: Path | None) -> tuple[str, str]:
     return (a, b) if a and b and a != b else ("this", "other")
 
 
-def study_sections(root: Path) -> list[tuple[str, str, str, Plot | None]]:
-    """Every study under studies/: its description, tables and (when its settings vary the
-    training-set size) the figure of top-1 against images per class."""
+def study_sections(root: Path) -> list[tuple[str, str, str, list[Plot]]]:
+    """Every study under studies/: its description, tables and figures (top-1 against images
+    per class when its settings vary the training-set size; top-1 against visual-word accuracy
+    when enough of its settings train QuEST on the same data and steps)."""
     from quest.apps.stages.study import STUDIES_DIR, load_study
-    from quest.apps.study_table import render, size_figure, size_series
+    from quest.apps.study_table import render, size_figure, size_series, word_figure
 
     out = []
     for path in sorted((root / STUDIES_DIR).glob("*.yaml")):
@@ -165,15 +166,19 @@ def study_sections(root: Path) -> list[tuple[str, str, str, Plot | None]]:
         except QuestError as exc:  # e.g. a resolved params file without the study's preset
             log.warning("report: study %s left out: %s", path.name, exc)
             continue
-        plot = None
-        if size_series(study, root):
-            png = size_figure(study, root)
-            if png is not None:
-                plot = Plot(f"study_{study.name}", f"study {study.name}: top-1 vs images per class",
-                            png, "test top-1 against training images per class (mean ± std "
-                                 "over seeds)")
+        plots = []
+        png = size_figure(study, root) if size_series(study, root) else None
+        if png is not None:
+            plots.append(Plot(f"study_{study.name}", f"study {study.name}: top-1 vs images per "
+                              "class", png, "test top-1 against training images per class "
+                              "(mean ± std over seeds)"))
+        png = word_figure(study, root)
+        if png is not None:
+            plots.append(Plot(f"study_{study.name}_words", f"study {study.name}: top-1 vs "
+                              "visual-word accuracy", png, "test top-1 against the visual-word "
+                              "accuracy at the last epoch, a point per setting (mean over seeds)"))
         text = study.description + (f"\n\n{study.findings}" if study.findings else "")
-        out.append((study.name, text, render(study, root), plot))
+        out.append((study.name, text, render(study, root), plots))
     return out
 
 
@@ -236,7 +241,7 @@ def run_report(cfg: Config, paths: Paths, compare: Path | None = None) -> dict[s
     plots = list(report.curves) + list(report.gallery_plots)
     if report.codebook_plot is not None:
         plots.append(report.codebook_plot)
-    plots += [plot for *_, plot in report.studies if plot is not None]
+    plots += [plot for *_, study_plots in report.studies for plot in study_plots]
     written = set()
     for p in plots:
         write_bytes_atomic(fig_dir / f"{p.name}.png", p.png)

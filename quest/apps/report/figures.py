@@ -136,6 +136,24 @@ def study_size_figure(series: dict[str, dict[int, list[float]]], title: str) -> 
     return _png(fig)
 
 
+def study_word_figure(points: list[tuple[str, float, float]], title: str) -> bytes | None:
+    """Top-1 against visual-word accuracy: a labelled point per setting (mean over seeds)."""
+    if not points:
+        return None
+    fig, (ax,) = _figure(1, height=4.2)
+    xs = [100 * w for _, w, _ in points]
+    ys = [t for _, _, t in points]
+    ax.scatter(xs, ys, s=18, color="tab:blue", zorder=2)
+    for (label, _, _), x, y in zip(points, xs, ys, strict=True):
+        ax.annotate(label, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6)
+    ax.margins(x=0.2, y=0.08)  # room for the labels of the outermost points
+    ax.set_xlabel("visual-word accuracy at the last epoch %")
+    ax.set_ylabel("test top-1 %")
+    ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def _plain_ticks() -> Any:
     from matplotlib.ticker import ScalarFormatter
 

@@ -56,7 +56,7 @@ class Report:
     gallery_note: str = ""
     gallery_plots: list[Plot] = field(default_factory=list)
     # (study name, description, its generated Markdown tables, top-1 vs images figure or None)
-    studies: list[tuple[str, str, str, Plot | None]] = field(default_factory=list)
+    studies: list[tuple[str, str, str, list[Plot]]] = field(default_factory=list)
 
 
 def _esc(text: Any) -> str:
@@ -148,12 +148,11 @@ def render_html(r: Report) -> str:
         out.append("</div>")
     if r.studies:
         out.append('<h2 id="studies">When does QuEST help? (studies)</h2>')
-        for name, description, body, plot in r.studies:
+        for name, description, body, plots in r.studies:
             out += [f"<h3>{_esc(name)}</h3>"]
             out += [f'<p class="note">{_esc(para)}</p>' for para in description.split("\n\n")]
             out.append(markdown_to_html(body))
-            if plot is not None:
-                out.append(_html_figure(plot))
+            out += [_html_figure(plot) for plot in plots]
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 
@@ -193,8 +192,8 @@ def render_markdown(r: Report, figures_dir: str = "figures") -> str:
         out += [f"**{p.caption}**", "", link(p), ""]
     if r.studies:
         out += ["## When does QuEST help? (studies)", ""]
-        for name, description, body, plot in r.studies:
+        for name, description, body, plots in r.studies:
             out += [f"### {name}", "", description, "", body, ""]
-            if plot is not None:
+            for plot in plots:
                 out += [link(plot), ""]
     return "\n".join(out)
