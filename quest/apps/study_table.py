@@ -228,8 +228,8 @@ def word_points(study: Study, root: Path) -> list[WordPoint]:
     for s in study.settings:
         cfg = setting_config(study, s, root)
         sub, t = cfg.data.subset, cfg.student.train
-        group = (f"{sub.train_per_class or 'all'} train images per class x {t.repeat}, "
-                 f"{t.epochs} epochs")
+        group = (f"{sub.train_per_class or 'all'} train images per class"
+                 + (f" repeated {t.repeat}x" if t.repeat > 1 else "") + f", {t.epochs} epochs")
         for method, runs in sorted(data.get(s.name, {}).items(), key=lambda kv: _order(kv[0])):
             words = [r["history"][-1]["word_accuracy"] for r in runs.values()
                      if r.get("history") and "word_accuracy" in r["history"][-1]]

@@ -55,7 +55,8 @@ class Report:
     gallery: Gallery | None = None
     gallery_note: str = ""
     gallery_plots: list[Plot] = field(default_factory=list)
-    # (study name, description, its generated Markdown tables, top-1 vs images figure or None)
+    # (study name, description, its generated Markdown tables, its figures: top-1 against
+    # images per class and against visual-word accuracy, where the study has them)
     studies: list[tuple[str, str, str, list[Plot]]] = field(default_factory=list)
 
 
