@@ -264,7 +264,9 @@ def test_size_study_figure_and_report_section(tmp_path: Path) -> None:
         "  - name: n10\n    set: {data.subset.train_per_class: 10}\n"
         "  - name: n20\n    set: {data.subset.train_per_class: 20}\n"
         "  - name: n20-hot\n    set: {data.subset.train_per_class: 20, student.kd.temperature: 8}\n"
-        "    methods: [kd]\n")
+        "    methods: [kd]\n"
+        "  - name: n20-feat\n    set: {data.subset.train_per_class: 20}\n"
+        "    methods: [quest, fitnet]\n")
     study = load_study(tmp_path / "studies" / "sizes.yaml", tmp_path)
     out = tmp_path / "results" / "sizes"
     out.mkdir(parents=True)
@@ -281,10 +283,13 @@ def test_size_study_figure_and_report_section(tmp_path: Path) -> None:
     # n20-hot runs KD only; it is compared with n20's CE runs (the same CE settings)
     row = next(line for line in readme.splitlines() if line.startswith("| n20-hot | kd | 0,1 |"))
     assert "(n=2)" in row.split("|")[5] and "| n20-hot | ce |" not in readme
+    # the best-of table sets every method the study ran beside the best KD, FitNets included
+    best = readme[readme.index("| method | best setting |"):].splitlines()
+    assert [line.split("|")[1].strip() for line in best[2:6]] == ["ce", "kd", "quest", "fitnet"]
     ((name, _, body, plots),) = study_sections(tmp_path)
     assert name == "sizes" and [p.name for p in plots] == ["study_sizes"] and body in readme
     html = markdown_to_html(body)
-    assert html.count("<table>") == 1 and "<td>n20-hot</td>" in html
+    assert html.count("<table>") == 3 and "<td>n20-hot</td>" in html  # runs, best, diagnostics
 
 
 def test_word_accuracy_correlation_and_figure(tmp_path: Path) -> None:
