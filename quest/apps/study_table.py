@@ -130,8 +130,9 @@ def _wall(runs: dict[int, dict[str, Any]]) -> str:
     return f"{sum(walls) / len(walls):.0f}" if walls else "–"
 
 
-def render(study: Study, root: Path) -> str:
-    """The study's Markdown tables (deterministic: regenerated output equals the committed one)."""
+def render(study: Study, root: Path, points: list[WordPoint] | None = None) -> str:
+    """The study's Markdown tables (deterministic: regenerated output equals the committed one).
+    `points`: word_points(study, root) when the caller already has them."""
     data = collect(study, root)
     lines = [f"Study `{study.name}` ({study.path.name}); top-1 % on the test split, mean ± sample "
              "std over seeds; Δ = paired per-seed difference in points, ± the 95 % t interval; "
@@ -187,7 +188,7 @@ def render(study: Study, root: Path) -> str:
             cells = [_diag(runs, k) for k in ("word_accuracy", "mean_max_assignment",
                                              "student_mean_max", "predictor_scale", "quest", "ce")]
             lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
-    points = word_points(study, root)
+    points = word_points(study, root) if points is None else points
     if points:
         xs = [p.word_accuracy for p in points]
         ys = [p.top1 for p in points]
@@ -246,9 +247,11 @@ def word_points(study: Study, root: Path) -> list[WordPoint]:
     return best if len(best) >= MIN_WORD_POINTS else []
 
 
-def word_figure(study: Study, root: Path) -> bytes | None:
-    """The PNG of top-1 against word accuracy across the study's comparable settings, or None."""
-    points = word_points(study, root)
+def word_figure(study: Study, root: Path,
+                points: list[WordPoint] | None = None) -> bytes | None:
+    """The PNG of top-1 against word accuracy across the study's comparable settings, or None.
+    `points`: word_points(study, root) when the caller already has them."""
+    points = word_points(study, root) if points is None else points
     if not points:
         return None
     from quest.apps.report.figures import study_word_figure
@@ -277,11 +280,14 @@ def size_series(study: Study, root: Path) -> dict[str, dict[int, list[float]]]:
     return series if len(sizes) > 1 else {}
 
 
-def size_figure(study: Study, root: Path) -> bytes | None:
-    """The PNG of top-1 against images per class for every method, or None."""
+def size_figure(study: Study, root: Path,
+                series: dict[str, dict[int, list[float]]] | None = None) -> bytes | None:
+    """The PNG of top-1 against images per class for every method, or None.
+    `series`: size_series(study, root) when the caller already has it."""
     from quest.apps.report.figures import study_size_figure
 
-    return study_size_figure(size_series(study, root), f"study {study.name}")
+    series = size_series(study, root) if series is None else series
+    return study_size_figure(series, f"study {study.name}")
 
 
 def markers(name: str) -> tuple[str, str]:
@@ -301,13 +307,15 @@ def update_tables(study: Study, root: Path, *, check: bool = False) -> list[Path
     """Write the study's table into README.md (between its markers, appended when missing) and
     results/<study>/TABLE.md; return the files written, or with `check` the files that are stale.
     """
-    body = render(study, root)
+    # records and setting configs are read once for the table and both figures
+    points = word_points(study, root)
+    body = render(study, root, points)
     series = size_series(study, root)
     readme = root / "README.md"
     text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
     start, end = markers(study.name)
     rel = study_results_dir(root, study).relative_to(root)
-    words = bool(word_points(study, root))
+    words = bool(points)
     readme_body = body + (f"\n\n![top-1 against training images per class]({rel}/{SIZE_FIGURE})"
                           if series else "") + (
         f"\n\n![top-1 against visual-word accuracy]({rel}/{WORD_FIGURE})" if words else "")
@@ -331,10 +339,10 @@ def update_tables(study: Study, root: Path, *, check: bool = False) -> list[Path
     if table in changed:
         table.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(table, table_text)
-    figure = size_figure(study, root) if series else None
+    figure = size_figure(study, root, series) if series else None
     if figure is not None:  # drawn from the same records; not compared (renderers differ)
         write_bytes_atomic(table.parent / SIZE_FIGURE, figure)
-    figure = word_figure(study, root) if words else None
+    figure = word_figure(study, root, points) if words else None
     if figure is not None:
         write_bytes_atomic(table.parent / WORD_FIGURE, figure)
     return changed

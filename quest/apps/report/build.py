@@ -157,7 +157,7 @@ def study_sections(root: Path) -> list[tuple[str, str, str, list[Plot]]]:
     per class when its settings vary the training-set size; top-1 against visual-word accuracy
     when enough of its settings train QuEST on the same data and steps)."""
     from quest.apps.stages.study import STUDIES_DIR, load_study
-    from quest.apps.study_table import render, size_figure, size_series, word_figure
+    from quest.apps.study_table import render, size_figure, size_series, word_figure, word_points
 
     out = []
     for path in sorted((root / STUDIES_DIR).glob("*.yaml")):
@@ -167,18 +167,19 @@ def study_sections(root: Path) -> list[tuple[str, str, str, list[Plot]]]:
             log.warning("report: study %s left out: %s", path.name, exc)
             continue
         plots = []
-        png = size_figure(study, root) if size_series(study, root) else None
+        series, points = size_series(study, root), word_points(study, root)
+        png = size_figure(study, root, series) if series else None
         if png is not None:
             plots.append(Plot(f"study_{study.name}", f"study {study.name}: top-1 vs images per "
                               "class", png, "test top-1 against training images per class "
                               "(mean ± std over seeds)"))
-        png = word_figure(study, root)
+        png = word_figure(study, root, points)
         if png is not None:
             plots.append(Plot(f"study_{study.name}_words", f"study {study.name}: top-1 vs "
                               "visual-word accuracy", png, "test top-1 against the visual-word "
                               "accuracy at the last epoch, a point per setting (mean over seeds)"))
         text = study.description + (f"\n\n{study.findings}" if study.findings else "")
-        out.append((study.name, text, render(study, root), plots))
+        out.append((study.name, text, render(study, root, points), plots))
     return out
 
 
