@@ -57,8 +57,9 @@ SETTING ?= short
 gpu-study:
 	PYTHONPATH=. $(GPU_PY) -m quest study studies/gpu-cifar10.yaml --setting $(SETTING)
 
+# K = 1024: the step goal's vocabulary (quest/kd <= 1.15x), the main job's default until K = 256
 bench: $(STAMP)
-	$(BIN)/quest bench
+	$(BIN)/quest bench --set codebook.k=1024
 
 clean:
 	rm -rf data/prepared data/features models/teacher models/codebook models/students \

@@ -48,7 +48,8 @@ set -e
 
 echo "== 2/3 quest bench on cuda (bf16, compile)"
 "$PY" -m quest bench --quick --out-dir "$work/bench" --set runtime.device=cuda \
-  --set runtime.amp=bf16 --set runtime.compile=true --set codebook.backend=auto
+  --set runtime.amp=bf16 --set runtime.compile=true --set codebook.backend=auto \
+  --set codebook.k=1024   # the step goal's vocabulary (the main job's default is 256)
 
 echo "== 3/3 a short QuEST student on CIFAR-10 (cuda, bf16, channels_last)"
 "$PY" -m quest run --no-validate --root "$work/run" --params "$PWD/params.yaml" \
