@@ -300,13 +300,14 @@ def test_word_accuracy_correlation_and_figure(tmp_path: Path) -> None:
 
     from quest.apps.report.build import study_sections
     from quest.apps.stages.study import load_study, planned_runs
-    from quest.apps.study_table import WORD_FIGURE, update_tables
+    from quest.apps.study_table import WORD_FIGURE, update_tables, word_points
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "studies").mkdir()
     weights = [0.3, 1.0, 3.0, 10.0, 30.0]
-    settings = "".join(f"  - name: w{w}\n    set: {{student.quest.weight: {w}}}\n"
-                       for w in weights)
+    # `default` is params.yaml's weight 10: it shares w10.0's runs, which keep w10.0's label
+    settings = "  - name: default\n" + "".join(
+        f"  - name: w{w}\n    set: {{student.quest.weight: {w}}}\n" for w in weights)
     settings += ("  - name: same\n    set: {student.quest.weight: 30.0}\n"  # w30.0's runs
                  "  - name: short\n    set: {student.quest.weight: 30.0, "
                  "student.train.epochs: 2}\n")
@@ -316,7 +317,7 @@ def test_word_accuracy_correlation_and_figure(tmp_path: Path) -> None:
     out = tmp_path / "results" / "words"
     out.mkdir(parents=True)
     truth: dict[str, tuple[float, float]] = {}
-    plan = [run for run in planned_runs(study, tmp_path) if run[0].name != "same"]
+    plan = [run for run in planned_runs(study, tmp_path) if run[0].name not in ("same", "default")]
     for i, (setting, method, seed, _, h) in enumerate(plan):  # `same` reads w30.0's records
         w = 0.1 + 0.05 * (i // 2) + 0.01 * seed
         top1 = 0.5 + 0.4 * w + (0.02 if i % 4 == 1 else 0.0) + 0.01 * seed
@@ -333,6 +334,8 @@ def test_word_accuracy_correlation_and_figure(tmp_path: Path) -> None:
     xs, ys = zip(*(truth[f"w{w}"] for w in weights), strict=True)
     r = float(np.corrcoef(xs, ys)[0, 1])
     assert "over the 5 settings" in table and f"Pearson r = {r:.2f}" in table
+    assert sorted(p.setting for p in word_points(study, tmp_path)) == sorted(f"w{w}"
+                                                                             for w in weights)
     assert Image.open(out / WORD_FIGURE).size[0] > 100
     assert f"results/words/{WORD_FIGURE}" in (tmp_path / "README.md").read_text()
     ((_, _, _, plots),) = study_sections(tmp_path)

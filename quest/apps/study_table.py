@@ -228,7 +228,9 @@ def word_points(study: Study, root: Path) -> list[WordPoint]:
     data = collect(study, root)
     groups: dict[str, list[WordPoint]] = {}
     seen: set[frozenset[tuple[str, str, int]]] = set()  # settings that share runs count once
-    for s in study.settings:
+    # a setting named for its knob labels shared runs better than `default`, whose meaning
+    # moves with params.yaml
+    for s in sorted(study.settings, key=lambda x: x.name == "default"):
         cfg = setting_config(study, s, root)
         sub, t = cfg.data.subset, cfg.student.train
         group = (f"{sub.train_per_class or 'all'} train images per class"
