@@ -224,6 +224,22 @@ def test_patch_geometry() -> None:
     assert (crop_patch(image, 3, 5, (8, 8), 12) == image[:, 8:20, 16:28]).all()
 
 
+def test_spread_labels_lifts_only_labels_that_collide() -> None:
+    from quest.apps.report.figures import spread_labels
+
+    # three labels on one spot, one beside them and one far away
+    boxes = [(10.0, 10.0, 60.0, 17.0), (12.0, 11.0, 70.0, 18.0), (11.0, 10.5, 40.0, 17.5),
+             (100.0, 10.0, 150.0, 17.0), (10.0, 80.0, 60.0, 87.0)]
+    lifts = spread_labels(boxes, gap=1.0)
+    moved = [(x0, y0 + d, x1, y1 + d) for (x0, y0, x1, y1), d in zip(boxes, lifts, strict=True)]
+    for i, a in enumerate(moved):
+        for b in moved[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    # the lowest of the stacked three stays; the others stack in their order of height
+    assert lifts[0] == 0.0 and lifts[3] == 0.0 and lifts[4] == 0.0
+    assert moved[2][1] == pytest.approx(18.0) and moved[1][1] == pytest.approx(26.0)
+
+
 @pytest.mark.slow
 def test_report_package_imports_without_matplotlib() -> None:
     code = ("import sys, quest.apps.report, quest.apps.cli\n"
