@@ -17,6 +17,7 @@ from scipy import stats
 from quest.apps.cli import main
 from quest.apps.results import load_records
 from quest.apps.study_table import markers, mean_std, paired_diff, t975
+from quest.infra.config import Config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -348,3 +349,69 @@ def test_word_accuracy_correlation_and_figure(tmp_path: Path) -> None:
     update_tables(study, tmp_path)
     assert "Pearson" not in (out / "TABLE.md").read_text()
     assert WORD_FIGURE not in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_training_length_series_and_figure(tmp_path: Path) -> None:
+    """A study that trains a method at three or more lengths gets a top-1 vs epochs figure: a
+    setting's runs at other lengths are found through its config with only the epochs changed,
+    shared runs count once, and a method with two series is labelled by setting; with two
+    lengths there is no figure."""
+    from PIL import Image
+
+    from quest.apps.report.build import study_sections
+    from quest.apps.stages.study import load_study, planned_runs
+    from quest.apps.study_table import LENGTH_FIGURE, length_series, update_tables
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "studies").mkdir()
+    settings = ("  - name: default\n"  # params.yaml's 6 epochs
+                "  - name: e2\n    set: {student.train.epochs: 2}\n"
+                "  - name: e4\n    set: {student.train.epochs: 4}\n"
+                "  - name: same\n    set: {student.train.epochs: 4}\n"  # e4's runs again
+                "  - name: w3\n    set: {student.quest.weight: 3.0}\n    methods: [quest]\n"
+                "  - name: w3-e2\n    set: {student.quest.weight: 3.0, student.train.epochs: 2}\n"
+                "    methods: [quest]\n"
+                "  - name: w3-e4\n    set: {student.quest.weight: 3.0, student.train.epochs: 4}\n"
+                "    methods: [quest]\n"
+                "  - name: w7\n    set: {student.quest.weight: 7.0}\n    methods: [quest]\n")
+    (tmp_path / "studies" / "len.yaml").write_text(
+        f"methods: [ce, quest]\nseeds: [0, 1]\nsettings:\n{settings}")
+    study = load_study(tmp_path / "studies" / "len.yaml", tmp_path)
+    out = tmp_path / "results" / "len"
+    out.mkdir(parents=True)
+
+    def top1(cfg: Config, method: str, seed: int) -> float:
+        weight = cfg.student.quest.weight if method == "quest" else 0.0
+        return 0.3 + 0.05 * cfg.student.train.epochs + 0.01 * weight + 0.001 * seed
+
+    for i, (setting, method, seed, cfg, h) in enumerate(planned_runs(study, tmp_path)):
+        (out / f"{i:02d}.json").write_text(json.dumps({
+            "finished_at": f"t{i:02d}", "method": method, "seed": seed, "params_hash": h,
+            "setting": setting.name, "top1": top1(cfg, method, seed), "top5": 0.9,
+            "history": []}))
+    series = length_series(study, tmp_path)
+    assert list(series) == ["ce", "quest (default)", "quest (w3)"]  # w7: one length only
+
+    def expect(weight: float) -> dict[int, list[float]]:
+        return {e: [100 * (0.3 + 0.05 * e + 0.01 * weight + 0.001 * s) for s in (0, 1)]
+                for e in (2, 4, 6)}
+
+    for label, weight in (("ce", 0.0), ("quest (default)", 10.0), ("quest (w3)", 3.0)):
+        assert series[label].keys() == {2, 4, 6}
+        for e in (2, 4, 6):
+            assert sorted(series[label][e]) == pytest.approx(expect(weight)[e])
+    (tmp_path / "README.md").write_text("# x\n")
+    update_tables(study, tmp_path)
+    assert Image.open(out / LENGTH_FIGURE).size[0] > 100
+    assert f"results/len/{LENGTH_FIGURE}" in (tmp_path / "README.md").read_text()
+    assert LENGTH_FIGURE in (out / "TABLE.md").read_text()
+    ((_, _, _, plots),) = study_sections(tmp_path)
+    assert "study_len_epochs" in [p.name for p in plots]
+    # two lengths make no trend: no series, no figure
+    (tmp_path / "studies" / "len.yaml").write_text(
+        f"methods: [ce, quest]\nseeds: [0, 1]\nsettings:\n{settings}".replace("2}", "4}"))
+    study = load_study(tmp_path / "studies" / "len.yaml", tmp_path)
+    assert length_series(study, tmp_path) == {}
+    update_tables(study, tmp_path)
+    assert LENGTH_FIGURE not in (tmp_path / "README.md").read_text()

@@ -155,9 +155,18 @@ def _labels(root: Path, other: Path | None) -> tuple[str, str]:
 def study_sections(root: Path) -> list[tuple[str, str, str, list[Plot]]]:
     """Every study under studies/: its description, tables and figures (top-1 against images
     per class when its settings vary the training-set size; top-1 against visual-word accuracy
-    when enough of its settings train QuEST on the same data and steps)."""
+    when enough of its settings train QuEST on the same data and steps; top-1 against epochs
+    when a method is trained at three or more lengths)."""
     from quest.apps.stages.study import STUDIES_DIR, load_study
-    from quest.apps.study_table import render, size_figure, size_series, word_figure, word_points
+    from quest.apps.study_table import (
+        length_figure,
+        length_series,
+        render,
+        size_figure,
+        size_series,
+        word_figure,
+        word_points,
+    )
 
     out = []
     for path in sorted((root / STUDIES_DIR).glob("*.yaml")):
@@ -178,6 +187,13 @@ def study_sections(root: Path) -> list[tuple[str, str, str, list[Plot]]]:
             plots.append(Plot(f"study_{study.name}_words", f"study {study.name}: top-1 vs "
                               "visual-word accuracy", png, "test top-1 against the visual-word "
                               "accuracy at the last epoch, a point per setting (mean over seeds)"))
+        lengths = length_series(study, root)
+        png = length_figure(study, root, lengths) if lengths else None
+        if png is not None:
+            plots.append(Plot(f"study_{study.name}_epochs", f"study {study.name}: top-1 vs "
+                              "training length", png, "test top-1 against the training epochs "
+                              "of one schedule, a line per method (mean ± std over the seeds "
+                              "recorded at each length)"))
         text = study.description + (f"\n\n{study.findings}" if study.findings else "")
         out.append((study.name, text, render(study, root, points), plots))
     return out

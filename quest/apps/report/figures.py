@@ -109,9 +109,11 @@ def word_accuracy_figure(runs: list[RunData]) -> bytes | None:
                            1.0, "perplexity")])
 
 
-def study_size_figure(series: dict[str, dict[int, list[float]]], title: str) -> bytes | None:
-    """Top-1 against training images per class: a line per series (method or variant), the
-    mean over seeds with the sample std as error bars."""
+def study_size_figure(series: dict[str, dict[int, list[float]]], title: str,
+                      xlabel: str = "training images per class") -> bytes | None:
+    """Top-1 against training images per class (or another count on a log axis, `xlabel`): a
+    line per series (method or variant), the mean over seeds with the sample std as error
+    bars."""
     if not series:
         return None
     from matplotlib import colormaps
@@ -128,7 +130,10 @@ def study_size_figure(series: dict[str, dict[int, list[float]]], title: str) -> 
     ax.set_xscale("log")
     ax.set_xticks(sorted({n for s in series.values() for n in s}))
     ax.get_xaxis().set_major_formatter(_plain_ticks())
-    ax.set_xlabel("training images per class")
+    from matplotlib.ticker import NullFormatter
+
+    ax.get_xaxis().set_minor_formatter(NullFormatter())  # only the measured counts are labelled
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test top-1 %")
     ax.set_title(title)
     ax.grid(alpha=0.3)
