@@ -16,6 +16,7 @@ from scipy import stats
 
 from quest.apps.cli import main
 from quest.apps.results import load_records
+from quest.apps.stages.study import Study
 from quest.apps.study_table import markers, mean_std, paired_diff, t975
 from quest.infra.config import Config
 
@@ -248,6 +249,19 @@ def test_gpu_study_is_the_published_protocol_and_runs_on_the_tiny_preset(
 
 
 @pytest.mark.slow
+def _records_study(root: Path, name: str, text: str) -> tuple[Study, Path]:
+    """A study file `name` with the repository's params under `root`, loaded, and the empty
+    folder its records go to (the figure and table tests write records there, not train)."""
+    from quest.apps.stages.study import load_study
+
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    (root / "studies").mkdir()
+    (root / "studies" / f"{name}.yaml").write_text(text)
+    out = root / "results" / name
+    out.mkdir(parents=True)
+    return load_study(root / "studies" / f"{name}.yaml", root), out
+
+
 def test_size_study_figure_and_report_section(tmp_path: Path) -> None:
     """A study over training-set sizes gets a top-1 vs images-per-class figure, in TABLE.md, the
     README block and the report's studies section (records written here, not trained)."""
@@ -255,12 +269,10 @@ def test_size_study_figure_and_report_section(tmp_path: Path) -> None:
 
     from quest.apps.report.build import study_sections
     from quest.apps.report.render import markdown_to_html
-    from quest.apps.stages.study import load_study, planned_runs
+    from quest.apps.stages.study import planned_runs
     from quest.apps.study_table import SIZE_FIGURE, update_tables
 
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    (tmp_path / "studies").mkdir()
-    (tmp_path / "studies" / "sizes.yaml").write_text(
+    study, out = _records_study(tmp_path, "sizes",
         "methods: [ce, kd]\nseeds: [0, 1]\nsettings:\n"
         "  - name: n10\n    set: {data.subset.train_per_class: 10}\n"
         "  - name: n20\n    set: {data.subset.train_per_class: 20}\n"
@@ -268,9 +280,6 @@ def test_size_study_figure_and_report_section(tmp_path: Path) -> None:
         "    methods: [kd]\n"
         "  - name: n20-feat\n    set: {data.subset.train_per_class: 20}\n"
         "    methods: [quest, fitnet]\n")
-    study = load_study(tmp_path / "studies" / "sizes.yaml", tmp_path)
-    out = tmp_path / "results" / "sizes"
-    out.mkdir(parents=True)
     for i, (setting, method, seed, _, h) in enumerate(planned_runs(study, tmp_path)):
         (out / f"{i:02d}.json").write_text(json.dumps({
             "finished_at": f"t{i:02d}", "method": method, "seed": seed, "params_hash": h,
@@ -306,8 +315,6 @@ def test_word_accuracy_correlation_and_figure(tmp_path: Path) -> None:
     from quest.apps.stages.study import load_study, planned_runs
     from quest.apps.study_table import WORD_FIGURE, update_tables, word_points
 
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    (tmp_path / "studies").mkdir()
     weights = [0.3, 1.0, 3.0, 10.0, 30.0]
     # `default` is params.yaml's weight 10: it shares w10.0's runs, which keep w10.0's label
     settings = "  - name: default\n" + "".join(
@@ -315,11 +322,8 @@ def test_word_accuracy_correlation_and_figure(tmp_path: Path) -> None:
     settings += ("  - name: same\n    set: {student.quest.weight: 30.0}\n"  # w30.0's runs
                  "  - name: short\n    set: {student.quest.weight: 30.0, "
                  "student.train.epochs: 2}\n")
-    (tmp_path / "studies" / "words.yaml").write_text(
-        f"methods: [quest]\nseeds: [0, 1]\nsettings:\n{settings}")
-    study = load_study(tmp_path / "studies" / "words.yaml", tmp_path)
-    out = tmp_path / "results" / "words"
-    out.mkdir(parents=True)
+    study, out = _records_study(tmp_path, "words",
+                                f"methods: [quest]\nseeds: [0, 1]\nsettings:\n{settings}")
     truth: dict[str, tuple[float, float]] = {}
     plan = [run for run in planned_runs(study, tmp_path) if run[0].name not in ("same", "default")]
     for i, (setting, method, seed, _, h) in enumerate(plan):  # `same` reads w30.0's records
@@ -366,8 +370,6 @@ def test_training_length_series_and_figure(tmp_path: Path) -> None:
     from quest.apps.stages.study import load_study, planned_runs
     from quest.apps.study_table import LENGTH_FIGURE, length_series, update_tables
 
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
-    (tmp_path / "studies").mkdir()
     settings = ("  - name: default\n"  # params.yaml's 6 epochs
                 "  - name: e2\n    set: {student.train.epochs: 2}\n"
                 "  - name: e4\n    set: {student.train.epochs: 4}\n"
@@ -378,11 +380,8 @@ def test_training_length_series_and_figure(tmp_path: Path) -> None:
                 "  - name: w3-e4\n    set: {student.quest.weight: 3.0, student.train.epochs: 4}\n"
                 "    methods: [quest]\n"
                 "  - name: w7\n    set: {student.quest.weight: 7.0}\n    methods: [quest]\n")
-    (tmp_path / "studies" / "len.yaml").write_text(
-        f"methods: [ce, quest]\nseeds: [0, 1]\nsettings:\n{settings}")
-    study = load_study(tmp_path / "studies" / "len.yaml", tmp_path)
-    out = tmp_path / "results" / "len"
-    out.mkdir(parents=True)
+    study, out = _records_study(tmp_path, "len",
+                                f"methods: [ce, quest]\nseeds: [0, 1]\nsettings:\n{settings}")
 
     def top1(cfg: Config, method: str, seed: int) -> float:
         weight = cfg.student.quest.weight if method == "quest" else 0.0
