@@ -248,7 +248,6 @@ def test_gpu_study_is_the_published_protocol_and_runs_on_the_tiny_preset(
     assert all(r["device"].startswith("cpu") and r["setting"] == "short" for r in recs)
 
 
-@pytest.mark.slow
 def _records_study(root: Path, name: str, text: str) -> tuple[Study, Path]:
     """A study file `name` with the repository's params under `root`, loaded, and the empty
     folder its records go to (the figure and table tests write records there, not train)."""
@@ -262,6 +261,7 @@ def _records_study(root: Path, name: str, text: str) -> tuple[Study, Path]:
     return load_study(root / "studies" / f"{name}.yaml", root), out
 
 
+@pytest.mark.slow
 def test_size_study_figure_and_report_section(tmp_path: Path) -> None:
     """A study over training-set sizes gets a top-1 vs images-per-class figure, in TABLE.md, the
     README block and the report's studies section (records written here, not trained)."""
