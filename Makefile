@@ -17,23 +17,28 @@ $(STAMP): pyproject.toml requirements.lock
 
 setup: $(STAMP)
 
+# quest run ends with the report stage, so no separate `quest report` here
 run: $(STAMP)
 	$(BIN)/quest run
-	$(BIN)/quest report
 	$(BIN)/quest track
 	$(BIN)/quest promote
 
 smoke: $(STAMP)
 	$(BIN)/quest run --preset smoke
 
+# tests run in PYTEST_WORKERS processes (pytest-xdist), each test file on one worker, so a
+# file's module fixtures (a DVC project, a Prefect server) are built once
+PYTEST_WORKERS ?= 2
+PYTEST_PAR := -n $(PYTEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q $(PYTEST_PAR)
 
 # the everyday subset: every test not marked slow (make test still runs them all)
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -m "not slow and not cuda"
+	$(BIN)/pytest -q $(PYTEST_PAR) -m "not slow and not cuda"
 
 # local servers listen on 127.0.0.1 only; QUEST_SERVER_HOST=<address> chooses another interface
 mlflow-ui: $(STAMP)
