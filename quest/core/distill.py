@@ -5,6 +5,7 @@ module each)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,31 @@ from torch import Tensor, nn
 # one training step of a distiller, (images, labels) -> (logits, named losses): the Trainer calls
 # it; callers may wrap `Distiller.forward_train` (bf16 autocast, DistributedDataParallel)
 StepFn = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
+
+
+@dataclass
+class Batch:
+    """One training batch: images, labels and each sample's index into the training set (the
+    position in the prepared/streamed training split; None where a loader cannot say)."""
+
+    images: Tensor
+    labels: Tensor
+    indices: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where a training step stands in its schedule (0-based epoch and global step)."""
+
+    epoch: int
+    epochs: int
+    step: int
+    total_steps: int
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the schedule done before this step, in [0, 1)."""
+        return self.step / max(self.total_steps, 1)
 
 
 class FrozenTeacher(nn.Module):
@@ -53,6 +79,12 @@ class Distiller(nn.Module):
         """Training step: the student's logits and the named loss terms to be summed."""
         logits = self.student(x)
         return logits, {"ce": F.cross_entropy(logits, y)}
+
+    def step(self, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        """Training step with the whole batch and the schedule position. The default calls
+        `forward_train(images, labels)`; methods that need sample indices (a memory bank) or the
+        epoch (a warm-up) override this instead."""
+        return self.forward_train(batch.images, batch.labels)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters the optimizer updates (never the teacher's)."""
