@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run smoke test test-fast lint bench clean mlflow-ui prefect-server serve gpu-study
+.PHONY: setup run smoke test test-fast lint bench clean mlflow-ui prefect-server serve gpu-study docs
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q $(PYTEST_PAR) -m "not slow and not cuda"
+
+# the documentation site (docs/ + mkdocs.yml) into site/; `.venv/bin/mkdocs serve` previews it
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # local servers listen on 127.0.0.1 only; QUEST_SERVER_HOST=<address> chooses another interface
 mlflow-ui: $(STAMP)

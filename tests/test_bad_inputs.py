@@ -351,7 +351,8 @@ def test_servers_bind_to_localhost_by_default(monkeypatch: pytest.MonkeyPatch) -
     cmd = server_command("prefect", root=REPO, host="10.1.2.3", port=4300)
     assert cmd[cmd.index("--host") + 1] == "10.1.2.3" and "4300" in cmd
     # every server command the project documents or runs binds to the loopback interface
-    for rel in ("Makefile", "README.md", "flows/serve.py", "flows/pipeline.py", "prefect.yaml"):
+    for rel in ("Makefile", "README.md", "docs/operations.md", "flows/serve.py",
+                "flows/pipeline.py", "prefect.yaml"):
         text = (REPO / rel).read_text()
         assert all(h == "127.0.0.1" for h in re.findall(r"--host[ =](\S+)", text)), rel
         starts = re.findall(r"prefect server start[^\n]*", text)

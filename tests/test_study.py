@@ -109,7 +109,7 @@ def test_tiny_study_end_to_end_resumes_and_detects_stale_tables(
             expected_scale = 10.0 if r["setting"] == "strong" else None
             if expected_scale is not None:  # the fixed scale stays fixed
                 assert last["predictor_scale"] == pytest.approx(expected_scale)
-    readme = (study_root / "README.md").read_text()
+    readme = (study_root / "docs" / "evidence.md").read_text()
     start, end = markers("tiny")
     assert start in readme and end in readme
     table = readme[readme.index(start):readme.index(end)]
@@ -188,7 +188,7 @@ def _committed_studies() -> list[Path]:
 @pytest.mark.slow
 @pytest.mark.parametrize("study", _committed_studies(), ids=lambda p: p.stem)
 def test_committed_study_tables_are_current(study: Path) -> None:
-    """README.md and results/<study>/TABLE.md match what the committed records give."""
+    """docs/evidence.md and results/<study>/TABLE.md match what the committed records give."""
     assert main(["study", str(study), "--root", str(REPO), "--check"]) == 0
 
 
@@ -264,7 +264,7 @@ def _records_study(root: Path, name: str, text: str) -> tuple[Study, Path]:
 @pytest.mark.slow
 def test_size_study_figure_and_report_section(tmp_path: Path) -> None:
     """A study over training-set sizes gets a top-1 vs images-per-class figure, in TABLE.md, the
-    README block and the report's studies section (records written here, not trained)."""
+    evidence-page block and the report's studies section (records written here, not trained)."""
     from PIL import Image
 
     from quest.apps.report.build import study_sections
@@ -285,11 +285,10 @@ def test_size_study_figure_and_report_section(tmp_path: Path) -> None:
             "finished_at": f"t{i:02d}", "method": method, "seed": seed, "params_hash": h,
             "setting": setting.name, "top1": 0.3 + 0.01 * i, "top5": 0.9,
             "history": []}))
-    (tmp_path / "README.md").write_text("# x\n")
     written = update_tables(study, tmp_path)
     assert (out / SIZE_FIGURE).is_file() and Image.open(out / SIZE_FIGURE).size[0] > 100
-    readme = (tmp_path / "README.md").read_text()
-    assert f"results/sizes/{SIZE_FIGURE}" in readme and tmp_path / "README.md" in written
+    readme = (tmp_path / "docs" / "evidence.md").read_text()
+    assert f"results/sizes/{SIZE_FIGURE}" in readme and tmp_path / "docs/evidence.md" in written
     # n20-hot runs KD only; it is compared with n20's CE runs (the same CE settings)
     row = next(line for line in readme.splitlines() if line.startswith("| n20-hot | kd | 0,1 |"))
     assert "(n=2)" in row.split("|")[5] and "| n20-hot | ce |" not in readme
@@ -345,7 +344,7 @@ def test_word_accuracy_correlation_and_figure(tmp_path: Path) -> None:
     assert sorted(p.setting for p in word_points(study, tmp_path)) == sorted(f"w{w}"
                                                                              for w in weights)
     assert Image.open(out / WORD_FIGURE).size[0] > 100
-    assert f"results/words/{WORD_FIGURE}" in (tmp_path / "README.md").read_text()
+    assert f"results/words/{WORD_FIGURE}" in (tmp_path / "docs" / "evidence.md").read_text()
     ((_, _, _, plots),) = study_sections(tmp_path)
     assert [p.name for p in plots] == ["study_words_words"]
     # four comparable settings are too few to correlate: no sentence, no figure
@@ -355,7 +354,7 @@ def test_word_accuracy_correlation_and_figure(tmp_path: Path) -> None:
     study = load_study(tmp_path / "studies" / "words.yaml", tmp_path)
     update_tables(study, tmp_path)
     assert "Pearson" not in (out / "TABLE.md").read_text()
-    assert WORD_FIGURE not in (tmp_path / "README.md").read_text()
+    assert WORD_FIGURE not in (tmp_path / "docs" / "evidence.md").read_text()
 
 
 @pytest.mark.slow
@@ -406,7 +405,7 @@ def test_training_length_series_and_figure(tmp_path: Path) -> None:
     (tmp_path / "README.md").write_text("# x\n")
     update_tables(study, tmp_path)
     assert Image.open(out / LENGTH_FIGURE).size[0] > 100
-    assert f"results/len/{LENGTH_FIGURE}" in (tmp_path / "README.md").read_text()
+    assert f"results/len/{LENGTH_FIGURE}" in (tmp_path / "docs" / "evidence.md").read_text()
     assert LENGTH_FIGURE in (out / "TABLE.md").read_text()
     ((_, _, _, plots),) = study_sections(tmp_path)
     assert "study_len_epochs" in [p.name for p in plots]
@@ -416,4 +415,4 @@ def test_training_length_series_and_figure(tmp_path: Path) -> None:
     study = load_study(tmp_path / "studies" / "len.yaml", tmp_path)
     assert length_series(study, tmp_path) == {}
     update_tables(study, tmp_path)
-    assert LENGTH_FIGURE not in (tmp_path / "README.md").read_text()
+    assert LENGTH_FIGURE not in (tmp_path / "docs" / "evidence.md").read_text()

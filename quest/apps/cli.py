@@ -122,7 +122,7 @@ def _add_study_commands(sub: Any) -> None:
     p = sub.add_parser(
         "study", help="run a study (settings x methods x seeds) resumably; write its table",
         description="Train every run of a study file not yet recorded under results/ (an "
-                    "interrupted study resumes), then regenerate its table in README.md and "
+                    "interrupted study resumes), then regenerate its table in docs/evidence.md and "
                     "results/<study>/TABLE.md.")
     p.add_argument("study", help="study file, e.g. studies/strength.yaml")
     p.add_argument("--root", default=".", help="project root (default: .)")
@@ -140,7 +140,7 @@ def _add_study_commands(sub: Any) -> None:
     p.add_argument("--table-only", action="store_true",
                    help="train nothing; regenerate the table from the records")
     p.add_argument("--check", action="store_true",
-                   help="train nothing; exit 1 when README.md's table of this study is stale")
+                   help="train nothing; exit 1 when the study's table in docs/evidence.md is stale")
 
 
 def _add_tool_commands(sub: Any) -> None:
