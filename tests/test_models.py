@@ -46,7 +46,7 @@ def test_zoo_lists_the_required_models() -> None:
         "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
         "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "resnet50_cifar", "mobilenetv2_half",
         "shufflev1", "shufflev2",
-        "resnet18", "resnet34", "resnet50", "mobilenet_v2",
+        "resnet18", "resnet34", "resnet50", "mobilenet_v2", "vgg9", "mobilenet_v1",
     }  # fmt: skip
     assert set(MODEL_NAMES) == expected
     assert len(MODEL_NAMES) == len(expected)

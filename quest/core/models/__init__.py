@@ -1,4 +1,5 @@
-"""Model zoo (RepDistiller CIFAR nets, torchvision ImageNet nets) and named feature taps."""
+"""Model zoo (RepDistiller CIFAR nets, torchvision ImageNet nets, the official QuEST VGG9 and
+MobileNet-V1) and named feature taps."""
 
 from quest.core.models.taps import FeatureTap, list_layers, resolve_layer
 from quest.core.models.zoo import (

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterable
-from types import TracebackType
 
 import torch
 from torch import Tensor, nn

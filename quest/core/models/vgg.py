@@ -86,3 +86,48 @@ class VGG(nn.Module):
 def vgg_bn(name: str, num_classes: int) -> VGG:
     """Build the RepDistiller VGG-with-BN called `name` (e.g. 'vgg8')."""
     return VGG(VGG_SPECS[name], num_classes)
+
+
+# The official QuEST transfer student (valeoai/QuEST, feature_extractors/VGG_ImageNet.py, cfg
+# "vgg9"): eight conv-BN-ReLU layers in five max-pooled blocks, global average pool, one linear
+# layer. 'G' is the global pool, which the official VGG moves into its classifier.
+VGG9_CFG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+class VGG9(nn.Module):
+    """The official QuEST VGG9 for 224-pixel images, with its module and state_dict names.
+
+    `features` is one Sequential indexed as the official one, so its transfer configs' taps
+    '21' and '28' (the max-pools after the fourth and fifth blocks, post-ReLU: 512x14x14 and
+    512x7x7 at 224 pixels) are `features.21` and `features.28` here, and an official checkpoint's
+    keys (features.N.*, classifier.2.*) load as they are.
+    """
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for v in VGG9_CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                assert isinstance(v, int)
+                # not in place (the official ReLUs are): a tap on a BN output must stay intact
+                layers += [nn.Conv2d(in_ch, v, kernel_size=3, padding=1), nn.BatchNorm2d(v),
+                           nn.ReLU()]
+                in_ch = v
+        self.features = nn.Sequential(*layers)
+        # official: AdaptiveAvgPool2d(1), Reshape(-1, 512), Linear (the same indices)
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
+                                        nn.Linear(in_ch, num_classes))
+        # the official _initialize_weights is RepDistiller's fan-out init, in module order
+        init_fan_out_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Return class logits."""
+        return self.classifier(self.features(x))
+
+
+def vgg9(name: str, num_classes: int) -> VGG9:
+    """Build the official QuEST VGG9 (`name` is the zoo's, 'vgg9')."""
+    return VGG9(num_classes)

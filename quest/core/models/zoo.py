@@ -8,14 +8,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from quest.infra.errors import QuestError
+from quest.core.models.mobilenet_v1 import mobilenet_v1
 from quest.core.models.mobilenetv2 import MOBILENETV2_SPECS, mobilenetv2
 from quest.core.models.resnet_cifar import RESNET_CIFAR_SPECS, resnet_cifar
 from quest.core.models.resnet_cifar_v2 import RESNET_V2_SPECS, resnet_v2
 from quest.core.models.shufflenet import SHUFFLENET_V1_SPECS, SHUFFLENET_V2_SPECS, shufflenet
 from quest.core.models.taps import dummy_forward
-from quest.core.models.vgg import VGG_SPECS, vgg_bn
+from quest.core.models.vgg import VGG_SPECS, vgg9, vgg_bn
 from quest.core.models.wrn import WRN_SPECS, wide_resnet
+from quest.infra.errors import QuestError
 
 
 def _torchvision(name: str, num_classes: int) -> nn.Module:
@@ -57,6 +58,11 @@ _REGISTRY: dict[str, tuple[str, Callable[[str, int], nn.Module], str]] = {
     **{n: ("shufflenet", shufflenet, "layer3") for n in SHUFFLENET_V1_SPECS},
     **{n: ("shufflenet", shufflenet, "relu2") for n in SHUFFLENET_V2_SPECS},
     **{n: ("torchvision", _torchvision, layer) for n, layer in _TORCHVISION_LAYERS.items()},
+    # the official QuEST's own 224-pixel students. VGG9 (transfer configs): the max-pool after
+    # its fifth block, which the configs tap as '28' (post-ReLU, 512x7x7); MobileNet-V1
+    # (RN50_MNv2): its features, ending in a ReLU (1024x7x7)
+    "vgg9": ("vgg_imagenet", vgg9, "features.28"),
+    "mobilenet_v1": ("mobilenet_v1", mobilenet_v1, "features"),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -77,7 +83,7 @@ def _lookup(name: str) -> tuple[str, Callable[[str, int], nn.Module], str]:
 
 def model_family(name: str) -> str:
     """Return the family of a zoo model: resnet_cifar, resnet_cifar_v2, wrn, vgg, mobilenetv2,
-    shufflenet or torchvision."""
+    shufflenet, torchvision, vgg_imagenet or mobilenet_v1."""
     return _lookup(name)[0]
 
 
@@ -108,6 +114,11 @@ _FEATURE_STAGES = {
     "mobilenetv2": ("conv1", "blocks.1", "blocks.2", "blocks.4", "blocks.6"),
     # both ShuffleNets: the stem's ReLU, then each stage's post-ReLU output
     "shufflenet": ("relu1", "layer1", "layer2", "layer3"),
+    # VGG9 as RepDistiller's VGGs: each block's last ReLU, before its max-pool
+    "vgg_imagenet": ("features.2", "features.6", "features.13", "features.20", "features.27"),
+    # the stem, then the four post-ReLU maps mdistiller's MobileNetV1 returns as its features
+    # (blocks 3, 5, 11 and 13: 128, 256, 512 and 1024 channels)
+    "mobilenet_v1": ("features.0", "features.3", "features.5", "features.11", "features.13"),
 }
 _TORCHVISION_STAGES = ("relu", "layer1", "layer2", "layer3", "layer4")
 
@@ -121,7 +132,7 @@ def feature_stages(name: str) -> tuple[str, ...]:
         return _TORCHVISION_STAGES
     raise QuestError(f"{name} has no stage list for feature-based distillation (fitnet, at): "
                      "use a CIFAR model (resnet, wrn, vgg, mobilenetv2_half, shufflev1, "
-                     "shufflev2) or a torchvision resnet")
+                     "shufflev2), a torchvision resnet, vgg9 or mobilenet_v1")
 
 
 def default_feature_layer(name: str) -> str:
