@@ -63,6 +63,10 @@ def _one(t_layer: str, s_layer: str, pool: int, t_ch: int, s_ch: int, side: int,
 
 _TRANSFER = (Level("layer4", "layer4", 4096, 5.0, 10.0, 1, 512, 512, 7),
              Level("layer3", "layer3", 4096, 500.0, 10.0, 1, 256, 256, 14))
+# RN34_VGG9_IMG*: extract_from ['21', '28'] are the max-pools after VGG9's fourth and fifth
+# blocks (features.21, features.28), both 512 channels; quest_loss_coef 20
+_TRANSFER_VGG9 = (Level("layer4", "features.28", 4096, 5.0, 20.0, 1, 512, 512, 7),
+                  Level("layer3", "features.21", 4096, 500.0, 20.0, 1, 256, 512, 14))
 
 TABLE: dict[str, Row] = {
     "cifar100-resnet56-resnet20": Row(
@@ -108,11 +112,14 @@ TABLE: dict[str, Row] = {
         "Config_ImageNet/RN34_RN18.py", "resnet34", "resnet18", 0.1, "stream",
         "learned_scale", 3.0, _one("layer4", "layer4", 1, 512, 512, 7)),
     "imagenet-resnet50-mobilenetv2": Row(
-        "Config_ImageNet/RN50_MNv2.py", "resnet50", "mobilenet_v2", 0.1, "stream",
-        "learned_scale", 3.0, _one("layer4", "features", 1, 2048, 1280, 7)),
+        "Config_ImageNet/RN50_MNv2.py", "resnet50", "mobilenet_v1", 0.1, "stream",
+        "learned_scale", 3.0, _one("layer4", "features", 1, 2048, 1024, 7)),
     **{f"mit67-resnet34-resnet18-img{n}": Row(
         f"Config_TransferLearning/RN34_RN18_IMG{n}.py", "resnet34", "resnet18", 0.05, "stream",
         "fixed_scale_bias", 10.0, _TRANSFER) for n in (10, 25, 50, 80)},
+    **{f"mit67-resnet34-vgg9-img{n}": Row(
+        f"Config_TransferLearning/RN34_VGG9_IMG{n}.py", "resnet34", "vgg9", 0.01, "stream",
+        "learned_scale", 3.0, _TRANSFER_VGG9) for n in (10, 25, 50, 80)},
 }
 
 # The training recipe and data of each family of configurations.
@@ -124,6 +131,8 @@ IMAGENET_TRAIN = {"epochs": 100, "batch_size": 256, "momentum": 0.9, "nesterov":
                   "gamma": 0.1, "repeat": 1}
 TRANSFER_TRAIN = {"epochs": 200, "batch_size": 128, "momentum": 0.9, "nesterov": False,
                   "weight_decay": 5e-4, "schedule": "step", "milestones": [150], "gamma": 0.1}
+# RN34_VGG9_IMG*: batch 32 (LUT_lr 0.01 until epoch 150, then 0.001, as Row.lr and milestones say)
+TRANSFER_BATCH = {"resnet18": 128, "vgg9": 32}
 # images per class trained on (the first 80% of the config's num_examples) and the sampler's
 # repeat factor int(5360 / (67 x that))
 TRANSFER_DATA = {10: (8, 10), 25: (20, 4), 50: (40, 2), 80: (64, 1)}
@@ -194,7 +203,7 @@ def test_preset_carries_the_official_settings(name: str) -> None:
         assert (cfg.data.mean, cfg.data.std) == (IMAGENET_MEAN, IMAGENET_STD)
         assert cfg.student.methods == ["ce", "kd", "quest"]
     else:
-        assert recipe == TRANSFER_TRAIN
+        assert recipe == TRANSFER_TRAIN | {"batch_size": TRANSFER_BATCH[row.student]}
         assert (cfg.data.source, cfg.data.image_size) == ("image_folder", 224)
         assert (cfg.data.mean, cfg.data.std) == (IMAGENET_MEAN, IMAGENET_STD)
         per_class, repeat = TRANSFER_DATA[int(name.rsplit("img", 1)[1])]
