@@ -141,6 +141,12 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 @functools.cache
+def _markdown() -> str:
+    """What the generator writes for docs/presets.md (loads every preset: built once)."""
+    return presets_markdown(PARAMS)
+
+
+@functools.cache
 def _config(name: str) -> Config:
     return load_config(PARAMS, name)
 
@@ -270,4 +276,31 @@ def test_params_presets_come_first_then_preset_files(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_docs_table_is_up_to_date() -> None:
     """docs/presets.md is exactly what `python -m quest.apps.presets_doc` writes."""
-    assert (REPO / "docs" / "presets.md").read_text(encoding="utf-8") == presets_markdown(PARAMS)
+    assert (REPO / "docs" / "presets.md").read_text(encoding="utf-8") == _markdown()
+
+
+@pytest.mark.slow
+def test_docs_carry_crd_and_dkd_anchors_next_to_repdistillers() -> None:
+    """RepDistiller's CRD and mdistiller's DKD figures sit in each preset's row, "—" where
+    those READMEs publish none for the pair."""
+    lines = _markdown().splitlines()
+    rows = {line.split(" | ")[0].strip("| `"): line.split(" | ")
+            for line in lines if line.startswith("| `")}
+    header = next(line for line in lines if line.startswith("| preset"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    crd, dkd, kd = cols.index("CRD"), cols.index("DKD"), cols.index("KD")
+
+    def cell(name: str, col: int) -> str:
+        return rows[name][col].strip(" |")
+
+    # resnet56 -> resnet20: RepDistiller's README (KD 70.66, CRD 71.16), mdistiller's (DKD 71.97)
+    assert [cell("cifar100-resnet56-resnet20", c) for c in (kd, crd, dkd)] == [
+        "70.66", "71.16", "71.97"]
+    assert cell("cifar100-resnet50-vgg8", crd) == "74.30"
+    assert cell("cifar100-resnet50-vgg8", dkd) == "—"  # mdistiller gives no ResNet50 -> vgg8
+    assert cell("cifar100-resnet110-resnet20", dkd) == "—"
+    assert cell("cifar100-resnet32x4-shufflev2", dkd) == "77.07¹"  # the relabelled column
+    # ImageNet: DKD only (RepDistiller's README has no ImageNet table); MIT-67: none at all
+    assert [cell("imagenet-resnet50-mobilenetv2", c) for c in (kd, crd, dkd)] == [
+        "—", "—", "72.05"]
+    assert all(cell(n, c) == "—" for n in rows if n.startswith("mit67-") for c in (crd, dkd))
