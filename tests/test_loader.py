@@ -23,15 +23,15 @@ def test_shapes_and_batch_count() -> None:
     train, test = loader(), loader(train=False)
     batches = list(train)
     assert len(batches) == len(train) == 3  # drop_last for training
-    assert all(x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 for x, _ in batches)
+    assert all(x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 for x, _, _ in batches)
     assert len(list(test)) == 4 and sum(len(y) for _, y in test) == 100
 
 
 def test_same_seed_same_batches_other_seed_or_epoch_differs() -> None:
     a, b, c = loader(0), loader(0), loader(1)
-    xa, ya = next(iter(a))
-    xb, yb = next(iter(b))
-    xc, _ = next(iter(c))
+    xa, ya, _ = next(iter(a))
+    xb, yb, _ = next(iter(b))
+    xc, _, _ = next(iter(c))
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert not torch.equal(xa, xc)
     a.set_epoch(1)
@@ -115,7 +115,7 @@ def test_repeat_is_consecutive_fresh_shuffles_of_the_subset() -> None:
     rep = InMemoryLoader(x, y, batch_size=8, mean=[0.5] * 3, std=[0.25] * 3, train=True,
                          seed=3, repeat=5, padding=0, flip=False)
     assert len(rep) == 25
-    seen = torch.cat([(xb[:, 0, 0, 0] * 0.25 + 0.5).mul(255).round().long() for xb, _ in rep])
+    seen = torch.cat([(xb[:, 0, 0, 0] * 0.25 + 0.5).mul(255).round().long() for xb, _, _ in rep])
     assert len(seen) == 200
     for i in range(5):  # each pass is a whole permutation: every image exactly once
         assert sorted(seen[i * 40:(i + 1) * 40].tolist()) == list(range(40))
@@ -126,8 +126,8 @@ def test_repeat_is_consecutive_fresh_shuffles_of_the_subset() -> None:
                          seed=3, padding=0, flip=False)
     gen = torch.Generator().manual_seed(3 * 1_000_003)
     order = torch.randperm(40, generator=gen)
-    assert torch.equal(torch.cat([lab for _, lab in one]), torch.as_tensor(y)[order])
+    assert torch.equal(torch.cat([lab for _, lab, _ in one]), torch.as_tensor(y)[order])
     # the DataLoader path samples the same way
     dl = make_dataloader(x, y, batch_size=8, mean=[0.5] * 3, std=[0.25] * 3, train=True,
                          seed=3, repeat=5, padding=0, flip=False)
-    assert len(dl) == 25 and sum(len(lab) for _, lab in dl) == 200
+    assert len(dl) == 25 and sum(len(lab) for _, lab, _ in dl) == 200

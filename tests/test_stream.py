@@ -61,8 +61,8 @@ def _prepared(cfg: object, root: Path) -> Path:
     return root / "data" / "prepared"
 
 
-def _batches(loader: StreamLoader) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x.clone(), y.clone()) for x, y in loader]
+def _batches(loader: StreamLoader) -> list[tuple[torch.Tensor, ...]]:
+    return [tuple(t.clone() for t in batch) for batch in loader]
 
 
 def test_npy_appender_grows_then_writes_its_header_and_is_atomic(tmp_path: Path) -> None:
@@ -137,25 +137,25 @@ def test_an_epoch_is_reproducible_whatever_the_workers_and_resumes_mid_epoch(
     one.set_epoch(2)
     first = _batches(one)
     assert len(first) == len(one) == 60 // 8
-    assert all(x.shape == (8, 3, 64, 64) for x, _ in first)  # crops of mixed-size images
+    assert all(x.shape == (8, 3, 64, 64) for x, *_ in first)  # crops of mixed-size images
     # folders: per-sample seeds give the same batches with 0 or 2 workers; shards: each
     # worker reads its own shards, so the same worker count gives the same batches
     two = loader(2 if source == "folder" else 0)
     two.set_epoch(2)
     again = _batches(two)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
                for a, b in zip(first, again, strict=True))
     if source == "shards":
         mixed = loader(2)
         mixed.set_epoch(2)
-        assert sum(len(y) for _, y in mixed) == 56  # 2 workers: 7 full batches all the same
+        assert sum(len(y) for _, y, _ in mixed) == 56  # 2 workers: 7 full batches all the same
     one.set_epoch(3)
     assert not torch.equal(_batches(one)[0][0], first[0][0])  # another epoch, other crops
     one.set_epoch(2)
     one.start_at(3)  # the Trainer's resume: skip 3 trained batches
     tail = _batches(one)
     assert len(tail) == len(first) - 3
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
                for a, b in zip(first[3:], tail, strict=True))
 
 

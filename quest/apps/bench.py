@@ -208,7 +208,7 @@ def bench_loaders(images: np.ndarray, labels: np.ndarray, mean: list[float], std
         loader = InMemoryLoader(images, labels, batch_size=batch, mean=mean, std=std, train=True,
                                 device=device, channels_last=True)
         t0 = time.perf_counter()
-        seen = sum(len(y) for _, y in loader)
+        seen = sum(len(y) for _, y, _ in loader)
         _sync(device)
         return seen / (time.perf_counter() - t0)
 
@@ -220,9 +220,10 @@ def bench_loaders(images: np.ndarray, labels: np.ndarray, mean: list[float], std
                 pass
         t0 = time.perf_counter()
         seen = 0
-        for x, y in dl:
+        for x, y, idx in dl:
             x.to(device, non_blocking=True).contiguous(memory_format=fmt)
             y.to(device, non_blocking=True)
+            idx.to(device, non_blocking=True)
             seen += len(y)
         _sync(device)
         return seen / (time.perf_counter() - t0)
@@ -294,12 +295,12 @@ def bench_kmeans(vecs: np.ndarray, k: int, iterations: int, device: torch.device
     return out
 
 
-def bench_steps(cfg: Config, teacher: torch.nn.Module, batches: list[tuple[torch.Tensor,
-                torch.Tensor]], codebook: torch.Tensor, device: torch.device, rounds: int,
-                steps: int, amp: str, compile_: bool, out: dict[str, Any]) -> dict[str, Any]:
+def bench_steps(cfg: Config, teacher: torch.nn.Module, batches: list[tuple[torch.Tensor, ...]],
+                codebook: torch.Tensor, device: torch.device, rounds: int, steps: int, amp: str,
+                compile_: bool, out: dict[str, Any]) -> dict[str, Any]:
     """ms per SGD step of a resnet20 student per method, rounds interleaved across methods."""
     from quest.apps.stages.common import to_device
-    from quest.core.distill import build_distiller
+    from quest.core.distill import Batch, StepContext, build_distiller
     from quest.core.engine import make_optimizer
     from quest.core.fastpath import autocast_step, maybe_compile
     from quest.core.models.zoo import build_model, default_feature_layer
@@ -318,12 +319,12 @@ def bench_steps(cfg: Config, teacher: torch.nn.Module, batches: list[tuple[torch
                             quest_temperature=s.quest.temperature,
                             kd_temperature=s.kd.temperature).to(device).train()
         opt = make_optimizer(d.trainable_parameters(), s.train)
-        step_fn = autocast_step(d.forward_train, amp, device)
+        step_fn = autocast_step(d.step, amp, device)
 
         def run(n: int, step_fn: Any = step_fn, opt: Any = opt) -> None:
             for i in range(n):
-                x, y = batches[i % len(batches)]
-                _, losses = step_fn(x, y)
+                batch = Batch.of(batches[i % len(batches)])
+                _, losses = step_fn(batch, StepContext(0, 1, i, n))
                 opt.zero_grad(set_to_none=True)
                 torch.stack(list(losses.values())).sum().backward()
                 opt.step()

@@ -4,16 +4,12 @@ module each)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-# one training step of a distiller, (images, labels) -> (logits, named losses): the Trainer calls
-# it; callers may wrap `Distiller.forward_train` (bf16 autocast, DistributedDataParallel)
-StepFn = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, Tensor]]]
 
 
 @dataclass
@@ -25,10 +21,23 @@ class Batch:
     labels: Tensor
     indices: Tensor | None = None
 
+    @classmethod
+    def of(cls, item: Batch | Sequence[Tensor]) -> Batch:
+        """The Batch of what a loader yields: a Batch, (images, labels, indices) as the
+        training loaders of quest.core.data do, or a plain (images, labels) pair."""
+        if isinstance(item, Batch):
+            return item
+        if len(item) == 3:
+            return cls(item[0], item[1], item[2])
+        images, labels = item
+        return cls(images, labels)
+
 
 @dataclass(frozen=True)
 class StepContext:
-    """Where a training step stands in its schedule (0-based epoch and global step)."""
+    """Where a training step stands in its schedule: the 0-based epoch of `epochs`, and the
+    0-based global step (epoch x steps per epoch + batch) of `total_steps` (epochs x steps per
+    epoch). A resumed run sees the same contexts as an uninterrupted one."""
 
     epoch: int
     epochs: int
@@ -39,6 +48,11 @@ class StepContext:
     def progress(self) -> float:
         """Fraction of the schedule done before this step, in [0, 1)."""
         return self.step / max(self.total_steps, 1)
+
+
+# one training step of a distiller, (batch, context) -> (logits, named losses): the Trainer calls
+# it; callers may wrap `Distiller.step` (bf16 autocast, DistributedDataParallel)
+StepFn = Callable[[Batch, StepContext], tuple[Tensor, dict[str, Tensor]]]
 
 
 class FrozenTeacher(nn.Module):

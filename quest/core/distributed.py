@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from quest.core.distill import Batch, StepContext
 from quest.infra.errors import QuestError
 
 
@@ -134,10 +135,17 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 class ShardedLoader:
-    """Yields this rank's contiguous slice of every global batch of a loader."""
+    """Yields this rank's contiguous slice of every global batch of a loader: of the images,
+    the labels and (training loaders) the samples' indices alike."""
 
     def __init__(self, loader: Any, rank: int, world_size: int) -> None:
         self.loader, self.rank, self.world_size = loader, rank, world_size
+        last = getattr(loader, "last_batch", None)
+        if last is not None and last % world_size:
+            # a kept partial last batch (train.repeat > 1) must split too: say so before epoch 1
+            raise QuestError(f"an epoch's last batch of {last} images does not split over "
+                             f"{world_size} ranks: change train.batch_size or train.repeat so "
+                             "that images x repeat leaves a multiple of the ranks")
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -146,26 +154,32 @@ class ShardedLoader:
         # set_epoch, num_samples, ... of the wrapped loader
         return getattr(self.loader, name)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for x, y in self.loader:
-            per, rest = divmod(len(y), self.world_size)
-            if rest:
-                raise QuestError(f"a batch of {len(y)} does not split over {self.world_size} "
-                                 "ranks: make train.batch_size a multiple of the number of ranks")
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        for batch in self.loader:
+            per = _check_split(len(batch[1]), self.world_size)
             lo = self.rank * per
-            yield x[lo : lo + per], y[lo : lo + per]
+            yield tuple(t[lo : lo + per] for t in batch)
+
+
+def _check_split(batch: int, world_size: int) -> int:
+    """A global batch's share per rank; a QuestError when it does not split evenly."""
+    per, rest = divmod(batch, world_size)
+    if rest:
+        raise QuestError(f"a batch of {batch} does not split over {world_size} ranks: make "
+                         "train.batch_size a multiple of the number of ranks")
+    return per
 
 
 class _TrainStep(nn.Module):
-    """Module view of `distiller.forward_train`, for DistributedDataParallel to wrap."""
+    """Module view of `distiller.step`, for DistributedDataParallel to wrap."""
 
     def __init__(self, distiller: nn.Module) -> None:
         super().__init__()
         self.distiller = distiller
 
-    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Logits and losses of one training step."""
-        return self.distiller.forward_train(x, y)  # type: ignore[operator]
+    def forward(self, batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
+        """Logits and losses of one training step (this rank's share of the batch)."""
+        return self.distiller.step(batch, ctx)  # type: ignore[operator]
 
 
 def data_parallel(distiller: Any, device: torch.device, train_loader: Any, info: DistInfo,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quest.core.checkpoint import load_checkpoint, save_checkpoint
-from quest.core.distill import Distiller, StepFn
+from quest.core.distill import Batch, Distiller, StepContext, StepFn
 from quest.infra.config import OptimConfig
 from quest.infra.errors import QuestError
 from quest.infra.progress import log, track
@@ -53,7 +53,7 @@ def make_optimizer(params: Iterable[nn.Parameter], opt: OptimConfig) -> torch.op
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    loader: Iterable[tuple[Tensor, Tensor]],
+    loader: Iterable[tuple[Tensor, ...]],
     num_classes: int,
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def evaluate(
     per_class_n = torch.zeros(num_classes, device=device)
     n = 0
     with torch.inference_mode():
-        for x, y in loader:
+        for x, y, *_ in loader:  # a training loader's batches also carry sample indices
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
@@ -170,10 +170,11 @@ class Trainer:
         self.progress = progress
         self.desc = desc
         self.optimizer = make_optimizer(distiller.trainable_parameters(), opt)
-        # one training step, (x, y) -> (logits, named losses): the distiller's own, or what the
-        # caller built around it (quest.core.fastpath's bf16 autocast, quest.core.distributed's
-        # DDP wrapper); `is_main`: this process writes checkpoints (rank 0 of a torchrun job)
-        self.forward_step: StepFn = step if step is not None else distiller.forward_train
+        # one training step, (Batch, StepContext) -> (logits, named losses): the distiller's own,
+        # or what the caller built around it (quest.core.fastpath's bf16 autocast,
+        # quest.core.distributed's DDP wrapper); `is_main`: this process writes checkpoints
+        # (rank 0 of a torchrun job)
+        self.forward_step: StepFn = step if step is not None else distiller.step
         self.is_main = is_main
         # a stop between steps needs every rank to stop at the same step; under torchrun the
         # ranks see a signal at different steps, so there a signal stops at once instead (the
@@ -339,16 +340,21 @@ class Trainer:
             for _ in range(skip):
                 next(batches)
         self._restore_rng()
-        for i, (x, y) in enumerate(batches, start=skip):
+        epochs = self.opt.epochs
+        for i, item in enumerate(batches, start=skip):
             lr = lr_at(self.opt, epoch + i / steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            logits, losses = self.forward_step(x, y)
+            # (images, labels, indices) from the training loaders; a plain (images, labels)
+            # iterable gives indices None
+            batch = Batch.of(item)
+            ctx = StepContext(epoch, epochs, epoch * steps + i, epochs * steps)
+            logits, losses = self.forward_step(batch, ctx)
             total = torch.stack(list(losses.values())).sum()
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             self.optimizer.step()
-            state.add({**losses, "loss": total, **self.distiller.monitors}, logits, y)
+            state.add({**losses, "loss": total, **self.distiller.monitors}, logits, batch.labels)
             if self._stop_requested and i + 1 < steps:
                 self._save_partial(epoch, i + 1, state)
                 raise KeyboardInterrupt

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from quest.core.distill import StepFn
+from quest.core.distill import Batch, StepContext, StepFn
 from quest.infra.config import Amp
 from quest.infra.progress import log
 
@@ -47,13 +47,14 @@ def autocast(amp: str, device: torch.device | str) -> Iterator[None]:
 
 
 def autocast_step(step: StepFn, amp: str, device: torch.device | str) -> StepFn:
-    """Wrap a training step (x, y) -> (logits, losses) in bf16 autocast when it applies."""
+    """Wrap a training step (batch, context) -> (logits, losses) in bf16 autocast when it
+    applies."""
     if not amp_enabled(amp, device):
         return step
 
-    def run(x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def run(batch: Batch, ctx: StepContext) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
-            return step(x, y)
+            return step(batch, ctx)
 
     return run
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quest.core.data.loader import InMemoryLoader, make_dataloader
+from quest.core.data.loader import InMemoryLoader, last_batch_size, make_dataloader
 from quest.core.data.prepared import META_FILE, PreparedDataset, load_prepared
 from quest.core.data.stream import FORMAT, StreamData, StreamLoader, open_stream
 from quest.infra.config import Config, OptimConfig
@@ -133,10 +133,18 @@ class _EpochAware:
     def __len__(self) -> int:
         return len(self.loader)
 
+    @property
+    def last_batch(self) -> int:
+        """Size of an epoch's last batch (partial where it is kept)."""
+        dl = self.loader
+        return last_batch_size(len(dl.sampler), dl.batch_size, dl.drop_last)
+
     def __iter__(self):  # type: ignore[no-untyped-def]
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        for x, y in self.loader:
-            yield x.to(self.device).contiguous(memory_format=fmt), y.to(self.device)
+        # training batches carry each sample's index after the labels (ArrayDataset)
+        for x, *rest in self.loader:
+            x = x.to(self.device).contiguous(memory_format=fmt)
+            yield (x, *(t.to(self.device) for t in rest))
 
 
 def to_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:

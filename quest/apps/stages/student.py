@@ -161,7 +161,7 @@ def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None =
     # a stream reads only this rank's share; prepared arrays are sliced per batch instead
     train_loader, test_loader = make_loaders(ds, cfg, s.train, device, rank, world)
     fingerprint = config_hash({"method": method, "student": config_hash(s), **provenance})
-    step: Any = distiller.forward_train
+    step: Any = distiller.step
     if dist_info is not None:
         step, train_loader = distributed.data_parallel(
             distiller, device, train_loader, dist_info, s.train.batch_size,

@@ -50,11 +50,27 @@ def random_crop_flip(
     return out
 
 
+def keeps_last_batch(train: bool, repeat: int) -> bool:
+    """Whether a loader yields an epoch's last partial batch: always in evaluation; in training
+    only with `repeat` > 1, as the official few-images sampler does (valeoai/QuEST's
+    DataloaderSampler: a DataLoader over MaskedRandomSampler with drop_last False, 42 steps of
+    batch 128 for 67 x 8 images repeated 10 times, not 41); a plain training epoch drops it."""
+    return not train or repeat > 1
+
+
+def last_batch_size(samples: int, batch_size: int, drop_last: bool) -> int:
+    """Size of the last batch of an epoch of `samples` in batches of `batch_size`."""
+    rest = samples % batch_size
+    return batch_size if drop_last or not rest else rest
+
+
 class InMemoryLoader:
     """Iterate over uint8 tensors held in memory (CPU or GPU), augmenting whole batches at once.
 
     Shuffling, crops and flips come from a CPU generator seeded with ``seed`` and the epoch, so an
-    epoch's batches are the same whether or not the run was interrupted and resumed.
+    epoch's batches are the same whether or not the run was interrupted and resumed. Training
+    batches are (images, labels, indices), each sample's row in `images`; evaluation batches are
+    (images, labels).
     """
 
     def __init__(
@@ -90,10 +106,11 @@ class InMemoryLoader:
         self.flip = flip and train
         self.seed = int(seed)
         self.epoch = 0
-        self.drop_last = train if drop_last is None else drop_last
         self.channels_last = channels_last
         # a training epoch is `repeat` consecutive shuffles of the images
         self.repeat = int(repeat) if train else 1
+        self.drop_last = (not keeps_last_batch(train, self.repeat) if drop_last is None
+                          else drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffling and augmentation the next iteration reproduces."""
@@ -108,7 +125,12 @@ class InMemoryLoader:
         """Number of images the loader holds."""
         return len(self.labels)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    @property
+    def last_batch(self) -> int:
+        """Size of an epoch's last batch (partial where it is kept)."""
+        return last_batch_size(len(self.labels) * self.repeat, self.batch_size, self.drop_last)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         n = len(self.labels)
         if self.train:
@@ -124,11 +146,13 @@ class InMemoryLoader:
             x = normalize(x, self.mean, self.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels.index_select(0, idx)
+            labels = self.labels.index_select(0, idx)
+            yield (x, labels, idx) if self.train else (x, labels)
 
 
 class ArrayDataset(Dataset):
-    """Per-sample dataset over (possibly memory-mapped) uint8 arrays, for data too big for RAM."""
+    """Per-sample dataset over (possibly memory-mapped) uint8 arrays, for data too big for RAM:
+    training items are (image, label, index), evaluation items (image, label)."""
 
     def __init__(
         self,
@@ -145,6 +169,7 @@ class ArrayDataset(Dataset):
 
         self.images = images
         self.labels = labels
+        self.train = train
         steps: list[object] = []
         if train:
             if padding:
@@ -158,8 +183,10 @@ class ArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[Tensor, int] | tuple[Tensor, int, int]:
         img = torch.from_numpy(np.array(self.images[i]))
+        if self.train:
+            return self.transform(img), int(self.labels[i]), i
         return self.transform(img), int(self.labels[i])
 
 
@@ -181,7 +208,8 @@ def make_dataloader(
     """A torch DataLoader with per-sample transforms, for datasets that do not fit in memory.
 
     A training epoch is `repeat` consecutive shuffles of the images (RandomSampler without
-    replacement draws whole permutations back to back)."""
+    replacement draws whole permutations back to back); training batches are (images, labels,
+    indices)."""
     ds = ArrayDataset(images, labels, mean, std, train, padding, flip, padding_mode)
     gen = torch.Generator().manual_seed(seed)
     sampler = None
@@ -192,7 +220,7 @@ def make_dataloader(
         batch_size=batch_size,
         shuffle=train and sampler is None,
         sampler=sampler,
-        drop_last=train,
+        drop_last=not keeps_last_batch(train, repeat),
         num_workers=num_workers,
         generator=gen,
         persistent_workers=num_workers > 0,

@@ -33,6 +33,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from quest.core.data.loader import keeps_last_batch
 from quest.infra.errors import QuestError
 
 FORMAT = "stream"
@@ -293,7 +294,8 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
 
 
 class FolderDataset(Dataset):
-    """Images of one split of an indexed folder; items are (index, augmentation seed)."""
+    """Images of one split of an indexed folder; items are (index, augmentation seed) and give
+    (image, label, index): the index is the image's position in the split's file list."""
 
     def __init__(self, root: Path, items: list[tuple[str, int]], transform: Any,
                  channels: int) -> None:
@@ -305,11 +307,11 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int, int]:
         i, seed = item
         path = self.root / str(self.paths[i])
         img = decode(path, self.channels, str(path))
-        return _seeded(self.transform, img, seed), int(self.labels[i])
+        return _seeded(self.transform, img, seed), int(self.labels[i]), i
 
 
 class RankSampler(Sampler):
@@ -360,15 +362,21 @@ def assign_shards(shards: Sequence[str], *, shuffle: bool, seed: int, epoch: int
 class ShardStream(IterableDataset):
     """Samples of this rank's shards, read with webdataset's tar reader, split over DataLoader
     workers, mixed in a seeded shuffle buffer and decoded in the worker. Training streams
-    repeat with fresh shard orders, so every rank yields as many samples as it is asked for."""
+    repeat with fresh shard orders, so every rank yields as many samples as it is asked for.
+    Items are (image, label, index): the index is the sample's position in the split, the
+    shards concatenated in the order of `shards`, each in its tar order (`counts`: samples
+    per shard; without them, the position within its shard)."""
 
     def __init__(self, root: Path, shards: list[str], transform: Any, channels: int, *,
                  train: bool, seed: int, rank: int = 0, world: int = 1,
-                 buffer: int = 1000) -> None:
+                 buffer: int = 1000, counts: Sequence[int] | None = None) -> None:
         self.root, self.shards, self.transform, self.channels = root, shards, transform, channels
         self.train, self.seed, self.rank, self.world = train, seed, rank, world
         self.buffer = buffer
         self.epoch = 0
+        # each shard's first index, keyed by the url its samples carry
+        starts = np.cumsum([0, *counts[:-1]]).tolist() if counts else [0] * len(shards)
+        self.starts = {str(root / u): int(n) for u, n in zip(shards, starts, strict=True)}
 
     def _samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
         import webdataset as wds
@@ -377,10 +385,17 @@ class ShardStream(IterableDataset):
             raise QuestError(f"cannot read a shard sample ({' '.join(str(exn).split())}): "
                              "rewrite the shard (quest shards)") from exn
 
-        return wds.tarfile_to_samples(handler=reraise)(
+        samples = wds.tarfile_to_samples(handler=reraise)(
             iter([{"url": str(self.root / u)} for u in urls]))
+        url, pos = None, 0
+        for sample in samples:  # a shard is read whole by one worker, in its tar order
+            if sample.get("__url__") != url:
+                url, pos = sample.get("__url__"), 0
+            sample["__index__"] = self.starts.get(str(url), 0) + pos
+            pos += 1
+            yield sample
 
-    def __iter__(self) -> Iterator[tuple[Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, int, int]]:
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
         cycle = 0
@@ -406,7 +421,7 @@ class ShardStream(IterableDataset):
                 return
             cycle += 1
 
-    def _decode(self, sample: dict[str, Any], epoch: int) -> tuple[Tensor, int]:
+    def _decode(self, sample: dict[str, Any], epoch: int) -> tuple[Tensor, int, int]:
         key = sample["__key__"]
         data = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
         where = f"{sample.get('__url__', '?')}:{key}"
@@ -416,7 +431,7 @@ class ShardStream(IterableDataset):
         img = decode(data, self.channels, where)
         digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=6).digest(), "big")
         return _seeded(self.transform, img, sample_seed(self.seed, epoch, digest)), int(
-            sample["cls"])
+            sample["cls"]), int(sample["__index__"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,7 +467,8 @@ class StreamData:
             return FolderDataset(self.root, self.items[split], transform, channels)
         return ShardStream(self.root, [rel for rel, _ in self.items[split]], transform,
                            channels, train=train, seed=seed, rank=rank, world=world,
-                           buffer=int(self.meta.get("shuffle_buffer", 1000)))
+                           buffer=int(self.meta.get("shuffle_buffer", 1000)),
+                           counts=[n for _, n in self.items[split]])
 
     def sample_images(self, split: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Up to `n` evaluation-transformed uint8 images (N x C x H x W) and their labels: a
@@ -467,7 +483,7 @@ class StreamData:
             pairs: Any = (ds[(int(i), 0)] for i in pick)
         else:
             pairs = ds
-        for img, label in pairs:
+        for img, label, _ in pairs:
             images.append(np.asarray(img, dtype=np.uint8))
             labels.append(label)
             if len(images) >= n:
@@ -495,10 +511,13 @@ def open_stream(out: Path, meta: dict[str, Any]) -> StreamData:
 class StreamLoader:
     """Batches of one split through a DataLoader with worker processes, in the loader protocol
     the Trainer uses: set_epoch, start_at (skip trained batches without decoding them, folders
-    only), len, num_samples, and (images on the device, labels) batches.
+    only), len, num_samples, and batches on the device: (images, labels, indices) in training,
+    each sample's position in the split (FolderDataset, ShardStream), and (images, labels) in
+    evaluation.
 
     Training batches are this rank's: `batch_size` is the global batch, each of `world` ranks
-    loads batch_size / world of it, and every rank yields the same number of batches."""
+    loads batch_size / world of it, and every rank yields the same number of batches (the last
+    one partial with `repeat` > 1, see quest.core.data.loader.keeps_last_batch)."""
 
     def __init__(self, data: StreamData, split: str, *, train: bool, batch_size: int,
                  mean: Sequence[float], std: Sequence[float], seed: int = 0,
@@ -532,9 +551,13 @@ class StreamLoader:
         """Number of images in the split."""
         return self.data.count(self.split)
 
+    def _per_rank(self) -> int:
+        """Samples this rank loads per epoch."""
+        return -(-self.num_samples * self.repeat // self.world)
+
     def __len__(self) -> int:
-        per_rank = -(-self.num_samples * self.repeat // self.world)
-        if self.train:
+        per_rank = self._per_rank()
+        if self.train and not keeps_last_batch(True, self.repeat):
             return per_rank // self.batch
         if self.data.kind == "shards" and self._workers() > 1:
             # each worker batches its own shards, so each ends with its own partial batch
@@ -575,23 +598,28 @@ class StreamLoader:
             sampler.epoch, sampler.start = self.epoch, self.start * self.batch
             kwargs = {"sampler": sampler}
         loader = DataLoader(ds, batch_size=self.batch, num_workers=workers,
-                            drop_last=self.train, pin_memory=self.device.type == "cuda",
+                            drop_last=not keeps_last_batch(self.train, self.repeat),
+                            pin_memory=self.device.type == "cuda",
                             persistent_workers=False, **kwargs)
         return loader, skip
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         loader, skip = self._loader()
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         it = iter(loader)
         for _ in range(skip):
             next(it)
-        # a training stream of shards never ends by itself: it stops after the epoch's batches
+        # a training stream of shards never ends by itself: it stops after the epoch's batches,
+        # the last one cut to the epoch's remainder when it is kept partial
         todo = len(self) - self.start if self.train else None
+        last = self._per_rank() - (len(self) - 1) * self.batch
         n = 0
-        for x, y in it:
-            yield (x.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
-                   y.to(self.device, non_blocking=True))
+        for x, y, idx in it:
             n += 1
+            keep = last if todo is not None and n == todo else len(y)
+            batch = (x[:keep].to(self.device, non_blocking=True).contiguous(memory_format=fmt),
+                     y[:keep].to(self.device, non_blocking=True))
+            yield (*batch, idx[:keep].to(self.device, non_blocking=True)) if self.train else batch
             if todo is not None and n >= todo:
                 break
         self.start = 0
