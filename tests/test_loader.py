@@ -131,3 +131,64 @@ def test_repeat_is_consecutive_fresh_shuffles_of_the_subset() -> None:
     dl = make_dataloader(x, y, batch_size=8, mean=[0.5] * 3, std=[0.25] * 3, train=True,
                          seed=3, repeat=5, padding=0, flip=False)
     assert len(dl) == 25 and sum(len(lab) for _, lab, _ in dl) == 200
+
+
+def _named(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n images whose every pixel names the image (n <= 256), labels shuffled against them."""
+    x = np.repeat(np.arange(n, dtype=np.uint8), 3 * 4 * 4).reshape(n, 3, 4, 4)
+    return x, np.random.default_rng(1).integers(0, 10, n)
+
+
+def _decoded(images: torch.Tensor) -> torch.Tensor:
+    """The image numbers back from normalised batches (mean 0.5, std 0.25)."""
+    return (images[:, 0, 0, 0] * 0.25 + 0.5).mul(255).round().long()
+
+
+def test_training_batches_carry_each_sample_index_in_both_loaders() -> None:
+    """The index of every sample is its row in the arrays, whatever the loader, shuffle or
+    worker count; an epoch of `repeat` 2 holds each index twice."""
+    from quest.apps.stages.common import _EpochAware
+
+    x, y = _named(40)
+    common = {"batch_size": 8, "mean": [0.5] * 3, "std": [0.25] * 3, "train": True, "seed": 2,
+              "repeat": 2, "padding": 0, "flip": False}
+    memory = InMemoryLoader(x, y, **common)
+    loaders = {"memory": memory}
+    for workers in (0, 2):
+        dl = make_dataloader(x, y, num_workers=workers, **common)
+        loaders[f"dataloader{workers}"] = _EpochAware(dl, torch.device("cpu"), False)
+    for name, loader in loaders.items():
+        loader.set_epoch(1)
+        seen = []
+        for images, labels, idx in loader:
+            assert idx.dtype == torch.int64, name
+            assert torch.equal(_decoded(images), idx), name  # the image the index names
+            assert torch.equal(labels, torch.as_tensor(y)[idx]), name
+            seen += idx.tolist()
+        assert sorted(seen) == sorted(list(range(40)) * 2), name
+    # evaluation batches stay (images, labels), in order
+    assert all(len(b) == 2 for b in InMemoryLoader(x, y, batch_size=16, mean=[0.5] * 3,
+                                                   std=[0.25] * 3, train=False))
+
+
+def test_few_images_sampler_keeps_the_last_partial_batch_as_the_official_one() -> None:
+    """valeoai/QuEST's DataloaderSampler at 10 images per class of MIT-67 (67 x 8 training
+    images repeated 10 times, batch 128): 5360 samples in 42 steps, the last of 112, not 41.
+    Without repeat a training epoch still drops its partial batch."""
+    n, repeat, batch = 67 * 8, 10, 128
+    x = np.zeros((n, 3, 2, 2), dtype=np.uint8)
+    y = np.arange(n) % 67
+    common = {"mean": [0.5] * 3, "std": [0.25] * 3, "train": True, "padding": 0,
+              "flip": False}
+    memory = InMemoryLoader(x, y, batch_size=batch, repeat=repeat, **common)
+    sizes = [len(lab) for _, lab, _ in memory]
+    assert len(memory) == len(sizes) == 42 and sizes[-1] == 112 == memory.last_batch
+    assert sum(sizes) == n * repeat
+    dl = make_dataloader(x, y, batch_size=batch, repeat=repeat, **common)
+    sizes = [len(lab) for _, lab, _ in dl]
+    assert len(dl) == len(sizes) == 42 and sizes[-1] == 112
+    # the full set once per epoch (repeat 1): 4288 = 33 x 128 + 64, the 64 dropped
+    x1, y1 = np.zeros((67 * 64, 3, 2, 2), dtype=np.uint8), np.arange(67 * 64) % 67
+    plain = InMemoryLoader(x1, y1, batch_size=batch, **common)
+    assert len(plain) == len(list(plain)) == 33 and plain.last_batch == batch
+    assert len(make_dataloader(x1, y1, batch_size=batch, **common)) == 33

@@ -342,3 +342,78 @@ def test_dvc_tracks_an_external_image_folder_without_copying_it(folder: Path,
     assert again["md5"] != dep["md5"] and again["nfiles"] == 80
     meta = _open(_cfg(external), project)[1]
     assert meta["location"] == str(external) and meta["counts"]["train"] == 60
+
+
+@pytest.fixture(scope="module")
+def numbered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+    """3 classes x 6 training PNGs of one flat colour each (blue 10 * id + 5: any crop of an
+    image names it) and of mixed sizes, 1 test image per class; returns the folder and each
+    training file's id."""
+    root = tmp_path_factory.mktemp("numbered") / "images"
+    ids: dict[str, int] = {}
+    for split, n in (("train", 6), ("test", 1)):
+        for c in range(3):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                rel = f"{split}/class{c}/img{i}.png"
+                num = len(ids) if split == "train" else 0
+                side = 40 + 7 * ((c + i) % 4)
+                Image.new("RGB", (side, side + 9), (40 * c, 100, 10 * num + 5)).save(root / rel)
+                if split == "train":
+                    ids[rel] = num
+    return root, ids
+
+
+def _image_ids(images: torch.Tensor) -> list[int]:
+    """The ids the flat colours of a normalised batch name."""
+    blue = (images[:, 2].mean(dim=(1, 2)) * STD[2] + MEAN[2]) * 255
+    return ((blue - 5) / 10).round().long().tolist()
+
+
+def _shard_ids(location: Path, shards: list[str]) -> list[int]:
+    """The id of each training sample in the order the index promises: the shards in their
+    listed order, each in its tar order (read here with tarfile, independently of webdataset)."""
+    ids: list[int] = []
+    for name in shards:
+        with tarfile.open(location / name) as tar:
+            for member in tar:
+                if member.name.endswith(".png"):
+                    fh = tar.extractfile(member)
+                    assert fh is not None
+                    ids.append(Image.open(io.BytesIO(fh.read())).getpixel((0, 0))[2] // 10)
+    return ids
+
+
+@pytest.mark.parametrize("source", ["folder", "shards"])
+def test_training_batches_carry_each_sample_index_whatever_workers_and_ranks(
+        source: str, numbered: tuple[Path, dict[str, int]], tmp_path: Path) -> None:
+    """A training batch's indices are the samples' positions in the split (the folder's file
+    list; the shards concatenated in tar order): the same sample has the same index with 0 or
+    2 workers and on either of 2 ranks, and the ranks' shares cover the split."""
+    folder, ids = numbered
+    location = folder
+    if source == "shards":
+        location = tmp_path / "shards"
+        assert write_shards(folder, location, size=5, seed=0)["train"] == 4  # 5 + 5 + 5 + 3
+    data = open_stream(*_open(_cfg(location), tmp_path))
+    rel_ids = ([ids[rel] for rel, _ in data.items["train"]] if source == "folder"
+               else _shard_ids(location, [rel for rel, _ in data.items["train"]]))
+    assert sorted(rel_ids) == list(range(18))
+    labels = [rel_ids[i] // 6 for i in range(18)]  # classes hold ids 0-5, 6-11, 12-17
+    for workers, world in ((0, 1), (2, 1), (0, 2), (2, 2)):
+        seen: list[int] = []
+        for rank in range(world):
+            loader = StreamLoader(data, "train", train=True, batch_size=3 * world, mean=MEAN,
+                                  std=STD, seed=4, workers=workers, rank=rank, world=world)
+            loader.set_epoch(1)
+            for images, y, idx in loader:
+                where = (workers, world, rank)
+                assert _image_ids(images) == [rel_ids[i] for i in idx.tolist()], where
+                assert y.tolist() == [labels[i] for i in idx.tolist()], where
+                seen += idx.tolist()
+        if source == "folder" or world == workers + 1 == 1:
+            # folders: a seeded permutation split over ranks; one reader reads every shard once
+            assert sorted(seen) == list(range(18)), (workers, world)
+        else:
+            assert set(seen) <= set(range(18)) and len(seen) == 18
