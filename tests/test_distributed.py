@@ -115,5 +115,87 @@ def test_batch_that_does_not_split_over_ranks_is_refused() -> None:
     loader = [(torch.zeros(5, 3, 4, 4), torch.zeros(5, dtype=torch.long))]
     with pytest.raises(QuestError, match="multiple of the number of ranks"):
         list(ShardedLoader(loader, rank=0, world_size=2))
-    even = [(torch.arange(6.0).view(6, 1, 1, 1), torch.arange(6))]
-    assert [y.tolist() for _, y in ShardedLoader(even, rank=1, world_size=2)] == [[3, 4, 5]]
+    even = [(torch.arange(6.0).view(6, 1, 1, 1), torch.arange(6), torch.arange(10, 16))]
+    [(x, y, idx)] = list(ShardedLoader(even, rank=1, world_size=2))
+    assert y.tolist() == [3, 4, 5] and idx.tolist() == [13, 14, 15] and x.flatten().tolist() == [
+        3.0, 4.0, 5.0]  # the indices are sharded with their samples
+    # a kept partial last batch (repeat > 1) that cannot split is refused before any step
+    from quest.core.data.loader import InMemoryLoader
+
+    images = np.zeros((41, 3, 2, 2), dtype=np.uint8)
+    partial = InMemoryLoader(images, np.zeros(41), batch_size=8, mean=[0.5] * 3, std=[0.5] * 3,
+                             train=True, repeat=2)  # 82 = 10 x 8 + 2
+    assert partial.last_batch == 2
+    ShardedLoader(partial, rank=0, world_size=2)
+    with pytest.raises(QuestError, match="last batch of 2 images does not split over 4 ranks"):
+        ShardedLoader(partial, rank=0, world_size=4)
+
+
+_RECORDER = """
+import json, sys
+import numpy as np, torch
+from quest.core import distributed
+from quest.core.data.loader import InMemoryLoader
+from quest.core.distill import Distiller
+from quest.core.engine import Trainer
+from quest.infra.config import OptimConfig
+
+
+class Recorder(Distiller):
+    rows = []
+
+    def step(self, batch, ctx):
+        named = (batch.images[:, 0, 0, 0] * 0.25 + 0.5).mul(255).round().long()
+        self.rows.append([ctx.epoch, ctx.step, ctx.total_steps, batch.indices.tolist(),
+                          named.tolist(), batch.labels.tolist()])
+        return super().step(batch, ctx)
+
+
+info = distributed.env_info()
+device = distributed.init(info, torch.device("cpu"))
+n = 42  # x 2 repeats = 84: 10 batches of 8 and a kept last one of 4
+x = np.repeat(np.arange(n, dtype=np.uint8), 3 * 4 * 4).reshape(n, 3, 4, 4)
+y = (np.arange(n) * 7) % 10
+common = dict(mean=[0.5] * 3, std=[0.25] * 3, padding=0, flip=False)
+train = InMemoryLoader(x, y, batch_size=8, train=True, seed=1, repeat=2, **common)
+test = InMemoryLoader(x, y, batch_size=16, train=False, **common)
+torch.manual_seed(0)
+d = Recorder(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10)))
+step, train = distributed.data_parallel(d, device, train, info, 8)
+opt = OptimConfig(epochs=2, batch_size=8, lr=0.1)
+Trainer(d, opt, checkpoint_path=sys.argv[1] + "/ckpt.pt", fingerprint="f", num_classes=10,
+        progress="off", step=step, is_main=info.is_main, graceful_stop=False).fit(train, test)
+with open(f"{sys.argv[1]}/rank{info.rank}.json", "w") as fh:
+    json.dump(Recorder.rows, fh)
+"""
+
+
+def test_each_rank_steps_on_its_share_of_the_batch_with_its_samples_indices(
+        tmp_path: Path) -> None:
+    """Under torchrun (2 gloo ranks) the DDP step receives Batch and StepContext: each rank's
+    indices name its own images, and the ranks' shares put together are the global batch the
+    single-process loader draws, the kept partial last batch of repeat 2 included."""
+    from quest.core.data.loader import InMemoryLoader
+
+    script = tmp_path / "recorder.py"
+    script.write_text(_RECORDER)
+    _quest(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(script), str(tmp_path)], tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    n = 42
+    y = (np.arange(n) * 7) % 10
+    x = np.repeat(np.arange(n, dtype=np.uint8), 3 * 4 * 4).reshape(n, 3, 4, 4)
+    single = InMemoryLoader(x, y, batch_size=8, mean=[0.5] * 3, std=[0.25] * 3, train=True,
+                            seed=1, repeat=2, padding=0, flip=False)
+    expected = []
+    for epoch in range(2):
+        single.set_epoch(epoch)
+        expected += [idx.tolist() for _, _, idx in single]
+    assert len(expected) == 22 and len(expected[10]) == 4  # 11 steps an epoch, the last of 4
+    assert len(ranks[0]) == len(ranks[1]) == 22
+    for step, (a, b) in enumerate(zip(*ranks, strict=True)):
+        assert a[:3] == b[:3] == [step // 11, step, 22]  # epoch, global step, total steps
+        assert a[3] + b[3] == expected[step] and len(a[3]) == len(b[3])
+        for rank in (a, b):
+            assert rank[4] == rank[3]  # each image is the one its index names
+            assert rank[5] == [int(y[i]) for i in rank[3]]

@@ -15,12 +15,13 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from quest.apps.stages.common import _EpochAware
 from quest.core.checkpoint import load_checkpoint
 from quest.core.data.loader import InMemoryLoader, make_dataloader
 from quest.core.data.prepared import load_prepared
-from quest.core.distill import Distiller
+from quest.core.distill import Batch, Distiller, StepContext
 from quest.core.engine import Trainer
 from quest.core.models.zoo import build_model
 from quest.infra.config import OptimConfig
@@ -175,6 +176,79 @@ def test_second_signal_stops_at_once_and_keeps_the_last_checkpoint(
         trainer.fit(TwoSignals(train, 1, 2), test)
     state = load_checkpoint(ckpt)
     assert (state["epoch"], state["step"]) == (1, 0)  # the end-of-epoch-1 checkpoint, untouched
+
+
+class BankDistiller(Distiller):
+    """A stateful method in miniature (CRD's momentum memory bank): a buffer with one row per
+    training sample, updated from `batch.indices` every step, read back by the loss (so the
+    bank steers the weights), weighted by a warm-up on the step context."""
+
+    name = "bank"
+
+    def __init__(self, student: torch.nn.Module, samples: int, classes: int) -> None:
+        super().__init__(student)
+        self.register_buffer("bank", torch.full((samples, classes), 1.0 / classes))
+        self.register_buffer("updates", torch.zeros(samples, dtype=torch.long))
+        self.seen: list[tuple[int, int, int, int, list[int]]] = []
+
+    def step(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = self.student(batch.images)
+        idx = batch.indices
+        assert idx is not None
+        self.seen.append((ctx.epoch, ctx.epochs, ctx.step, ctx.total_steps, idx.tolist()))
+        # a pull towards what the bank remembers of the batch's neighbours
+        memory = self.bank[idx.roll(1)]
+        pull = -(logits.log_softmax(dim=1) * memory).sum(dim=1).mean()
+        with torch.no_grad():
+            self.bank[idx] = 0.5 * self.bank[idx] + 0.5 * logits.softmax(dim=1)
+            self.updates[idx] += 1
+        return logits, {"ce": F.cross_entropy(logits, batch.labels),
+                        "bank": (0.5 + ctx.progress) * pull}
+
+
+def make_bank_trainer(ckpt: Path) -> Trainer:
+    torch.manual_seed(0)
+    opt = OptimConfig(epochs=EPOCHS, batch_size=20, lr=0.05, schedule="onecycle", nesterov=True)
+    return Trainer(BankDistiller(build_model("resnet8", 10), 100, 10), opt, checkpoint_path=ckpt,
+                   fingerprint="fp", num_classes=10, progress="off", desc="t")
+
+
+@pytest.mark.parametrize(("kind", "epoch", "step"), [("memory", 1, 2), ("stream", 0, 3)])
+def test_stateful_method_checkpoints_its_memory_bank_and_resumes_bit_identically(
+    tmp_path: Path, smoke_prepared: Path, kind: str, epoch: int, step: int,
+    request: pytest.FixtureRequest,
+) -> None:
+    """A memory bank indexed by sample, interrupted mid-epoch: the checkpoint holds the bank,
+    and the resumed run sees the same indices and step contexts as an uninterrupted one and
+    ends with the same weights and the same bank, bit for bit."""
+    if kind == "stream":
+        smoke_prepared = request.getfixturevalue("stream_prepared")
+    straight = make_bank_trainer(tmp_path / "straight.pt")
+    straight.fit(*make_loaders(smoke_prepared, kind))
+    bank = straight.distiller.bank
+    assert straight.distiller.updates.tolist() == [EPOCHS] * 100  # each sample once an epoch
+    assert not torch.allclose(bank, torch.full_like(bank, 0.1))
+    steps = 5  # 100 images in batches of 20
+    assert [s[:4] for s in straight.distiller.seen] == [
+        (e, EPOCHS, e * steps + i, EPOCHS * steps) for e in range(EPOCHS) for i in range(steps)]
+
+    ckpt = tmp_path / "resumed.pt"
+    train, test = make_loaders(smoke_prepared, kind)
+    first = make_bank_trainer(ckpt)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(SignalAt(train, epoch, step), test)
+    saved = load_checkpoint(ckpt)["distiller"]
+    assert torch.equal(saved["bank"], first.distiller.bank)  # the bank is in the checkpoint
+    assert int(saved["updates"].sum()) == 20 * (epoch * steps + step + 1)
+
+    second = make_bank_trainer(ckpt)
+    second.fit(*make_loaders(smoke_prepared, kind))
+    done = epoch * steps + step + 1
+    assert first.distiller.seen + second.distiller.seen == straight.distiller.seen
+    assert len(second.distiller.seen) == EPOCHS * steps - done
+    assert torch.equal(second.distiller.bank, bank)
+    assert torch.equal(second.distiller.updates, straight.distiller.updates)
+    assert_same_run(straight, second)
 
 
 def _student_cmd(root: Path) -> list[str]:
