@@ -355,3 +355,25 @@ def test_fused_head_without_grad_mode_gives_the_same_terms() -> None:
     assert without["loss"].grad_fn is None and with_grad["loss"].grad_fn is not None
     for key in ("loss", "word_accuracy", "mean_max_assignment", "student_mean_max"):
         assert without[key].item() == pytest.approx(with_grad[key].item(), rel=1e-6)
+
+
+def test_fused_head_value_at_temperature_500_matches_float64() -> None:
+    """T = 500 (the official layer3 level): teacher logits of size T ||c||^2, here over 1e5,
+    where float32's spacing is 0.01-0.03. The logged KL matches the float64 formula to 1e-6
+    relative (summing p_T t and lse_t apart and subtracting, it was off by 6e-4 here), and the
+    gradients, which never held the cancellation, match as before."""
+    torch.manual_seed(11)
+    k, c_t, c_s, n = 256, 64, 32, 4
+    codebook = 3.0 * torch.randn(k, c_t).abs()  # post-ReLU words, ||c||^2 ~ 580
+    crit = QuestLoss(codebook, student_channels=c_s, temperature=500.0).double()
+    near = codebook[torch.randint(0, k, (n * 64,))] + 0.03 * torch.randn(n * 64, c_t)
+    t = near.abs().view(n, 8, 8, c_t).permute(0, 3, 1, 2).double()
+    s = torch.randn(n, c_s, 8, 8, dtype=torch.float64, requires_grad=True)
+    terms = crit.terms(s, t)  # the fused head runs in float32 whatever the inputs' dtype
+    p_t = crit.targets(t)
+    ref_loss, ref_acc = crit.from_targets(s, p_t)  # float64 throughout
+    assert 500.0 * float(codebook.pow(2).sum(dim=1).max()) > 1e5
+    assert terms["loss"].item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    assert terms["word_accuracy"].item() == pytest.approx(ref_acc.item())
+    grads = [torch.autograd.grad(v, s)[0] for v in (terms["loss"], ref_loss)]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-5)
