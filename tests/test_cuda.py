@@ -87,9 +87,10 @@ def test_in_memory_loader_on_cuda_gives_the_cpu_batches() -> None:
     x, y = rng.integers(0, 256, (96, 3, 32, 32), dtype=np.uint8), np.arange(96) % 10
     kw = {"batch_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "train": True, "seed": 3,
           "repeat": 2}
-    for (xc, yc), (xg, yg) in zip(InMemoryLoader(x, y, **kw),
-                                  InMemoryLoader(x, y, device=dev, **kw), strict=True):
-        assert torch.equal(yc, yg.cpu())
+    for (xc, yc, ic), (xg, yg, ig) in zip(InMemoryLoader(x, y, **kw),
+                                          InMemoryLoader(x, y, device=dev, **kw), strict=True):
+        assert torch.equal(yc, yg.cpu()) and torch.equal(ic, ig.cpu())
+        assert ig.device.type == "cuda"  # the sample indices come on the training device
         torch.testing.assert_close(xc, xg.cpu(), rtol=0, atol=1e-6)
 
 
