@@ -124,7 +124,7 @@ def test_batch_that_does_not_split_over_ranks_is_refused() -> None:
 
     images = np.zeros((41, 3, 2, 2), dtype=np.uint8)
     partial = InMemoryLoader(images, np.zeros(41), batch_size=8, mean=[0.5] * 3, std=[0.5] * 3,
-                             train=True, repeat=2)  # 82 = 10 x 8 + 2
+                             train=True, repeat=2, drop_last=False)  # 82 = 10 x 8 + 2
     assert partial.last_batch == 2
     ShardedLoader(partial, rank=0, world_size=2)
     with pytest.raises(QuestError, match="last batch of 2 images does not split over 4 ranks"):
@@ -157,7 +157,8 @@ n = 42  # x 2 repeats = 84: 10 batches of 8 and a kept last one of 4
 x = np.repeat(np.arange(n, dtype=np.uint8), 3 * 4 * 4).reshape(n, 3, 4, 4)
 y = (np.arange(n) * 7) % 10
 common = dict(mean=[0.5] * 3, std=[0.25] * 3, padding=0, flip=False)
-train = InMemoryLoader(x, y, batch_size=8, train=True, seed=1, repeat=2, **common)
+train = InMemoryLoader(x, y, batch_size=8, train=True, seed=1, repeat=2, drop_last=False,
+                       **common)
 test = InMemoryLoader(x, y, batch_size=16, train=False, **common)
 torch.manual_seed(0)
 d = Recorder(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10)))
@@ -174,7 +175,7 @@ def test_each_rank_steps_on_its_share_of_the_batch_with_its_samples_indices(
         tmp_path: Path) -> None:
     """Under torchrun (2 gloo ranks) the DDP step receives Batch and StepContext: each rank's
     indices name its own images, and the ranks' shares put together are the global batch the
-    single-process loader draws, the kept partial last batch of repeat 2 included."""
+    single-process loader draws, a kept partial last batch (drop_last false) included."""
     from quest.core.data.loader import InMemoryLoader
 
     script = tmp_path / "recorder.py"
@@ -186,7 +187,7 @@ def test_each_rank_steps_on_its_share_of_the_batch_with_its_samples_indices(
     y = (np.arange(n) * 7) % 10
     x = np.repeat(np.arange(n, dtype=np.uint8), 3 * 4 * 4).reshape(n, 3, 4, 4)
     single = InMemoryLoader(x, y, batch_size=8, mean=[0.5] * 3, std=[0.25] * 3, train=True,
-                            seed=1, repeat=2, padding=0, flip=False)
+                            seed=1, repeat=2, padding=0, flip=False, drop_last=False)
     expected = []
     for epoch in range(2):
         single.set_epoch(epoch)

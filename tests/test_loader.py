@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -171,24 +173,42 @@ def test_training_batches_carry_each_sample_index_in_both_loaders() -> None:
                                                    std=[0.25] * 3, train=False))
 
 
-def test_few_images_sampler_keeps_the_last_partial_batch_as_the_official_one() -> None:
+def test_few_images_sampler_keeps_the_last_partial_batch_as_the_official_one(
+        smoke_prepared) -> None:
     """valeoai/QuEST's DataloaderSampler at 10 images per class of MIT-67 (67 x 8 training
     images repeated 10 times, batch 128): 5360 samples in 42 steps, the last of 112, not 41.
-    Without repeat a training epoch still drops its partial batch."""
-    n, repeat, batch = 67 * 8, 10, 128
+    The MIT-67 presets set train.drop_last false; by default an epoch drops its partial batch
+    (the CIFAR studies' step counts and records)."""
+    from quest.apps.stages.common import make_loaders
+    from quest.core.data.prepared import load_prepared
+    from quest.infra.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml",
+                      "mit67-resnet34-resnet18-img10")
+    opt = cfg.student.train
+    assert (opt.batch_size, opt.repeat, opt.drop_last) == (128, 10, False)
+    n = 67 * 8
     x = np.zeros((n, 3, 2, 2), dtype=np.uint8)
     y = np.arange(n) % 67
     common = {"mean": [0.5] * 3, "std": [0.25] * 3, "train": True, "padding": 0,
-              "flip": False}
-    memory = InMemoryLoader(x, y, batch_size=batch, repeat=repeat, **common)
+              "flip": False, "batch_size": 128, "repeat": 10}
+    memory = InMemoryLoader(x, y, drop_last=False, **common)
     sizes = [len(lab) for _, lab, _ in memory]
     assert len(memory) == len(sizes) == 42 and sizes[-1] == 112 == memory.last_batch
-    assert sum(sizes) == n * repeat
-    dl = make_dataloader(x, y, batch_size=batch, repeat=repeat, **common)
+    assert sum(sizes) == n * 10
+    dl = make_dataloader(x, y, drop_last=False, **common)
     sizes = [len(lab) for _, lab, _ in dl]
     assert len(dl) == len(sizes) == 42 and sizes[-1] == 112
-    # the full set once per epoch (repeat 1): 4288 = 33 x 128 + 64, the 64 dropped
-    x1, y1 = np.zeros((67 * 64, 3, 2, 2), dtype=np.uint8), np.arange(67 * 64) % 67
-    plain = InMemoryLoader(x1, y1, batch_size=batch, **common)
-    assert len(plain) == len(list(plain)) == 33 and plain.last_batch == batch
-    assert len(make_dataloader(x1, y1, batch_size=batch, **common)) == 33
+    dropped = InMemoryLoader(x, y, **common)  # the default
+    assert len(dropped) == len(list(dropped)) == 41 and dropped.last_batch == 128
+    assert len(make_dataloader(x, y, **common)) == 41
+    # the setting reaches the stage's loaders (memory and DataLoader)
+    ds = load_prepared(smoke_prepared)
+    full, rest = divmod(len(ds.train.labels) * 10, 128)
+    assert rest  # the smoke split repeated 10 times ends with a partial batch
+    for kind in ("memory", "dataloader"):
+        cfg.data.loader = kind
+        for drop, steps, last in ((False, full + 1, rest), (True, full, 128)):
+            opt.drop_last = drop
+            train, _ = make_loaders(ds, cfg, opt, torch.device("cpu"))
+            assert (len(train), train.last_batch) == (steps, last), kind

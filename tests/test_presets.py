@@ -125,14 +125,17 @@ TABLE: dict[str, Row] = {
 # The training recipe and data of each family of configurations.
 CIFAR_TRAIN = {"epochs": 240, "batch_size": 64, "momentum": 0.9, "nesterov": True,
                "weight_decay": 5e-4, "schedule": "step", "milestones": [150, 180, 210],
-               "gamma": 0.1, "repeat": 1}
+               "gamma": 0.1, "drop_last": True, "repeat": 1}
 IMAGENET_TRAIN = {"epochs": 100, "batch_size": 256, "momentum": 0.9, "nesterov": True,
                   "weight_decay": 1e-4, "schedule": "step", "milestones": [30, 60, 90],
-                  "gamma": 0.1, "repeat": 1}
+                  "gamma": 0.1, "drop_last": True, "repeat": 1}
 TRANSFER_TRAIN = {"epochs": 200, "batch_size": 128, "momentum": 0.9, "nesterov": False,
                   "weight_decay": 5e-4, "schedule": "step", "milestones": [150], "gamma": 0.1}
 # RN34_VGG9_IMG*: batch 32 (LUT_lr 0.01 until epoch 150, then 0.001, as Row.lr and milestones say)
 TRANSFER_BATCH = {"resnet18": 128, "vgg9": 32}
+# RN34_RN18_IMG* train through DataloaderSampler (use_ds_dataloader), which keeps each epoch's
+# partial last batch; RN34_VGG9_IMG* through SimpleDataloader, which drops it
+TRANSFER_DROP_LAST = {"resnet18": False, "vgg9": True}
 # images per class trained on (the first 80% of the config's num_examples) and the sampler's
 # repeat factor int(5360 / (67 x that))
 TRANSFER_DATA = {10: (8, 10), 25: (20, 4), 50: (40, 2), 80: (64, 1)}
@@ -191,7 +194,8 @@ def test_preset_carries_the_official_settings(name: str) -> None:
     assert cfg.codebook.max_points_per_centroid >= 10_000_000  # FAISS: no sampling
     assert cfg.teacher.checkpoint  # imported, never trained here
     recipe = {k: getattr(t, k) for k in ("epochs", "batch_size", "momentum", "nesterov",
-                                         "weight_decay", "schedule", "milestones", "gamma")}
+                                         "weight_decay", "schedule", "milestones", "gamma",
+                                         "drop_last")}
     sub = cfg.data.subset
     if name.startswith("cifar100-"):
         assert recipe | {"repeat": t.repeat} == CIFAR_TRAIN
@@ -209,7 +213,8 @@ def test_preset_carries_the_official_settings(name: str) -> None:
         assert (cfg.data.mean, cfg.data.std) == (IMAGENET_MEAN, IMAGENET_STD)
         assert cfg.student.methods == ["ce", "kd", "quest"]
     else:
-        assert recipe == TRANSFER_TRAIN | {"batch_size": TRANSFER_BATCH[row.student]}
+        assert recipe == TRANSFER_TRAIN | {"batch_size": TRANSFER_BATCH[row.student],
+                                           "drop_last": TRANSFER_DROP_LAST[row.student]}
         assert (cfg.data.source, cfg.data.image_size) == ("image_folder", 224)
         assert (cfg.data.mean, cfg.data.std) == (IMAGENET_MEAN, IMAGENET_STD)
         per_class, repeat = TRANSFER_DATA[int(name.rsplit("img", 1)[1])]

@@ -417,3 +417,13 @@ def test_training_batches_carry_each_sample_index_whatever_workers_and_ranks(
             assert sorted(seen) == list(range(18)), (workers, world)
         else:
             assert set(seen) <= set(range(18)) and len(seen) == 18
+    # drop_last false (the official transfer sampler): 18 x 2 samples in batches of 8 end with
+    # one of 4; on 2 ranks, 18 each in batches of 4 end with one of 2
+    for world, sizes in ((1, [8, 8, 8, 8, 4]), (2, [4, 4, 4, 4, 2])):
+        for rank in range(world):
+            kept = StreamLoader(data, "train", train=True, batch_size=8, mean=MEAN, std=STD,
+                                seed=4, repeat=2, rank=rank, world=world, drop_last=False)
+            batches = list(kept)
+            assert [len(y) for _, y, _ in batches] == sizes and len(kept) == len(sizes)
+            assert all(_image_ids(x) == [rel_ids[i] for i in idx.tolist()]
+                       for x, _, idx in batches)

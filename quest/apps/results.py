@@ -54,6 +54,7 @@ def device_name(device: torch.device) -> str:
 # Settings added after records were first written, with the value that reproduces the older
 # code: at that value they stay out of the hash, so the older records keep matching.
 _NEUTRAL = {("student", "train", "repeat"): 1, ("teacher", "train", "repeat"): 1,
+            ("student", "train", "drop_last"): True, ("teacher", "train", "drop_last"): True,
             ("data", "padding_mode"): "constant", ("features", "pool"): 1,
             ("quest", "extra_levels"): {}, ("data", "format"): "prepared",
             ("data", "crop_scale_min"): 0.08, ("data", "eval_crop_ratio"): 0.875,

@@ -142,10 +142,11 @@ class ShardedLoader:
         self.loader, self.rank, self.world_size = loader, rank, world_size
         last = getattr(loader, "last_batch", None)
         if last is not None and last % world_size:
-            # a kept partial last batch (train.repeat > 1) must split too: say so before epoch 1
+            # a kept partial last batch (train.drop_last false) must split too: say so before
+            # the first epoch rather than at its end
             raise QuestError(f"an epoch's last batch of {last} images does not split over "
-                             f"{world_size} ranks: change train.batch_size or train.repeat so "
-                             "that images x repeat leaves a multiple of the ranks")
+                             f"{world_size} ranks: set train.drop_last true, or a batch size "
+                             "or repeat that leaves a multiple of the ranks")
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -93,6 +93,9 @@ class OptimConfig(Section):
     # passes over the training set per epoch, each a fresh shuffle (the official few-images
     # sampler: a small subset repeated so that an epoch keeps the full set's step count)
     repeat: int = 1
+    # false: an epoch ends with its partial batch, as the official transfer-learning sampler
+    # (valeoai/QuEST's DataloaderSampler) does: 42 steps, not 41, at 10 images per class
+    drop_last: bool = True
 
 
 class TeacherConfig(Section):

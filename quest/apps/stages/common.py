@@ -97,13 +97,14 @@ def make_loaders(
                              std=std, seed=opt.seed, device=device,
                              channels_last=cfg.runtime.channels_last, repeat=opt.repeat,
                              rank=rank, world=world, workers=cfg.data.workers,
-                             flip=cfg.data.flip)
+                             flip=cfg.data.flip, drop_last=opt.drop_last)
         return train, eval_loader(ds, cfg, device)
     common = {"mean": mean, "std": std, "padding": cfg.data.padding, "flip": cfg.data.flip,
               "padding_mode": cfg.data.padding_mode}
     if cfg.data.loader == "dataloader":
         train = make_dataloader(ds.train.images, ds.train.labels, batch_size=opt.batch_size,
-                                train=True, seed=opt.seed, repeat=opt.repeat, **common)
+                                train=True, seed=opt.seed, repeat=opt.repeat,
+                                drop_last=opt.drop_last, **common)
         test = make_dataloader(ds.test.images, ds.test.labels, batch_size=256, train=False,
                                **common)
         return _EpochAware(train, device, cfg.runtime.channels_last), _EpochAware(
@@ -111,7 +112,7 @@ def make_loaders(
     cl = cfg.runtime.channels_last
     train = InMemoryLoader(ds.train.images, ds.train.labels, batch_size=opt.batch_size,
                            train=True, seed=opt.seed, device=device, channels_last=cl,
-                           repeat=opt.repeat, **common)
+                           repeat=opt.repeat, drop_last=opt.drop_last, **common)
     test = InMemoryLoader(ds.test.images, ds.test.labels, batch_size=256, train=False,
                           device=device, channels_last=cl, **common)
     return train, test

@@ -50,14 +50,6 @@ def random_crop_flip(
     return out
 
 
-def keeps_last_batch(train: bool, repeat: int) -> bool:
-    """Whether a loader yields an epoch's last partial batch: always in evaluation; in training
-    only with `repeat` > 1, as the official few-images sampler does (valeoai/QuEST's
-    DataloaderSampler: a DataLoader over MaskedRandomSampler with drop_last False, 42 steps of
-    batch 128 for 67 x 8 images repeated 10 times, not 41); a plain training epoch drops it."""
-    return not train or repeat > 1
-
-
 def last_batch_size(samples: int, batch_size: int, drop_last: bool) -> int:
     """Size of the last batch of an epoch of `samples` in batches of `batch_size`."""
     rest = samples % batch_size
@@ -70,7 +62,8 @@ class InMemoryLoader:
     Shuffling, crops and flips come from a CPU generator seeded with ``seed`` and the epoch, so an
     epoch's batches are the same whether or not the run was interrupted and resumed. Training
     batches are (images, labels, indices), each sample's row in `images`; evaluation batches are
-    (images, labels).
+    (images, labels). `drop_last` (default: in training) drops an epoch's partial last batch;
+    the official transfer-learning sampler keeps it (train.drop_last false).
     """
 
     def __init__(
@@ -109,8 +102,7 @@ class InMemoryLoader:
         self.channels_last = channels_last
         # a training epoch is `repeat` consecutive shuffles of the images
         self.repeat = int(repeat) if train else 1
-        self.drop_last = (not keeps_last_batch(train, self.repeat) if drop_last is None
-                          else drop_last)
+        self.drop_last = train if drop_last is None else drop_last
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffling and augmentation the next iteration reproduces."""
@@ -204,12 +196,13 @@ def make_dataloader(
     num_workers: int = 0,
     repeat: int = 1,
     padding_mode: str = "constant",
+    drop_last: bool | None = None,
 ) -> DataLoader:
     """A torch DataLoader with per-sample transforms, for datasets that do not fit in memory.
 
     A training epoch is `repeat` consecutive shuffles of the images (RandomSampler without
     replacement draws whole permutations back to back); training batches are (images, labels,
-    indices)."""
+    indices). `drop_last` defaults to `train`."""
     ds = ArrayDataset(images, labels, mean, std, train, padding, flip, padding_mode)
     gen = torch.Generator().manual_seed(seed)
     sampler = None
@@ -220,7 +213,7 @@ def make_dataloader(
         batch_size=batch_size,
         shuffle=train and sampler is None,
         sampler=sampler,
-        drop_last=not keeps_last_batch(train, repeat),
+        drop_last=train if drop_last is None else drop_last,
         num_workers=num_workers,
         generator=gen,
         persistent_workers=num_workers > 0,

@@ -33,7 +33,6 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from quest.core.data.loader import keeps_last_batch
 from quest.infra.errors import QuestError
 
 FORMAT = "stream"
@@ -517,13 +516,13 @@ class StreamLoader:
 
     Training batches are this rank's: `batch_size` is the global batch, each of `world` ranks
     loads batch_size / world of it, and every rank yields the same number of batches (the last
-    one partial with `repeat` > 1, see quest.core.data.loader.keeps_last_batch)."""
+    one partial where `drop_last` is false)."""
 
     def __init__(self, data: StreamData, split: str, *, train: bool, batch_size: int,
                  mean: Sequence[float], std: Sequence[float], seed: int = 0,
                  device: str | torch.device = "cpu", channels_last: bool = False,
                  repeat: int = 1, rank: int = 0, world: int = 1, workers: int = 0,
-                 flip: bool = True) -> None:
+                 flip: bool = True, drop_last: bool | None = None) -> None:
         if batch_size % world:
             raise QuestError(f"train.batch_size {batch_size} does not split over {world} "
                              "ranks: make it a multiple of the number of processes")
@@ -533,6 +532,7 @@ class StreamLoader:
         self.seed, self.device = seed, torch.device(device)
         self.channels_last, self.workers = channels_last, workers
         self.repeat = repeat if train else 1
+        self.drop_last = train if drop_last is None else drop_last
         meta = data.meta
         self.transform = make_transform(
             train, data.image_shape[1], mean, std, flip=flip,
@@ -557,7 +557,7 @@ class StreamLoader:
 
     def __len__(self) -> int:
         per_rank = self._per_rank()
-        if self.train and not keeps_last_batch(True, self.repeat):
+        if self.train and self.drop_last:
             return per_rank // self.batch
         if self.data.kind == "shards" and self._workers() > 1:
             # each worker batches its own shards, so each ends with its own partial batch
@@ -598,7 +598,7 @@ class StreamLoader:
             sampler.epoch, sampler.start = self.epoch, self.start * self.batch
             kwargs = {"sampler": sampler}
         loader = DataLoader(ds, batch_size=self.batch, num_workers=workers,
-                            drop_last=not keeps_last_batch(self.train, self.repeat),
+                            drop_last=self.drop_last,
                             pin_memory=self.device.type == "cuda",
                             persistent_workers=False, **kwargs)
         return loader, skip
