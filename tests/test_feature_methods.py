@@ -62,13 +62,12 @@ def test_hint_regressor_follows_the_size_rule(s_hw: int, t_hw: int, kind: type,
 
 
 def _ctx(student: str, teacher: str) -> MethodContext:
-    from types import SimpleNamespace
-
-    from quest.infra.config import ATConfig, FitNetConfig
+    from quest.core.methods import resolve_settings
+    from quest.infra.config import StudentConfig
 
     torch.manual_seed(0)
     return MethodContext(build_model(student, 10), build_model(teacher, 10),
-                         SimpleNamespace(fitnet=FitNetConfig(), at=ATConfig()),
+                         resolve_settings(StudentConfig()),
                          image_shape=(3, 32, 32))
 
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
 
-from quest.core.methods import MethodContext, get
+from quest.core.methods import MethodContext, get, resolve_settings
 from quest.core.models import (
     MODEL_NAMES,
     FeatureTap,
@@ -20,7 +18,7 @@ from quest.core.models import (
 )
 from quest.core.models.shufflenet import ChannelShuffle
 from quest.core.models.zoo import feature_stages
-from quest.infra.config import ATConfig, FitNetConfig
+from quest.infra.config import StudentConfig
 from quest.infra.errors import QuestError
 
 NEW = ("mobilenetv2_half", "shufflev1", "shufflev2")
@@ -231,7 +229,7 @@ def test_init_follows_repdistiller() -> None:
 def _ctx(student: str, teacher: str) -> MethodContext:
     torch.manual_seed(0)
     return MethodContext(build_model(student, 10), build_model(teacher, 10),
-                         SimpleNamespace(fitnet=FitNetConfig(), at=ATConfig()),
+                         resolve_settings(StudentConfig()),
                          image_shape=(3, 32, 32))
 
 

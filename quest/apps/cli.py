@@ -31,6 +31,25 @@ def _add_tracking_args(p: argparse.ArgumentParser) -> None:
                         "MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db)")
 
 
+def _method_names() -> tuple[str, ...]:
+    """The registered methods (built-ins, then installed plug-ins), for help texts."""
+    from quest.core.methods import names
+
+    return names()
+
+
+def _methods_epilog() -> str:
+    """One line per registered method: its description and the settings sections it reads."""
+    from quest.core.methods import get
+
+    lines = ["methods:"]
+    for name in _method_names():
+        spec = get(name)
+        reads = ", ".join(f"student.{sec}" for sec in spec.settings)
+        lines.append(f"  {name:10s} {spec.description}" + (f" ({reads})" if reads else ""))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -62,7 +81,9 @@ def _add_stage_commands(sub: Any) -> None:
     p.add_argument("--level", default="", metavar="NAME", help=level_help)
     p = stage("codebook", "fit the k-means visual-word vocabulary into models/codebook/")
     p.add_argument("--level", default="", metavar="NAME", help=level_help)
-    p = stage("student", "train a student with one method (ce, kd, quest, quest+kd)")
+    p = stage("student", f"train a student with one method ({', '.join(_method_names())})")
+    p.epilog = _methods_epilog()
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--method", action="append", default=None,
                    help="method to train (repeatable; default: every one in student.methods)")
     p = stage("sweep", "retrain students with several seeds; record each run in results/")
@@ -232,15 +253,18 @@ def _run_stage(args: argparse.Namespace) -> None:
     cfg = _load_cfg(args)
     if args.command == "config":
         from quest.core.checks import check_runnable
+        from quest.core.methods import config_dict
 
         check_runnable(cfg)  # `quest config` checks everything a stage's start would
+        # every registered method's section (plug-ins included), its defaults filled in
+        resolved = config_dict(cfg)
         if args.format == "yaml":
             import yaml
 
             # block style, keys in definition order: readable and diff-friendly for DVC params
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False), end="")
+            print(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False), end="")
         else:
-            print(json.dumps(cfg.to_dict(), indent=2))
+            print(json.dumps(resolved, indent=2))
         return
     paths = Paths(Path(args.root).resolve())
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from quest.core.methods import get as get_method
+from quest.core.methods import logged_keys, settings_dict
 from quest.core.methods import names as method_names
+from quest.core.methods import sections as method_sections
 from quest.infra.config import Config, config_hash
 from quest.infra.io_utils import write_json_atomic
 
@@ -73,11 +75,12 @@ def method_settings(cfg: Config, method: str) -> dict[str, Any]:
     or checkpoint in another directory (another machine's mirror) is the same setting; the
     records carry the content hashes besides.
     """
-    d = cfg.to_dict()
+    d = {**cfg.to_dict(), "student": settings_dict(cfg.student)}
     out: dict[str, Any] = {"data": d["data"]}
     # every method's own settings section is left out here and added back for the method
     # that reads it: a CE run is the same run whatever QuEST's, KD's or FitNets' knobs say
-    sections = {sec for name in method_names() for sec in get_method(name).settings}
+    sections = {*method_sections(),
+                *(sec for name in method_names() for sec in get_method(name).settings)}
     student = {k: v for k, v in d["student"].items() if k not in {"methods", *sections}}
     student["train"] = {k: v for k, v in student["train"].items() if k != "seed"}
     out["student"] = student
@@ -124,16 +127,24 @@ def schedule_key(cfg: Config) -> str:
             f"lr {t.lr} bs {t.batch_size}, K={cfg.codebook.k}")
 
 
-# Per-epoch values a record keeps (the loss terms and the QuEST diagnostics among them).
-HISTORY_KEYS = ("epoch", "loss", "ce", "kd", "quest", "word_accuracy", "mean_max_assignment",
-                "student_mean_max", "predictor_scale", "teacher_perplexity", "train_accuracy",
-                "test_accuracy", "test_top5", "lr", "seconds")
+# Per-epoch values a record keeps beside every registered method's loss terms and diagnostics
+# (the registry's loss_terms and monitors: `history_keys`).
+_RUN_KEYS = ("epoch", "loss", "train_accuracy", "test_accuracy", "test_top5", "lr", "seconds")
+
+
+def history_keys() -> tuple[str, ...]:
+    """Per-epoch values a record keeps: the run's own and every registered method's loss terms
+    and diagnostics (so a plug-in's terms are kept without an edit here)."""
+    return (*_RUN_KEYS[:2], *logged_keys(), *_RUN_KEYS[2:])
+
+
+HISTORY_KEYS = history_keys()  # the built-ins' and installed plug-ins' (at import)
 
 
 def _history_key(key: str) -> bool:
     """Whether a record keeps this per-epoch value: the listed ones, and their per-level forms
     (quest_<level>, word_accuracy_<level>, ... of student.quest.extra_levels)."""
-    return key in HISTORY_KEYS or any(key.startswith(f"{k}_") for k in _LEVEL_KEYS)
+    return key in history_keys() or any(key.startswith(f"{k}_") for k in _LEVEL_KEYS)
 
 
 # The per-level terms and diagnostics the QuEST method logs for each extra level.

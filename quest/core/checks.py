@@ -1,5 +1,6 @@
 """Checks of a config that need the core: architecture and method names from their registries,
-and layer names against built networks. They run when a stage starts (and when `quest run`,
+the methods' settings sections against their models, and layer names against built networks.
+They run when a stage starts (and when `quest run`,
 a study or a flow starts), not while the config loads, so that loading settings stays cheap and
 the settings layer never imports the networks."""
 
@@ -20,7 +21,8 @@ def _layer(arch: str, layer: str, key: str) -> None:
 
 
 def check_runnable(cfg: Config) -> None:
-    """Raise a one-line QuestError when `cfg` names an unknown architecture, method or layer."""
+    """Raise a one-line QuestError when `cfg` names an unknown architecture, method or layer, or
+    a method section holds an unknown key or a bad value."""
     from quest.core import methods
     from quest.core.models.zoo import MODEL_NAMES
 
@@ -29,6 +31,7 @@ def check_runnable(cfg: Config) -> None:
             raise QuestError(f"{key} is '{arch}': choose one of {', '.join(MODEL_NAMES)}")
     for m in cfg.student.methods:
         methods.get(m)
+    methods.resolve_settings(cfg.student)  # each method's section against its own model
     if cfg.features.layer is not None:
         _layer(cfg.teacher.arch, cfg.features.layer, "features.layer")
     if cfg.student.layer is not None:

@@ -128,18 +128,16 @@ def build_distiller(
 ) -> Distiller:
     """Build the distiller of a registered method from loose settings (scripts and tests; the
     student stage passes its typed StudentConfig to the method's builder instead)."""
-    from types import SimpleNamespace
-
-    from quest.core.methods import MethodContext, get
-    from quest.infra.config import KDConfig, QuestConfig
+    from quest.core.methods import MethodContext, get, resolve_settings
+    from quest.infra.config import QuestConfig, StudentConfig
 
     spec = get(method)
     if spec.needs_teacher:
         assert teacher is not None, f"method {method} needs a teacher"
-    settings = SimpleNamespace(
-        kd=KDConfig(temperature=kd_temperature, ce_weight=kd_ce_weight, kd_weight=kd_weight),
-        quest=QuestConfig(temperature=quest_temperature, weight=quest_weight,
-                          init_scale=init_scale, predictor=quest_predictor))
+    settings = resolve_settings(StudentConfig.model_validate({
+        "kd": {"temperature": kd_temperature, "ce_weight": kd_ce_weight, "kd_weight": kd_weight},
+        "quest": QuestConfig(temperature=quest_temperature, weight=quest_weight,
+                             init_scale=init_scale, predictor=quest_predictor)}))
     out = spec.build(MethodContext(student, teacher, settings, codebook, teacher_layer,
                                    student_layer, student_channels))
     assert isinstance(out, Distiller)

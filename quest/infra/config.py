@@ -2,8 +2,10 @@
 
 The settings schema lives here, in the infrastructure layer, so that every layer above can read
 it; each choice is a ``Literal`` type named for what it chooses (`Schedule`, `Predictor`, ...),
-and the core module that acts on it derives its list of choices from that type. Checks that
-need the core (architecture and method names, layer names of a built network) run when a stage
+and the core module that acts on it derives its list of choices from that type. A method's own
+settings (``student.kd`` and the like) are not typed here: each method's module owns its model,
+and `StudentConfig` keeps those sections as raw mappings. Checks that need the core
+(architecture and method names, method sections, layer names of a built network) run when a stage
 starts: `quest.core.checks.check_runnable`.
 """
 
@@ -154,39 +156,22 @@ class QuestConfig(Section):
     extra_levels: dict[str, QuestLevelConfig] = Field(default_factory=dict)
 
 
-class KDConfig(Section):
-    """Hinton KD settings, RepDistiller's weighting."""
-
-    temperature: float = 4.0
-    ce_weight: float = 0.1
-    kd_weight: float = 0.9
-
-
-class FitNetConfig(Section):
-    """FitNets hint settings, RepDistiller's: CE + weight * MSE(regressor(s_hint), t_hint)."""
-
-    weight: float = 100.0
-    hint_layer: int = 2  # index into the stage outputs [stem, stage 1, stage 2, ...]
-
-
-class ATConfig(Section):
-    """Attention transfer settings, RepDistiller's: CE + weight * sum over stage pairs."""
-
-    weight: float = 1000.0
-    p: float = 2.0
-
-
 class StudentConfig(Section):
-    """Student architecture, the methods to train, and the training recipe."""
+    """Student architecture, the methods to train, and the training recipe.
+
+    Every other key is a method's settings section (``student.kd``, ``student.fitnet``, ...),
+    kept here as the raw mapping params.yaml gives: each method owns its section's model in its
+    module under quest/core/methods/, and the core validates the sections (one line per bad
+    value, did-you-mean for an unknown key) when a stage, `quest config` or a study starts
+    (`quest.core.checks.check_runnable`; the settings layer never reaches the methods)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
     arch: str = "resnet20"
     layer: str | None = None
     methods: list[str] = Field(default_factory=lambda: ["ce", "kd", "quest"])
     train: OptimConfig = Field(default_factory=OptimConfig)
     quest: QuestConfig = Field(default_factory=QuestConfig)
-    kd: KDConfig = Field(default_factory=KDConfig)
-    fitnet: FitNetConfig = Field(default_factory=FitNetConfig)
-    at: ATConfig = Field(default_factory=ATConfig)
 
 
 class RuntimeConfig(Section):
@@ -298,13 +283,14 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
-def _walk(loc: tuple[Any, ...]) -> tuple[str, Any, list[str]]:
-    """The dotted key of an error location, the annotation found there, and the field names of
-    the section holding it (for did-you-mean hints)."""
-    model: Any = Config
-    tp: Any = Config
-    names: list[str] = list(Config.model_fields)
-    key = ""
+def _walk(loc: tuple[Any, ...], root: type[BaseModel], prefix: str = ""
+          ) -> tuple[str, Any, list[str]]:
+    """The dotted key of an error location (under `prefix`, the key of `root`), the annotation
+    found there, and the field names of the section holding it (for did-you-mean hints)."""
+    model: Any = root
+    tp: Any = root
+    names: list[str] = list(root.model_fields)
+    key = prefix
     for part in loc:
         if isinstance(part, int):
             key += f"[{part}]"
@@ -328,20 +314,26 @@ def _walk(loc: tuple[Any, ...]) -> tuple[str, Any, list[str]]:
     return key, tp, names
 
 
-def _one_line(exc: ValidationError) -> QuestError:
-    """The first problem of a pydantic validation error as the project's one-line error."""
+def one_line_error(exc: ValidationError, root: type[BaseModel] = Config,
+                   prefix: str = "") -> QuestError:
+    """The first problem of a pydantic validation error of `root` (a section found at the dotted
+    key `prefix`; the whole config by default) as the project's one-line error."""
     err = exc.errors()[0]
     loc = tuple(err["loc"])
     if err["type"] == "extra_forbidden":
-        key, _, names = _walk(loc[:-1])
+        key, _, names = _walk(loc[:-1], root, prefix)
         name = str(loc[-1])
         full = f"{key}.{name}" if key else name
         close = difflib.get_close_matches(name, names, n=1)
         hint = f" (did you mean '{key + '.' if key else ''}{close[0]}'?)" if close else ""
         return QuestError(f"unknown setting '{full}'{hint}: remove or rename it in params.yaml")
-    key, tp, _ = _walk(loc)
+    key, tp, _ = _walk(loc, root, prefix)
     value = err.get("input")
     literals = [a for a in (tp, *typing.get_args(tp)) if typing.get_origin(a) is Literal]
+    if err["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        # a range a section declares with Field(gt=..., le=...)
+        bound = str(err["msg"]).replace("Input should be", "use a value")
+        return QuestError(f"{key} is {value}: {bound} (fix it in params.yaml)")
     if err["type"] == "literal_error" and literals:
         choices = ", ".join(map(str, typing.get_args(literals[0])))
         return QuestError(f"{key} is '{value}': choose one of {choices}")
@@ -464,7 +456,7 @@ def build_config(raw: dict[str, Any]) -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        raise _one_line(exc) from None
+        raise one_line_error(exc) from None
     validate(cfg)
     return cfg
 

@@ -1,4 +1,4 @@
-"""Student stage: train one student with one method (ce, kd, quest, quest+kd) and save it."""
+"""Student stage: train one student with one registered method (quest.core.methods) and save it."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from quest.core.data.stream import StreamData
 from quest.core.engine import Trainer
 from quest.core.fastpath import autocast_step, describe, maybe_compile
 from quest.core.levels import LevelInputs, level_paths, quest_levels
-from quest.core.methods import MethodContext, get
+from quest.core.methods import MethodContext, get, resolve_settings
 from quest.core.models.taps import FeatureTap
 from quest.core.models.zoo import build_model, count_parameters, default_feature_layer
 from quest.infra.config import Config, config_hash
@@ -91,7 +91,14 @@ def _codebook_context(cfg: Config, paths: Paths, student: torch.nn.Module,
     }
 
 
-def _build_distiller(cfg: Config, paths: Paths, method: str, num_classes: int,
+def _train_labels(ds: Any) -> torch.Tensor | None:
+    """The training split's labels in index order (prepared data; a stream does not hold them)."""
+    if isinstance(ds, StreamData):
+        return None
+    return torch.from_numpy(np.asarray(ds.train.labels)).long()
+
+
+def _build_distiller(cfg: Config, paths: Paths, method: str, ds: Any, num_classes: int,
                      image_shape: tuple[int, ...], device: torch.device,
                      provenance: dict[str, Any]) -> Any:
     """The method's distiller around a fresh student (and the teacher it needs)."""
@@ -109,8 +116,9 @@ def _build_distiller(cfg: Config, paths: Paths, method: str, num_classes: int,
         extra = (_codebook_context(cfg, paths, student, image_shape, device, provenance)
                  if spec.needs_codebook else {})
         # the method's extra heads (QuEST's predictor) are built here, under the same seed
-        distiller = spec.build(MethodContext(student, teacher, s, image_shape=image_shape,
-                                             **extra))
+        distiller = spec.build(MethodContext(
+            student, teacher, resolve_settings(s), image_shape=image_shape,
+            train_labels=_train_labels(ds), num_classes=num_classes, **extra))
     maybe_compile(student, cfg.runtime.compile)
     return distiller
 
@@ -155,7 +163,7 @@ def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None =
     ds = load_data(paths)
     image_shape = ds.image_shape
     provenance: dict[str, Any] = {"data_sha256": data_hash(paths.prepared)}
-    distiller = _build_distiller(cfg, paths, method, len(ds.classes), image_shape, device,
+    distiller = _build_distiller(cfg, paths, method, ds, len(ds.classes), image_shape, device,
                                  provenance)
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info is not None else (0, 1)
     # a stream reads only this rank's share; prepared arrays are sliced per batch instead

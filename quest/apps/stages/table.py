@@ -89,7 +89,7 @@ AUGMENT = ["data.padding", "data.padding_mode", "data.flip", "data.loader"]
 def method_params(method: Key) -> list[str]:
     """The student settings a method's run reads (None: every registered method's, for the
     one params list of dvc.yaml's foreach template)."""
-    from quest.core.methods import get, names
+    from quest.core.methods import get, names, sections
 
     methods = names() if method in (None, METHOD_ITEM) else [method]
     specs = [get(m) for m in methods]
@@ -97,8 +97,10 @@ def method_params(method: Key) -> list[str]:
     if any(s.needs_codebook for s in specs):
         out.append("student.layer")
     out += _train("student.train")
+    owned = sections()
     for section in dict.fromkeys(sec for s in specs for sec in s.settings):
-        out += _fields(f"student.{section}", StudentConfig.model_fields[section].annotation)
+        model = owned.get(section) or StudentConfig.model_fields[section].annotation
+        out += _fields(f"student.{section}", model)
     return out + AUGMENT
 
 

@@ -267,8 +267,10 @@ def _log_student(client: Any, rid: str, method: str, cfg: Config, paths: Paths, 
     from quest.apps.tracking import registry
 
     sm = c.students[method]
+    from quest.core.methods import settings_dict
+
     _log_params(client, rid, {"method": method, **flatten(
-        {"student": cfg.to_dict()["student"]})})
+        {"student": settings_dict(cfg.student)})})
     _log_metrics(client, rid, [
         # final numbers under names the per-epoch history does not use
         (k, sm[k], 0) for k in ("top1", "top5", "params", "seconds") if _numeric(sm.get(k))
@@ -350,7 +352,9 @@ def track_pipeline(
         with mlflow.start_run(experiment_id=exp_id, run_name="pipeline",
                               tags={**base_tags, "quest.stage": "pipeline"}) as parent:
             pid = result["parent_run_id"] = parent.info.run_id
-            _log_params(client, pid, flatten(cfg.to_dict()))
+            from quest.core.methods import config_dict
+
+            _log_params(client, pid, flatten(config_dict(cfg)))
             _log_metrics(client, pid,
                          _evaluation_metrics(c.evaluation) + _validation_metrics(paths))
             _log_parent_files(paths)

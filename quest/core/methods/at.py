@@ -9,6 +9,7 @@ pairs; loss = CE + weight * AT (weight 1000).
 from __future__ import annotations
 
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from quest.core.distill import Distiller, FrozenTeacher
@@ -16,7 +17,15 @@ from quest.core.methods import MethodContext, MethodSpec, register
 from quest.core.methods.fitnet import arch_of
 from quest.core.models.taps import FeatureTap
 from quest.core.models.zoo import feature_stages
+from quest.infra.config import Section
 from quest.infra.errors import QuestError
+
+
+class ATSettings(Section):
+    """Attention transfer settings (student.at), RepDistiller's: CE + weight * sum of pairs."""
+
+    weight: float = Field(1000.0, description="weight of the summed attention terms")
+    p: float = Field(2.0, description="power of the feature maps in the attention map")
 
 
 def attention_map(f: Tensor, p: float = 2.0) -> Tensor:
@@ -67,9 +76,10 @@ def build(ctx: MethodContext) -> AttentionTransfer:
     if len(s_stages) != len(t_stages):
         raise QuestError(f"at: the student has {len(s_stages)} stages and the teacher "
                          f"{len(t_stages)}: attention transfer pairs them one to one")
-    return AttentionTransfer(ctx.student, ctx.teacher, s_stages, t_stages, ctx.settings.at.weight,
-                             ctx.settings.at.p)
+    a = ctx.settings.section("at", ATSettings)
+    return AttentionTransfer(ctx.student, ctx.teacher, s_stages, t_stages, a.weight, a.p)
 
 
 SPEC = register(MethodSpec("at", build, needs_teacher=True, settings=("at",),
-                           description="attention transfer over every stage (RepDistiller)"))
+                           description="attention transfer over every stage (RepDistiller)",
+                           owns={"at": ATSettings}, loss_terms=("ce", "at")))

@@ -12,13 +12,23 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from quest.core.distill import Distiller, FrozenTeacher
 from quest.core.methods import MethodContext, MethodSpec, register
 from quest.core.models.taps import FeatureTap
 from quest.core.models.zoo import feature_stages
+from quest.infra.config import Section
 from quest.infra.errors import QuestError
+
+
+class FitNetSettings(Section):
+    """FitNets hint settings (student.fitnet), RepDistiller's: CE + weight * MSE."""
+
+    weight: float = Field(100.0, description="weight of the hint MSE")
+    hint_layer: int = Field(2, description="index into the stage outputs [stem, stage 1, stage "
+                                           "2, ...]: 2 is the middle stage")
 
 
 class HintRegressor(nn.Module):
@@ -93,7 +103,7 @@ class FitNet(Distiller):
 def build(ctx: MethodContext) -> FitNet:
     """The hint pair at `student.fitnet.hint_layer` of both nets, its regressor, the loss."""
     assert ctx.teacher is not None and ctx.image_shape is not None
-    f = ctx.settings.fitnet
+    f = ctx.settings.section("fitnet", FitNetSettings)
     s_stages = feature_stages(arch_of(ctx.student, "student"))
     t_stages = feature_stages(arch_of(ctx.teacher, "teacher"))
     if not 0 <= f.hint_layer < min(len(s_stages), len(t_stages)):
@@ -107,4 +117,5 @@ def build(ctx: MethodContext) -> FitNet:
 
 
 SPEC = register(MethodSpec("fitnet", build, needs_teacher=True, settings=("fitnet",),
-                           description="FitNets hint on the middle stage (RepDistiller)"))
+                           description="FitNets hint on the middle stage (RepDistiller)",
+                           owns={"fitnet": FitNetSettings}, loss_terms=("ce", "hint")))

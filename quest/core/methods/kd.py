@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from quest.core.distill import Distiller, FrozenTeacher
 from quest.core.losses import kd_loss
 from quest.core.methods import MethodContext, MethodSpec, register
+from quest.infra.config import Section
+
+
+class KDSettings(Section):
+    """Hinton KD settings (student.kd), RepDistiller's weighting; quest+kd reads them too."""
+
+    temperature: float = Field(4.0, description="softening temperature T of both softmaxes")
+    ce_weight: float = Field(0.1, description="weight of the cross-entropy on the labels")
+    kd_weight: float = Field(0.9, description="weight of KL(T) * T^2 against the teacher")
 
 
 class KD(Distiller):
@@ -39,10 +49,11 @@ class KD(Distiller):
 
 def build(ctx: MethodContext) -> KD:
     """ce_weight * CE + kd_weight * KL(T) * T^2 against the teacher's logits."""
-    k = ctx.settings.kd
+    k = ctx.settings.section("kd", KDSettings)
     assert ctx.teacher is not None
     return KD(ctx.student, ctx.teacher, k.temperature, k.ce_weight, k.kd_weight)
 
 
 SPEC = register(MethodSpec("kd", build, needs_teacher=True, settings=("kd",),
-                           description="Hinton KD (RepDistiller's 0.1 CE + 0.9 KD)"))
+                           description="Hinton KD (RepDistiller's 0.1 CE + 0.9 KD)",
+                           owns={"kd": KDSettings}, loss_terms=("ce", "kd")))

@@ -10,6 +10,7 @@ from quest.core.distill import Distiller, FrozenTeacher
 from quest.core.levels import LevelInputs
 from quest.core.losses import QuestLoss, kd_loss, pool_teacher_map
 from quest.core.methods import MethodContext, MethodSpec, register
+from quest.core.methods.kd import KDSettings
 from quest.core.models.taps import FeatureTap
 
 
@@ -86,7 +87,7 @@ def _build(ctx: MethodContext, with_kd: bool) -> Quest:
     q = ctx.settings.quest
     assert ctx.teacher is not None and ctx.codebook is not None
     assert ctx.teacher_layer and ctx.student_layer and ctx.student_channels
-    kd = ctx.settings.kd
+    kd = ctx.settings.section("kd", KDSettings)
     return Quest(ctx.student, ctx.teacher, ctx.codebook, ctx.teacher_layer, ctx.student_layer,
                  ctx.student_channels, q.temperature, q.weight, q.init_scale,
                  kd_settings=(kd.temperature, kd.ce_weight, kd.kd_weight) if with_kd else None,
@@ -104,8 +105,14 @@ def build_with_kd(ctx: MethodContext) -> Quest:
     return _build(ctx, with_kd=True)
 
 
+# the per-epoch diagnostics of every level (extra levels log them suffixed _<level>)
+MONITORS = ("word_accuracy", "mean_max_assignment", "student_mean_max", "predictor_scale",
+            "teacher_perplexity")
+
 SPEC = register(MethodSpec("quest", build, needs_teacher=True, needs_codebook=True,
-                           settings=("quest",), description="QuEST visual words + CE"))
+                           settings=("quest",), description="QuEST visual words + CE",
+                           loss_terms=("ce", "quest"), monitors=MONITORS))
 SPEC_KD = register(MethodSpec("quest+kd", build_with_kd, needs_teacher=True,
                               needs_codebook=True, settings=("quest", "kd"),
-                              description="QuEST visual words + Hinton KD"))
+                              description="QuEST visual words + Hinton KD",
+                              loss_terms=("ce", "kd", "quest"), monitors=MONITORS))
