@@ -52,7 +52,7 @@ def toy() -> Iterator[methods.MethodSpec]:
 
 
 def test_builtins_are_registered_with_what_they_need() -> None:
-    assert methods.names()[:4] == ("ce", "kd", "quest", "quest+kd")
+    assert methods.names()[:8] == ("ce", "kd", "quest", "quest+kd", "fitnet", "at", "dkd", "crd")
     assert not methods.get("ce").needs_teacher
     assert methods.get("kd").settings == ("kd",) and not methods.get("kd").needs_codebook
     assert methods.get("quest+kd").settings == ("quest", "kd")
@@ -92,3 +92,42 @@ def test_unregistered_methods_are_one_line_errors(smoke_root: Path,
     cfg = load_config(REPO / "params.yaml", "smoke", ["student.methods=[toy]"])
     with pytest.raises(QuestError, match="unknown method 'toy'"):
         check_runnable(cfg)
+
+
+def test_everything_method_shaped_derives_from_the_registry(toy: methods.MethodSpec) -> None:
+    from quest.apps.cli import build_parser
+    from quest.apps.results import history_keys
+    from quest.apps.stages.table import method_params
+    from quest.core.methods.kd import KDSettings
+
+    # the registered loss terms are the record's history keys: fitnet's and at's included
+    for name in methods.names():
+        assert set(methods.get(name).loss_terms) <= set(history_keys()), name
+    assert {"hint", "at", "dkd", "crd"} <= set(history_keys())
+    # every owned section is a dvc param and a `quest config` section, with its defaults
+    params = method_params(None)
+    assert {"student.dkd.beta", "student.crd.nce_k", "student.at.p"} <= set(params)
+    cfg = load_config(REPO / "params.yaml")
+    shown = methods.config_dict(cfg)["student"]
+    assert shown["kd"] == KDSettings().model_dump() and shown["crd"]["nce_k"] == 16384
+    assert list(shown)[-5:] == ["kd", "fitnet", "at", "dkd", "crd"]
+    # the CLI help lists every method, the toy plug-in registered here too
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    student_help = sub.choices["student"].format_help()  # type: ignore[attr-defined]
+    assert all(name in student_help for name in methods.names()) and "toy" in student_help
+
+
+def test_a_section_owned_twice_or_shadowing_a_field_is_refused() -> None:
+    from quest.core.methods.kd import KDSettings
+    from quest.infra.config import Section
+
+    class Other(Section):
+        x: int = 0
+
+    build = methods.get("kd").build
+    with pytest.raises(QuestError, match="student.kd is already defined by another method"):
+        methods.register(methods.MethodSpec("kd2", build, owns={"kd": Other}))
+    with pytest.raises(QuestError, match="student.train is a field"):
+        methods.register(methods.MethodSpec("kd3", build, owns={"train": Other}))
+    spec = methods.register(methods.MethodSpec("kd4", build, owns={"kd": KDSettings}))
+    methods.unregister(spec.name)  # the same model under the same name is shared, not refused

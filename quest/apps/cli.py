@@ -444,7 +444,11 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; QuestErrors become one line on stderr and exit code 2."""
-    parser = build_parser()
+    try:
+        parser = build_parser()  # its help lists the registered methods: plug-ins load here
+    except QuestError as exc:
+        print(f"quest: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     # a scheduler's SIGTERM ends the run like Ctrl-C: temporary files are removed and training
     # checkpoints the step it reached (Trainer defers the signal to the end of the step)

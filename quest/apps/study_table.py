@@ -37,7 +37,7 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 
 
 def _order(method: str) -> int:
-    """Registry order (ce, kd, quest, quest+kd, then plug-ins)."""
+    """Registry order (the built-ins in registration order, then plug-ins)."""
     from quest.core.methods import names
 
     order = names()
