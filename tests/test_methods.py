@@ -131,3 +131,12 @@ def test_a_section_owned_twice_or_shadowing_a_field_is_refused() -> None:
         methods.register(methods.MethodSpec("kd3", build, owns={"train": Other}))
     spec = methods.register(methods.MethodSpec("kd4", build, owns={"kd": KDSettings}))
     methods.unregister(spec.name)  # the same model under the same name is shared, not refused
+
+
+def test_cache_keys_read_a_method_section_with_its_defaults() -> None:
+    from quest.apps.stages.table import get_param
+    from quest.infra.config import build_config
+
+    cfg = build_config({"student": {"dkd": {"beta": 2.0}}})  # no crd section given at all
+    assert get_param(cfg, "student.dkd.beta") == 2.0 and get_param(cfg, "student.dkd.alpha") == 1.0
+    assert get_param(cfg, "student.crd.nce_k") == 16384

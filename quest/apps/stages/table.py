@@ -303,8 +303,14 @@ def stage_for(family: str, key: Key) -> Stage:
 
 
 def get_param(cfg: Config, dotted: str) -> Any:
-    """The value of a dotted setting (a mapping key may follow a typed section)."""
+    """The value of a dotted setting (a mapping key may follow a typed section; a method's
+    section is read validated, its defaults filled in)."""
+    from quest.core.methods import resolve_settings, sections
+
     node: Any = cfg
-    for part in dotted.split("."):
+    parts = dotted.split(".")
+    if len(parts) > 2 and parts[0] == "student" and parts[1] in sections():
+        node, parts = resolve_settings(cfg.student).sections[parts[1]], parts[2:]
+    for part in parts:
         node = node[part] if isinstance(node, dict) else getattr(node, part)
     return node
