@@ -1,5 +1,6 @@
-"""docs/configuration.md, generated from the pydantic settings (quest/infra/config.py): every
-key of params.yaml with its type, its default and what it means.
+"""docs/configuration.md, generated from the pydantic settings (quest/infra/config.py, and each
+registered method's own section model under quest/core/methods/): every key of params.yaml with
+its type, its default and what it means.
 
 Types and defaults come from the schema; the meaning is the comment params.yaml gives the key
 (on its line, or the comment block right above it), so the file a user edits and the reference
@@ -18,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from quest.infra.config import Config
+from quest.infra.config import Config, StudentConfig
 from quest.infra.io_utils import write_text_atomic
 
 DOC_PATH = Path("docs") / "configuration.md"
@@ -66,12 +67,6 @@ FALLBACK = {
                                              "level's)",
     "student.quest.extra_levels.predictor": "the level's predictor (null: the first level's)",
     "student.quest.extra_levels.pool": "teacher-side pooling of the level (null: 1)",
-    "student.kd.temperature": "KD temperature T (the KL term is scaled by T^2)",
-    "student.kd.ce_weight": "weight of the cross-entropy term",
-    "student.kd.kd_weight": "weight of the KL term",
-    "student.fitnet.weight": "weight of the hint MSE",
-    "student.at.weight": "weight of the attention-transfer sum",
-    "student.at.p": "power of the attention map (sum over channels of |a|^p)",
     "runtime.threads": "torch CPU threads; null: torch's default",
     "runtime.channels_last": "channels-last memory format for convolutions",
     "promotion.model_name": "MLflow registered model name",
@@ -129,7 +124,17 @@ def schema_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple
         else:
             default = field.get_default(call_default_factory=True)
             out.append((key, field.annotation, default))
+    if model is StudentConfig:
+        # the methods' own sections (student.kd, ...): each model lives in its method's module
+        for name, section in _method_sections().items():
+            out += schema_keys(section, f"{prefix}{name}.")
     return out
+
+
+def _method_sections() -> dict[str, type[BaseModel]]:
+    from quest.core.methods import sections
+
+    return dict(sections())
 
 
 def params_comments(text: str) -> dict[str, str]:
@@ -172,6 +177,9 @@ def meaning_of(key: str, comments: dict[str, str]) -> str:
         if part == "NAME":
             continue
         field = model.model_fields.get(part) if model is not None else None
+        if field is None and model is StudentConfig and part in _method_sections():
+            model = _method_sections()[part]
+            continue
         if field is None:
             break
         model = _section_of(field.annotation) or _mapped_section(field.annotation)

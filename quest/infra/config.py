@@ -157,13 +157,10 @@ class QuestConfig(Section):
 
 
 class StudentConfig(Section):
-    """Student architecture, the methods to train, and the training recipe.
-
-    Every other key is a method's settings section (``student.kd``, ``student.fitnet``, ...),
-    kept here as the raw mapping params.yaml gives: each method owns its section's model in its
-    module under quest/core/methods/, and the core validates the sections (one line per bad
-    value, did-you-mean for an unknown key) when a stage, `quest config` or a study starts
-    (`quest.core.checks.check_runnable`; the settings layer never reaches the methods)."""
+    """Student architecture, the methods to train, and the training recipe. Every other key is
+    a method's own section (`student.kd`, `student.dkd`, ...), kept raw here and validated
+    against the model in the method's module when a stage, `quest config` or a study starts
+    (docs/methods.md)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
