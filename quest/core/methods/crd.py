@@ -11,8 +11,9 @@
   samples of other classes (RepDistiller's "exact" mode), drawn without replacement when the
   other classes hold at least nce_k samples, else with replacement (so on a small subset, e.g.
   10 images a class, every other-class sample appears many times among a sample's negatives, and
-  the loss sees few distinct ones). Draws come from a generator seeded with (student seed, global
-  step), so a resumed run draws the same negatives without carrying RNG state.
+  the loss sees few distinct ones). Draws come from a generator on the banks' device seeded with
+  (student seed, global step), so a resumed run on that device draws the same negatives without
+  carrying RNG state.
 - Scores: exp(<row, anchor> / nce_t) / Z (nce_t 0.07): the student's embedding against the
   teacher's bank and the teacher's embedding against the student's. Z is fixed on the first batch
   to the mean score times N, as RepDistiller does.
@@ -96,26 +97,36 @@ class NegativeSampler:
         classes = int(self.labels.max()) + 1 if len(self.labels) else 0
         # per class: the indices of every sample of the other classes
         self.others = [torch.nonzero(self.labels != c).flatten() for c in range(classes)]
+        self._on: dict[torch.device, list[Tensor]] = {}  # the pools copied to each device
 
     def replaces(self, c: int) -> bool:
         """Whether class c's negatives are drawn with replacement (fewer than k exist)."""
         return self.k > len(self.others[c])
 
+    def _pools(self, device: torch.device) -> list[Tensor]:
+        if device not in self._on:
+            self._on[device] = [o.to(device) for o in self.others]
+        return self._on[device]
+
     def draw(self, labels: Tensor, generator: torch.Generator) -> Tensor:
-        """B x k negatives for a batch's labels, from `generator` (CPU)."""
-        labels = labels.cpu().long()
-        out = torch.empty(len(labels), self.k, dtype=torch.long)
+        """B x k negatives for a batch's labels, drawn on `generator`'s device (on a GPU the
+        draw without replacement, a top-k over N random keys a sample, is cheap)."""
+        device = generator.device
+        labels = labels.to(device).long()
+        pools = self._pools(device)
+        out = torch.empty(len(labels), self.k, dtype=torch.long, device=device)
         for c in labels.unique().tolist():
             rows = torch.nonzero(labels == c).flatten()
-            pool = self.others[c]
+            pool = pools[c]
             if len(pool) == 0:
                 raise QuestError("crd: the training set holds one class only: it needs "
                                  "samples of other classes as negatives")
             if self.replaces(c):
-                pick = torch.randint(len(pool), (len(rows), self.k), generator=generator)
+                pick = torch.randint(len(pool), (len(rows), self.k), generator=generator,
+                                     device=device)
             else:
                 # uniform without replacement: the k smallest of independent uniform keys
-                keys = torch.rand(len(rows), len(pool), generator=generator)
+                keys = torch.rand(len(rows), len(pool), generator=generator, device=device)
                 pick = keys.topk(self.k, dim=1, largest=False).indices
             out[rows] = pool[pick]
         return out
@@ -172,10 +183,12 @@ class CRD(Distiller):
                          "Distiller.step(batch, ctx) with a loader that gives Batch.indices")
 
     def contrast_indices(self, indices: Tensor, labels: Tensor, step: int) -> Tensor:
-        """B x (1 + K): each sample's own index, then its negatives for global step `step`."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        """B x (1 + K): each sample's own index, then its negatives for global step `step`
+        (drawn on the banks' device, from a generator seeded with the seed and the step)."""
+        device = self.memory_s.device
+        g = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step)
         neg = self.sampler.draw(labels, g)
-        return torch.cat([indices.cpu().long().unsqueeze(1), neg], dim=1)
+        return torch.cat([indices.to(device).long().unsqueeze(1), neg], dim=1)
 
     def crd_loss(self, f_s: Tensor, f_t: Tensor, indices: Tensor, idx: Tensor) -> Tensor:
         """The two NCE terms of embedded features against the banks, then the banks' update."""
@@ -212,7 +225,7 @@ class CRD(Distiller):
         assert self._s_tap.value is not None
         f_s = self._s_tap.value
         indices = batch.indices.to(self.memory_s.device).long()
-        idx = self.contrast_indices(batch.indices, batch.labels, ctx.step).to(indices.device)
+        idx = self.contrast_indices(batch.indices, batch.labels, ctx.step)
         s = self.settings
         return logits, {
             "ce": s.ce_weight * F.cross_entropy(logits, batch.labels),
