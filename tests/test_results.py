@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from quest.apps.cli import main
+from quest.apps.provenance import code_fingerprint
 from quest.apps.results import load_records, params_hash, results_table
-from quest.infra.config import load_config
+from quest.infra.config import Config, config_hash, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -76,6 +77,19 @@ def test_student_run_is_recorded_and_sweep_skips_recorded_seeds(smoke_root: Path
     assert rec["device"].startswith("cpu")
     metrics = json.loads((smoke_root / "metrics" / "students" / "ce.json").read_text())
     assert rec["top1"] == metrics["top1"]
+    # every setting of every section (those the settings hash leaves out too), the training
+    # code's fingerprint, the processor and the thread count, in the record and the metrics
+    assert set(rec["config"]) == set(Config.model_fields)
+    full = rec["config"]
+    assert full["features"]["pool"] == 1 and full["data"]["padding_mode"] == "constant"
+    assert full["data"]["format"] == "prepared" and full["student"]["train"]["repeat"] == 1
+    assert full["student"]["quest"]["extra_levels"] == {} and "threads" in full["runtime"]
+    assert full["data"]["location"] == "cifar10-jpeg.tar.gz"  # by name, as in the hash
+    assert rec["code_fingerprint"] == code_fingerprint() and len(rec["code_fingerprint"]) == 16
+    assert rec["machine"]["cpu"] and rec["machine"]["torch_threads"] >= 1
+    assert rec["schema"] == 3 and rec["config_hash"] == config_hash(full)
+    assert {k: metrics[k] for k in ("config", "code_fingerprint")} == {
+        k: rec[k] for k in ("config", "code_fingerprint")}
 
     assert main(["sweep", "--seeds", "0", "1", "--method", "ce", *base]) == 0
     recs = load_records(smoke_root / "results" / "runs")

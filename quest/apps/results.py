@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from quest.apps.provenance import code_fingerprint, machine
 from quest.core.methods import get as get_method
 from quest.core.methods import logged_keys, settings_dict
 from quest.core.methods import names as method_names
@@ -22,7 +23,8 @@ from quest.infra.config import Config, config_hash
 from quest.infra.io_utils import write_json_atomic
 
 RESULTS_DIR = "results"
-SCHEMA = 2
+# 3: the full resolved config, the code fingerprint and the machine (CPU/GPU model, threads)
+SCHEMA = 3
 
 
 def git_commit(root: Path | None = None) -> str | None:
@@ -112,6 +114,27 @@ def method_settings(cfg: Config, method: str) -> dict[str, Any]:
     return out
 
 
+def portable_config(cfg: Config) -> dict[str, Any]:
+    """Every setting of every section, as resolved for the run; input locations by file name
+    (a record names its inputs as the settings hash does, and holds their content hashes), so a
+    record can be rerun from another checkout or machine (`quest study --rerun-record`)."""
+    d = cfg.to_dict()
+    for section, keys in _LOCATION_KEYS.items():
+        for key in keys:
+            value = d[section].get(key)
+            if isinstance(value, str):
+                d[section][key] = Path(value).name
+    return d
+
+
+def run_provenance(cfg: Config, device: torch.device) -> dict[str, Any]:
+    """What a run's metrics and record hold besides its numbers: the full config (and its hash),
+    the training code's fingerprint, and the machine with its thread counts."""
+    full = portable_config(cfg)
+    return {"config": full, "config_hash": config_hash(full),
+            "code_fingerprint": code_fingerprint(), "machine": machine(device)}
+
+
 def params_hash(cfg: Config, method: str) -> str:
     """Hash of what determines a `method` run's result apart from its seed (runs that differ
     only in the seed share it, so tables average them)."""
@@ -177,6 +200,7 @@ def build_record(cfg: Config, metrics: dict[str, Any], *, device: torch.device,
         "git_commit": git_commit(),
         "device": device_name(device),
         "torch": torch.__version__,
+        **run_provenance(cfg, device),
         "wall_seconds": round(wall_seconds, 1),
         "epochs": cfg.student.train.epochs,
         "top1": metrics["top1"],

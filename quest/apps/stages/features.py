@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from quest.apps.provenance import machine
 from quest.apps.stages.common import (
     eval_loader,
     load_data,
@@ -139,7 +140,7 @@ def _run_stream_features(cfg: Config, paths: Paths, ds: StreamData, model: torch
         written = out.rows
     return {"raw_shape": raw_shape, "map": (int(c), int(h), int(w)), "images": n_images,
             "total": total, "keep": written, "sampled": written < total,
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "device": device}
 
 
 def run_features(cfg: Config, paths: Paths) -> dict[str, Any]:
@@ -174,7 +175,7 @@ def run_features(cfg: Config, paths: Paths) -> dict[str, Any]:
                        cfg.runtime.progress)
     got = {"raw_shape": raw_shape, "map": (int(c), int(h), int(w)), "images": n_images,
            "total": total, "keep": keep, "sampled": chosen is not None,
-           "seconds": time.perf_counter() - t0}
+           "seconds": time.perf_counter() - t0, "device": device}
     return _write_meta(cfg, paths, meta, layer, got)
 
 
@@ -199,6 +200,8 @@ def _write_meta(cfg: Config, paths: Paths, meta: dict[str, Any], layer: str,
         "dtype": f.dtype,
         "seconds": round(seconds, 2),
         "images_per_s": round(got["images"] / max(seconds, 1e-9), 1),
+        # the vectors' bits depend on the processor's kernels and the thread count too
+        "machine": machine(got.get("device")),
     }
     write_json_atomic(paths.features_meta, info)
     log.info("features: %d vectors of %s (%dx%dx%d%s) in %.1fs", got["keep"], layer, c, h, w,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from quest.apps.results import build_record, write_record
+from quest.apps.results import build_record, run_provenance, write_record
 from quest.apps.stages.common import (
     load_data,
     make_loaders,
@@ -124,7 +124,8 @@ def _build_distiller(cfg: Config, paths: Paths, method: str, ds: Any, num_classe
 
 
 def _write_outputs(cfg: Config, paths: Paths, method: str, distiller: Any, ds: Any,
-                   history: list[dict[str, Any]], provenance: dict[str, Any]) -> dict[str, Any]:
+                   history: list[dict[str, Any]], provenance: dict[str, Any],
+                   device: torch.device) -> dict[str, Any]:
     """The exported student, its metrics JSON and its per-epoch CSV; returns the metrics."""
     s = cfg.student
     mean, std = norm_stats(ds)
@@ -143,6 +144,8 @@ def _write_outputs(cfg: Config, paths: Paths, method: str, distiller: Any, ds: A
         "train_accuracy": final["train_accuracy"],
         "seconds": round(sum(r["seconds"] for r in history), 1),
         **provenance,
+        # every setting, the code and the machine, as the run record holds them
+        **run_provenance(cfg, device),
         "history": history,
     }
     write_json_atomic(paths.student_metrics(method), metrics)
@@ -185,7 +188,7 @@ def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None =
     history = trainer.fit(train_loader, test_loader)
     if dist_info is not None and not dist_info.is_main:
         return {"method": method, "rank": dist_info.rank}  # rank 0 writes the outputs
-    metrics = _write_outputs(cfg, paths, method, distiller, ds, history, provenance)
+    metrics = _write_outputs(cfg, paths, method, distiller, ds, history, provenance, device)
     trainer.finish()
     record = build_record(cfg, metrics, device=device,
                           teacher_arch=cfg.teacher.arch, wall_seconds=time.monotonic() - started,
