@@ -212,3 +212,29 @@ def test_k_equal_n_copies_points() -> None:
         res = cb.fit_kmeans(x, 40, backend=backend)
         np.testing.assert_array_equal(res.centroids, x)
         assert res.objective == [0.0]
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_fit_is_byte_identical_for_a_given_thread_count(backend: str) -> None:
+    """Two fits of the same input, seed and thread count give the same bytes (sha256), on both
+    backends; the FAISS thread count given to a fit is restored after it."""
+    import hashlib
+
+    import faiss
+    import torch
+
+    x = _mixture(n=6000, dim=32, centres=40, seed=3)
+    torch_before = torch.get_num_threads()
+    shas = set()
+    try:
+        for threads in (2, 2, 1, 1):
+            torch.set_num_threads(threads)
+            res = cb.fit_kmeans(x, 64, iterations=8, seed=5, backend=backend, threads=threads)
+            shas.add((threads, hashlib.sha256(res.centroids.tobytes()).hexdigest()))
+        torch.set_num_threads(2)
+        cb.fit_kmeans(x, 64, iterations=1, seed=5, backend=backend, threads=1)
+        assert faiss.omp_get_max_threads() == 2  # the fit's own count did not leak out
+    finally:
+        torch.set_num_threads(torch_before)
+    # one hash per thread count: repeated fits never differ
+    assert sorted(t for t, _ in shas) == [1, 2]

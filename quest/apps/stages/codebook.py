@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from quest.apps.provenance import code_fingerprint, machine
 from quest.apps.stages.common import resolve_device, write_csv_atomic
 from quest.core.codebook import codebook_stats, fit_kmeans, sample_training_set
 from quest.infra.config import Config
@@ -28,6 +29,8 @@ def run_codebook(cfg: Config, paths: Paths) -> dict[str, Any]:
         result = fit_kmeans(
             feats, c.k, iterations=c.iterations, seed=c.seed, backend=c.backend,
             max_points_per_centroid=c.max_points_per_centroid, device=str(device),
+            # runtime.threads reaches FAISS too: its thread count can change the codebook's bits
+            threads=cfg.runtime.threads,
             on_iteration=lambda i, n, obj, split: progress.update(
                 info=f"objective {obj:.6g}" + (f", {split} re-seeded" if split else "")))
     # statistics over the same points k-means saw (all of them when they fit)
@@ -55,7 +58,12 @@ def run_codebook(cfg: Config, paths: Paths) -> dict[str, Any]:
         "max_points_per_centroid": c.max_points_per_centroid,
         "trained_on": result.n_train,
         "seconds": round(result.seconds, 2),
+        # what else the bits depend on (docs/provenance.md): the processor and thread counts
+        "machine": machine(device),
+        "code_fingerprint": code_fingerprint(),
     }
+    if result.backend == "faiss" and cfg.runtime.threads:
+        meta["machine"]["faiss_threads"] = cfg.runtime.threads  # the fit's, restored after
     write_json_atomic(paths.codebook_meta, meta)
     metrics = {
         "k": c.k,
