@@ -145,8 +145,13 @@ def _add_study_commands(sub: Any) -> None:
         description="Train every run of a study file not yet recorded under results/ (an "
                     "interrupted study resumes), then regenerate its table in docs/evidence.md and "
                     "results/<study>/TABLE.md.")
-    p.add_argument("study", help="study file, e.g. studies/strength.yaml")
+    p.add_argument("study", nargs="?", default=None,
+                   help="study file, e.g. studies/strength.yaml (not with --rerun-record)")
     p.add_argument("--root", default=".", help="project root (default: .)")
+    p.add_argument("--rerun-record", metavar="FILE", default=None,
+                   help="retrain the run a record (results/<study>/*.json) describes, from the "
+                        "record alone (same settings hash), into results/runs/rerun/, and "
+                        "compare it with the record")
     p.add_argument("--dry-run", action="store_true", help="list the runs still to train")
     p.add_argument("--setting", action="append", default=None,
                    help="run only this setting (repeatable)")
@@ -399,6 +404,11 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from quest.infra.runlock import run_lock
 
     root = Path(args.root).resolve()
+    if args.rerun_record:
+        return _cmd_rerun(args, root)
+    if args.study is None:
+        raise QuestError("quest study needs a study file (e.g. studies/main-job.yaml) or "
+                         "--rerun-record FILE")
     study = load_study(args.study, root)
     if args.check:
         stale = update_tables(study, root, check=True)
@@ -414,6 +424,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
         if args.reproduce is not None:
             again = (Path(args.reproduce).resolve() if args.reproduce
                      else root / "results" / "runs" / f"reproduce-{study.name}")
+        stale = None
+        if again is not None:  # which committed records today's code would not reproduce
+            from quest.apps.study_table import staleness
+
+            stale = staleness(study, root, args.setting, args.seed, args.method)
+            print(stale)
         with run_lock(root / ".quest" / "studies" / study.name, f"quest study {study.name}"):
             run_study(study, root, dry_run=args.dry_run, only=args.setting, seeds=args.seed,
                       reproduce=again, methods=args.method)
@@ -425,7 +441,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
             table = reproduction_table(study, root, again, args.setting, args.seed)
             write_text_atomic(again / "REPRODUCE.md", f"# Reproduction of study {study.name}\n\n"
-                              f"{table}\n")
+                              f"{table}\n\n{stale}\n")
             print(table)
             print(f"wrote {again / 'REPRODUCE.md'}")
             return 0
@@ -435,6 +451,24 @@ def _cmd_study(args: argparse.Namespace) -> int:
         write_aliases(study, root, planned_runs(study, root))
     for path in update_tables(study, root):
         print(f"wrote {path}")
+    return 0
+
+
+def _cmd_rerun(args: argparse.Namespace, root: Path) -> int:
+    """`quest study --rerun-record FILE`: retrain one recorded run and compare."""
+    from quest.apps.rerun import comparison, rerun_record
+    from quest.infra.progress import setup_logging
+    from quest.infra.runlock import run_lock
+
+    if args.study is not None:
+        raise QuestError("--rerun-record takes the record alone: drop the study file")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    setup_logging(str(root / "logs" / f"rerun-{stamp}.log"), args.debug)
+    with run_lock(root / ".quest" / "studies" / "rerun", "quest study --rerun-record"):
+        record, again = rerun_record(args.rerun_record, root)
+    print(f"rerun of {args.rerun_record}:")
+    for line in comparison(record, again):
+        print(f"  {line}")
     return 0
 
 

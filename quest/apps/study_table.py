@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from quest.apps.provenance import UNKNOWN, code_fingerprint, cpu_key, fingerprint_of, spans
 from quest.apps.results import params_hash
 from quest.apps.stages.study import (
     Study,
@@ -81,19 +82,19 @@ def collect(study: Study, root: Path) -> dict[str, dict[str, dict[int, dict[str,
     return out
 
 
-def baselines(study: Study, root: Path) -> dict[str, dict[str, dict[int, float]]]:
-    """setting -> {"ce", "kd"} -> seed -> top-1 %: the CE and KD runs with this setting's
+def baselines(study: Study, root: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """setting -> {"ce", "kd"} -> seed -> record: the CE and KD runs with this setting's
     settings, wherever recorded. A setting that only runs QuEST is still compared with them:
     their results do not depend on QuEST's knobs, so they are the same runs."""
     records = recorded_runs(root)
-    out: dict[str, dict[str, dict[int, float]]] = {}
+    out: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     for setting in study.settings:
         for seed in setting.seeds:
             cfg = setting_config(study, setting, root, seed)
             for base in ("ce", "kd"):
                 rec = records.get((params_hash(cfg, base), base, seed))
                 if rec is not None:
-                    out.setdefault(setting.name, {}).setdefault(base, {})[seed] = 100 * rec["top1"]
+                    out.setdefault(setting.name, {}).setdefault(base, {})[seed] = rec
     return out
 
 
@@ -108,6 +109,22 @@ def _fmt_diff(d: tuple[float, float | None, int]) -> str:
     if half is None:
         return f"{m:+.2f} (n=1)"
     return f"{m:+.2f} ± {half:.2f} (n={n})"
+
+
+# The legend of the marks a paired difference gets (provenance.spans says which apply).
+SPAN_LEGEND = ("A Δ marked [cpu] pairs runs made on more than one CPU (or GPU) model, [code] "
+               "runs of more than one training-code fingerprint, [code?] runs recorded before "
+               "fingerprints were (code unknown): such a Δ mixes the methods' difference with "
+               "the machines' or the code's.")
+
+
+def _delta(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> str:
+    """The paired difference of two seed -> record maps, marked where its runs span processor
+    models or code fingerprints."""
+    cell = _fmt_diff(paired_diff(_top1(a), _top1(b)))
+    seeds = sorted(set(a) & set(b))
+    marks = spans([a[s] for s in seeds] + [b[s] for s in seeds]) if seeds else []
+    return cell + (f" [{', '.join(marks)}]" if marks else "")
 
 
 def _best(data: dict[str, dict[str, dict[int, dict[str, Any]]]], method: str
@@ -145,7 +162,7 @@ def render(study: Study, root: Path, points: list[WordPoint] | None = None) -> s
              "work, so a guide only).",
              "",
              "Δ vs CE and Δ vs KD pair each run with the CE and KD runs of the same settings "
-             "(recorded in any setting: they do not depend on QuEST's knobs).",
+             "(recorded in any setting: they do not depend on QuEST's knobs). " + SPAN_LEGEND,
              "",
              "| setting | method | seeds | top-1 % | Δ vs CE | Δ vs KD | wall s/run |",
              "|---|---|---|---|---|---|---|"]
@@ -160,8 +177,8 @@ def render(study: Study, root: Path, points: list[WordPoint] | None = None) -> s
             t = _top1(by_m[method])
             m, sd = mean_std(list(t.values()))
             seeds = ",".join(str(x) for x in sorted(t))
-            vs_ce = _fmt_diff(paired_diff(t, ce)) if method != "ce" else ""
-            vs_kd = _fmt_diff(paired_diff(t, kd)) if method not in ("ce", "kd") else ""
+            vs_ce = _delta(by_m[method], ce) if method != "ce" else ""
+            vs_kd = _delta(by_m[method], kd) if method not in ("ce", "kd") else ""
             lines.append(f"| {s.name} | {method} | {seeds} | {m:.2f} ± {sd:.2f} | {vs_ce} "
                          f"| {vs_kd} | {_wall(by_m[method])} |")
     # every method the study ran, the feature baselines (FitNets, AT) included; best-of rows
@@ -177,13 +194,12 @@ def render(study: Study, root: Path, points: list[WordPoint] | None = None) -> s
         best = {m: _best(gdata, m) for m in ran}
         if not (best.get("kd") and (best.get("quest") or best.get("quest+kd"))):
             continue
-        kd_t = _top1(best["kd"][1])
         for method, entry in best.items():
             if entry is None:
                 continue
             t = _top1(entry[1])
             m, sd = mean_std(list(t.values()))
-            vs = _fmt_diff(paired_diff(t, kd_t)) if method != "kd" else ""
+            vs = _delta(entry[1], best["kd"][1]) if method != "kd" else ""
             rows.append(f"| {group} | {method} | {entry[0]} | "
                         f"{','.join(str(x) for x in sorted(t))} | {m:.2f} ± {sd:.2f} | {vs} |")
     if rows:
@@ -214,6 +230,33 @@ def render(study: Study, root: Path, points: list[WordPoint] | None = None) -> s
                   f"{pearson(xs, ys):.2f} (word accuracy {min(xs):.3f} to {max(xs):.3f}, "
                   f"top-1 {min(ys):.2f} to {max(ys):.2f} %)."]
     return "\n".join(lines)
+
+
+def staleness(study: Study, root: Path, only: list[str] | None = None,
+              seeds: list[int] | None = None, methods: list[str] | None = None) -> str:
+    """Markdown: which committed records of the selected runs are stale against today's code
+    (another code fingerprint), current, or unknown (recorded before fingerprints)."""
+    records = recorded_runs(root)
+    today = code_fingerprint()
+    rows, counts, seen = [], {"current": 0, "stale": 0, "unknown": 0}, set()
+    for setting, method, seed, _, h in planned_runs(study, root):
+        if ((only and setting.name not in only) or (seeds and seed not in seeds)
+                or (methods and method not in methods) or (h, method, seed) in seen):
+            continue
+        seen.add((h, method, seed))
+        rec = records.get((h, method, seed))
+        if rec is None:
+            continue
+        fp = fingerprint_of(rec)
+        state = "unknown" if fp == UNKNOWN else "current" if fp == today else "stale"
+        counts[state] += 1
+        rows.append(f"| {setting.name} | {method} | {seed} | {str(rec.get('finished_at'))[:10]} "
+                    f"| {fp} | {state} | {cpu_key(rec)} |")
+    head = (f"Committed records against today's code (fingerprint {today}): "
+            f"{counts['stale']} stale, {counts['current']} current, {counts['unknown']} unknown "
+            "(recorded before fingerprints).")
+    return "\n".join([head, "", "| setting | method | seed | recorded | code | state | "
+                      "processor |", "|---|---|---|---|---|---|---|", *rows])
 
 
 def schedule_group(cfg: Config) -> str:
