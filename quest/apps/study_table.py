@@ -250,12 +250,12 @@ def staleness(study: Study, root: Path, only: list[str] | None = None,
         fp = fingerprint_of(rec)
         state = "unknown" if fp == UNKNOWN else "current" if fp == today else "stale"
         counts[state] += 1
-        rows.append(f"| {setting.name} | {method} | {seed} | {str(rec.get('finished_at'))[:10]} "
-                    f"| {fp} | {state} | {cpu_key(rec)} |")
+        rows.append(f"| {state} | {setting.name} | {method} | {seed} | "
+                    f"{str(rec.get('finished_at'))[:10]} | {fp} | {cpu_key(rec)} |")
     head = (f"Committed records against today's code (fingerprint {today}): "
             f"{counts['stale']} stale, {counts['current']} current, {counts['unknown']} unknown "
             "(recorded before fingerprints).")
-    return "\n".join([head, "", "| setting | method | seed | recorded | code | state | "
+    return "\n".join([head, "", "| state | setting | method | seed | recorded | code | "
                       "processor |", "|---|---|---|---|---|---|---|", *rows])
 
 
