@@ -28,7 +28,8 @@ def quest_promotion(
     tracking_uri: str | None = None,
     model_name: str = "quest-student",
 ) -> dict[str, Any]:
-    """Promote the registered challenger to champion if it beats the champion and min_top1."""
+    """Promote the registered challenger to champion if its validation top-1 beats the
+    champion's and clears min_top1."""
     decision = promote_task(min_top1, tracking_uri, model_name)
     get_run_logger().info("promotion: %s", decision.get("reason"))
     return decision

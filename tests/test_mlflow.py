@@ -178,6 +178,7 @@ def test_models_registered_with_provenance_tags(tracked: dict[str, Any], client:
     teacher = client.get_model_version("quest-teacher", str(run["teacher_version"]))
     assert teacher.tags["arch"] == "resnet56"
     assert float(teacher.tags["test_top1"]) == pytest.approx(evaluation["teacher"]["top1"])
+    assert float(teacher.tags["val_top1"]) == pytest.approx(evaluation["teacher"]["val_top1"])
     assert teacher.run_id == run["child_run_ids"]["teacher"]
     assert set(run["student_versions"]) == set(METHODS)
     for method, version in run["student_versions"].items():
@@ -191,6 +192,7 @@ def test_models_registered_with_provenance_tags(tracked: dict[str, Any], client:
         assert mv.tags["data_sha256"] == sm["data_sha256"] == teacher.tags["data_sha256"]
         assert mv.tags["git_commit"] == "unknown"  # the tmp root is not a git repository
         assert float(mv.tags["test_top1"]) == pytest.approx(evaluation[method]["top1"])
+        assert float(mv.tags["val_top1"]) == pytest.approx(evaluation[method]["val_top1"])
         assert mv.tags["model_sha256"] == file_sha256(root / f"models/students/{method}.pt")
     # every logged model carries explicit pins and its own copy of the quest package
     logged = sorted((root / "mlruns" / "quest" / "models").glob("m-*/artifacts"))
@@ -200,10 +202,12 @@ def test_models_registered_with_provenance_tags(tracked: dict[str, Any], client:
         assert {"torch==2.14.1", "torchvision==0.29.1", "numpy==2.4.6"} <= set(reqs)
         assert (model_dir / "code" / "quest" / "core" / "checkpoint.py").is_file()
         assert (model_dir / "input_example.json").is_file()
-    best = max(METHODS, key=lambda m: evaluation[m]["top1"])
+    # the challenger is the best on validation (the first listed wins a tie), not on test
+    best = max(METHODS, key=lambda m: evaluation[m]["val_top1"])
     challenger = client.get_model_version_by_alias("quest-student", "challenger")
     assert int(challenger.version) == run["challenger"]["version"]
-    assert float(challenger.tags["test_top1"]) == pytest.approx(evaluation[best]["top1"])
+    assert run["challenger"]["method"] == best
+    assert float(challenger.tags["val_top1"]) == pytest.approx(evaluation[best]["val_top1"])
 
 
 def test_git_commit_of_a_repository() -> None:
@@ -213,8 +217,8 @@ def test_git_commit_of_a_repository() -> None:
 
 
 def _candidate(client: Any, source: Any, top1: float) -> int:
-    """Register one more version of an existing model with a chosen test_top1 tag."""
-    tags = {**source.tags, "test_top1": str(top1)}
+    """Register one more version of an existing model with a chosen val_top1 tag."""
+    tags = {**source.tags, "val_top1": str(top1)}
     mv = client.create_model_version("quest-student", source.source, run_id=source.run_id,
                                      tags=tags)
     return int(mv.version)
@@ -228,7 +232,7 @@ def gated(tracked: dict[str, Any], client: Any) -> dict[str, Any]:
     uri = tracked["uri"]
     steps: dict[str, Any] = {"first": promote(uri)}
     champion = client.get_model_version_by_alias("quest-student", "champion")
-    top1 = float(champion.tags["test_top1"])
+    top1 = float(champion.tags["val_top1"])
     worse = _candidate(client, champion, top1 - 0.05)
     steps["worse"] = promote(uri, version=worse)
     steps["after_worse"] = int(client.get_model_version_by_alias("quest-student",

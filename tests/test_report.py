@@ -120,8 +120,12 @@ def test_report_html_markdown_and_log(run_root: dict[str, Any],
     rows = {r[0]: r for r in _rows(_section(html, "accuracy"))}
     assert set(rows) == {"teacher", *METHODS}
     for name, r in ev["models"].items():
-        assert rows[name][1:6] == [r["arch"], f"{100 * r['top1']:.2f}", f"{100 * r['top5']:.2f}",
+        assert rows[name][1:7] == [r["arch"], f"{100 * r['val_top1']:.2f}",
+                                   f"{100 * r['top1']:.2f}", f"{100 * r['top5']:.2f}",
                                    f"{r['params']:,}", f"{r['macs'] / 1e6:.1f}"]
+    # the report's best student is chosen on validation
+    best = max(METHODS, key=lambda m: ev["models"][m]["val_top1"])
+    assert f"{best}: val top-1 {100 * ev['models'][best]['val_top1']:.2f} %" in html
     # codebook statistics from metrics/codebook.json
     cb = json.loads((root / "metrics" / "codebook.json").read_text())
     stats = dict(r[:2] for r in _rows(_section(html, "codebook")))

@@ -26,8 +26,8 @@ def test_table_means_and_sample_std_over_seeds() -> None:
                           _record("ce", 0, 0.5)]).splitlines()
     assert len(rows) == 4
     # ce sorts before kd; the std is the sample std (n-1): 2.00 for 60/62/64
-    assert "| ce | 0 | 50.00 ± 0.00 |" in rows[2]
-    assert "| kd | 0,1,2 | 62.00 ± 2.00 | 90.00 ± 0.00 |" in rows[3]
+    assert "| ce | 0 | no val | 50.00 ± 0.00 |" in rows[2]
+    assert "| kd | 0,1,2 | no val | 62.00 ± 2.00 | 90.00 ± 0.00 |" in rows[3]
 
 
 def test_table_keeps_the_newest_run_of_a_seed_and_splits_settings() -> None:
@@ -35,7 +35,7 @@ def test_table_keeps_the_newest_run_of_a_seed_and_splits_settings() -> None:
             _record("ce", 0, 0.7, params="p2")]
     rows = results_table(recs).splitlines()[2:]
     assert len(rows) == 2
-    assert sorted(r.split("|")[5].strip() for r in rows) == ["30.00 ± 0.00", "70.00 ± 0.00"]
+    assert sorted(r.split("|")[6].strip() for r in rows) == ["30.00 ± 0.00", "70.00 ± 0.00"]
 
 
 def test_params_hash_covers_what_each_method_reads() -> None:
@@ -90,6 +90,9 @@ def test_student_run_is_recorded_and_sweep_skips_recorded_seeds(smoke_root: Path
     assert rec["schema"] == 3 and rec["config_hash"] == config_hash(full)
     assert {k: metrics[k] for k in ("config", "code_fingerprint")} == {
         k: rec[k] for k in ("config", "code_fingerprint")}
+    # the smoke preset's validation split (5 per class): measured and recorded beside test
+    assert rec["val_images"] == metrics["val_images"] == 50
+    assert 0.0 <= rec["val_top1"] == metrics["val_top1"] <= rec["val_top5"] <= 1.0
 
     assert main(["sweep", "--seeds", "0", "1", "--method", "ce", *base]) == 0
     recs = load_records(smoke_root / "results" / "runs")

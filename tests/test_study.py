@@ -284,17 +284,17 @@ def test_size_study_figure_and_report_section(tmp_path: Path) -> None:
         (out / f"{i:02d}.json").write_text(json.dumps({
             "finished_at": f"t{i:02d}", "method": method, "seed": seed, "params_hash": h,
             "setting": setting.name, "top1": 0.3 + 0.01 * i, "top5": 0.9,
-            "history": []}))
+            "val_top1": 0.3 + 0.01 * i, "history": []}))
     written = update_tables(study, tmp_path)
     assert (out / SIZE_FIGURE).is_file() and Image.open(out / SIZE_FIGURE).size[0] > 100
     readme = (tmp_path / "docs" / "evidence.md").read_text()
     assert f"results/sizes/{SIZE_FIGURE}" in readme and tmp_path / "docs/evidence.md" in written
     # n20-hot runs KD only; it is compared with n20's CE runs (the same CE settings)
     row = next(line for line in readme.splitlines() if line.startswith("| n20-hot | kd | 0,1 |"))
-    assert "(n=2)" in row.split("|")[5] and "| n20-hot | ce |" not in readme
+    assert "(n=2)" in row.split("|")[6] and "| n20-hot | ce |" not in readme
     # the best-of table sets every method the study ran beside the best KD of the same
     # schedule, FitNets included; n10 (no QuEST there) gets no rows, n20's KD is its own
-    best = readme[readme.index("| schedule | method | best setting |"):].splitlines()
+    best = readme[readme.index("| schedule | method | best setting (on val) |"):].splitlines()
     rows = [line.split("|") for line in best[2:best.index("")]]
     assert [r[2].strip() for r in rows] == ["ce", "kd", "quest", "fitnet"]
     assert {r[1].strip().split(" train images")[0] for r in rows} == {"20"}

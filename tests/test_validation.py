@@ -94,6 +94,11 @@ def test_every_suite_passes_on_the_smoke_chain(chain: dict[str, Any]) -> None:
     observed = json.loads((paths.root / "reports/validation/data.json").read_text())["observed"]
     assert observed["duplicates_test_in_train"] == 0
     assert observed["class_counts"]["train"]["cat"] == 30
+    # the smoke preset's validation split: disjoint from train and test, drawn outside the
+    # training subset
+    assert observed["class_counts"]["val"]["cat"] == 5
+    assert observed["duplicates_val_in_train"] == observed["duplicates_val_in_test"] == 0
+    assert observed["validation"]["drawn_from"].startswith("the training pool outside")
     features = json.loads((paths.root / "reports/validation/features.json").read_text())
     assert features["observed"]["vectors"] == 300 * 8 * 8  # max_vectors: null in smoke
 
@@ -125,7 +130,9 @@ def test_quest_run_stops_at_data_validation_when_a_class_is_missing(
     monkeypatch.setenv("QUEST_DATA_LOCATION", str(folder))
     monkeypatch.setenv("QUEST_TEACHER_CHECKPOINT", str(teacher_checkpoint))
     rc = main(["run", "--root", str(root), "--preset", "smoke",
-               "--set", "data.subset.train_per_class=null", "--set", "runtime.threads=1"])
+               "--set", "data.subset.train_per_class=null", "--set", "runtime.threads=1",
+               # one cat image could not also give a validation split
+               "--set", "data.validation_per_class=0"])
     # stderr also carries the stages' log lines; the error is one line of its own
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("quest: error:")]
     assert rc == 2

@@ -124,13 +124,13 @@ def _add_registry_commands(sub: Any) -> None:
     p = sub.add_parser(
         "promote", help="move the 'champion' alias to a candidate student if it is better",
         description="Gated promotion: point quest-student@champion at the candidate (default: "
-                    "the @challenger set by `quest track`) only if its test_top1 tag beats the "
+                    "the @challenger set by `quest track`) only if its val_top1 tag beats the "
                     "current champion's and clears --min-top1; otherwise change nothing and say "
                     "why.")
     _add_config_args(p)
     _add_tracking_args(p)
     p.add_argument("--min-top1", type=float, default=None,
-                   help="minimum test top-1 (0..1) a candidate must reach "
+                   help="minimum validation top-1 (0..1) a candidate must reach "
                         "(default: promotion.min_top1 in params.yaml)")
     p.add_argument("--model-name", default=None,
                    help="registered model (default: promotion.model_name, quest-student)")
@@ -163,6 +163,10 @@ def _add_study_commands(sub: Any) -> None:
                    help="train the selected runs again whatever results/ holds, record them in "
                         "DIR (default results/runs/reproduce-<study>, git-ignored) and compare "
                         "them with the committed records (REPRODUCE.md there)")
+    p.add_argument("--missing-val", action="store_true",
+                   help="train again the selected runs whose record has no validation accuracy "
+                        "(recorded before the validation split); the new record replaces the "
+                        "old one in the tables, the old file stays")
     p.add_argument("--table-only", action="store_true",
                    help="train nothing; regenerate the table from the records")
     p.add_argument("--check", action="store_true",
@@ -377,8 +381,11 @@ def _dispatch_outputs(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
               f"in experiment '{out['experiment']}' at {out['tracking_uri']}")
         if "challenger" in out:
             versions = ", ".join(f"{m} v{v}" for m, v in out["student_versions"].items())
+            ch = out["challenger"]
+            pick = (f"challenger (best val top-1 {ch['val_top1']:.4f}): {ch['method']} "
+                    f"v{ch['version']}" if ch else out["challenger_note"])
             print(f"registered quest-teacher v{out['teacher_version']}; quest-student {versions}; "
-                  f"challenger: {out['challenger']['method']} v{out['challenger']['version']}")
+                  f"{pick}")
 
 
 def _cmd_promote(args: argparse.Namespace) -> None:
@@ -432,7 +439,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
             print(stale)
         with run_lock(root / ".quest" / "studies" / study.name, f"quest study {study.name}"):
             run_study(study, root, dry_run=args.dry_run, only=args.setting, seeds=args.seed,
-                      reproduce=again, methods=args.method)
+                      reproduce=again, methods=args.method, missing_val=args.missing_val)
         if args.dry_run:
             return 0
         if again is not None:

@@ -63,6 +63,10 @@ _NEUTRAL = {("student", "train", "repeat"): 1, ("teacher", "train", "repeat"): 1
             ("quest", "extra_levels"): {}, ("data", "format"): "prepared",
             ("data", "crop_scale_min"): 0.08, ("data", "eval_crop_ratio"): 0.875,
             ("data", "shuffle_buffer"): 1000}
+# The validation split's settings: they change what a run trains on only when the split is
+# carved out of a whole training pool; drawn outside a training subset, they leave the run as
+# it was, so its hash (and the older records without validation accuracy) match.
+_VALIDATION_KEYS = ("validation_per_class", "validation_seed")
 # Keys that change how fast a run goes, never what it computes (streams seed every sample).
 _SPEED_KEYS = {"data": ("workers",)}
 # Keys that name where inputs live or how progress shows, not what is computed.
@@ -105,6 +109,10 @@ def method_settings(cfg: Config, method: str) -> dict[str, Any]:
     for section, keys in _SPEED_KEYS.items():
         for key in keys:
             out.get(section, {}).pop(key, None)
+    data = out["data"] = {**out["data"]}
+    if not data.get("validation_per_class") or data["subset"]["train_per_class"] is not None:
+        for key in _VALIDATION_KEYS:
+            data.pop(key, None)
     for keys, neutral in _NEUTRAL.items():
         node = out
         for key in keys[:-1]:
@@ -205,6 +213,11 @@ def build_record(cfg: Config, metrics: dict[str, Any], *, device: torch.device,
         "epochs": cfg.student.train.epochs,
         "top1": metrics["top1"],
         "top5": metrics["top5"],
+        # what choices read (None: the run had no validation split; records written before
+        # the split existed have no such keys)
+        "val_top1": metrics.get("val_top1"),
+        "val_top5": metrics.get("val_top5"),
+        "val_images": metrics.get("val_images"),
         "history": history,
     }
 
@@ -241,15 +254,32 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+def has_val(record: dict[str, Any]) -> bool:
+    """Whether a record holds a validation accuracy (older records and runs without a
+    validation split do not)."""
+    return isinstance(record.get("val_top1"), int | float)
+
+
+def val_cell(runs: list[dict[str, Any]]) -> str:
+    """Mean ± std of validation top-1 (%) over the runs that have it; "no val" when none does,
+    and the count when only some do."""
+    vals = [100 * r["val_top1"] for r in runs if has_val(r)]
+    if not vals:
+        return "no val"
+    m, sd = _mean_std(vals)
+    return f"{m:.2f} ± {sd:.2f}" + ("" if len(vals) == len(runs) else f" ({len(vals)} with val)")
+
+
 def results_table(records: Iterable[dict[str, Any]]) -> str:
-    """Markdown table: mean ± sample std of top-1/top-5 (%) per group and method over seeds."""
+    """Markdown table: mean ± sample std of validation top-1 and test top-1/top-5 (%) per group
+    and method over seeds ("no val": runs recorded without a validation split)."""
     groups: dict[tuple[str, str, str, str], dict[int, dict[str, Any]]] = {}
     for r in records:
         key = (r["group"], f"{r['teacher'] or '-'} → {r['student']}", r["method"], r["params_hash"])
         groups.setdefault(key, {})[r["seed"]] = r  # a rerun of a seed replaces the older one
     # wall time stays in the records only: on a shared machine it measures the load, not the run
-    lines = ["| setting | teacher → student | method | seeds | top-1 % | top-5 % |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| setting | teacher → student | method | seeds | val top-1 % | top-1 % | top-5 % |",
+             "|---|---|---|---|---|---|---|"]
     order = {"ce": 0, "kd": 1, "quest": 2, "quest+kd": 3}
     for (group, pair, method, _), by_seed in sorted(
             groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order.get(kv[0][2], 9))):
@@ -257,6 +287,6 @@ def results_table(records: Iterable[dict[str, Any]]) -> str:
         t1 = _mean_std([100 * r["top1"] for r in runs])
         t5 = _mean_std([100 * r["top5"] for r in runs])
         seeds = ",".join(str(r["seed"]) for r in runs)
-        lines.append(f"| {group} | {pair} | {method} | {seeds} | {t1[0]:.2f} ± {t1[1]:.2f} "
-                     f"| {t5[0]:.2f} ± {t5[1]:.2f} |")
+        lines.append(f"| {group} | {pair} | {method} | {seeds} | {val_cell(runs)} "
+                     f"| {t1[0]:.2f} ± {t1[1]:.2f} | {t5[0]:.2f} ± {t5[1]:.2f} |")
     return "\n".join(lines)

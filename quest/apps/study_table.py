@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from quest.apps.provenance import UNKNOWN, code_fingerprint, cpu_key, fingerprint_of, spans
-from quest.apps.results import params_hash
+from quest.apps.results import has_val, params_hash, val_cell
 from quest.apps.stages.study import (
     Study,
     planned_runs,
@@ -127,15 +127,25 @@ def _delta(a: dict[int, dict[str, Any]], b: dict[int, dict[str, Any]]) -> str:
     return cell + (f" [{', '.join(marks)}]" if marks else "")
 
 
+def _val_top1(runs: dict[int, dict[str, Any]]) -> dict[int, float]:
+    return {s: 100.0 * r["val_top1"] for s, r in runs.items()}
+
+
 def _best(data: dict[str, dict[str, dict[int, dict[str, Any]]]], method: str
           ) -> tuple[str, dict[int, dict[str, Any]]] | None:
-    """The setting with the highest mean top-1 for `method` among those with the most seeds."""
-    cands = [(name, by_m[method]) for name, by_m in data.items() if method in by_m]
+    """The setting with the highest mean validation top-1 for `method`, among those with the
+    most seeds recorded with a validation accuracy, and those runs; None when no run of the
+    method has one (records made before the validation split). Test accuracy never chooses."""
+    cands = []
+    for name, by_m in data.items():
+        runs = {seed: r for seed, r in by_m.get(method, {}).items() if has_val(r)}
+        if runs:
+            cands.append((name, runs))
     if not cands:
         return None
     most = max(len(runs) for _, runs in cands)
     full = [c for c in cands if len(c[1]) == most]
-    return max(full, key=lambda c: mean_std(list(_top1(c[1]).values()))[0])
+    return max(full, key=lambda c: mean_std(list(_val_top1(c[1]).values()))[0])
 
 
 def _diag(runs: dict[int, dict[str, Any]], key: str) -> str:
@@ -157,21 +167,24 @@ def render(study: Study, root: Path, points: list[WordPoint] | None = None) -> s
     `points`: word_points(study, root) when the caller already has them."""
     data = collect(study, root)
     lines = [f"Study `{study.name}` ({study.path.name}); top-1 % on the test split, mean ± sample "
-             "std over seeds; Δ = paired per-seed difference in points, ± the 95 % t interval; "
+             "std over seeds; val top-1 %: on the validation split, which every choice reads "
+             "(\"no val\": runs recorded before the split existed); Δ = paired per-seed "
+             "difference in test points, ± the 95 % t interval; "
              "wall s/run: mean wall-clock seconds of one run (2-core CPU, shared with other "
              "work, so a guide only).",
              "",
              "Δ vs CE and Δ vs KD pair each run with the CE and KD runs of the same settings "
              "(recorded in any setting: they do not depend on QuEST's knobs). " + SPAN_LEGEND,
              "",
-             "| setting | method | seeds | top-1 % | Δ vs CE | Δ vs KD | wall s/run |",
-             "|---|---|---|---|---|---|---|"]
+             "| setting | method | seeds | val top-1 % | top-1 % | Δ vs CE | Δ vs KD "
+             "| wall s/run |",
+             "|---|---|---|---|---|---|---|---|"]
     base = baselines(study, root)
     for s in study.settings:
         by_m = data.get(s.name, {})
         ce, kd = base.get(s.name, {}).get("ce", {}), base.get(s.name, {}).get("kd", {})
         if not by_m:  # declared, not trained yet: say so rather than leave it out
-            lines.append(f"| {s.name} | {', '.join(s.methods)} | – | not run yet | | | |")
+            lines.append(f"| {s.name} | {', '.join(s.methods)} | – | | not run yet | | | |")
             continue
         for method in sorted(by_m, key=lambda m: _order(m)):
             t = _top1(by_m[method])
@@ -179,8 +192,9 @@ def render(study: Study, root: Path, points: list[WordPoint] | None = None) -> s
             seeds = ",".join(str(x) for x in sorted(t))
             vs_ce = _delta(by_m[method], ce) if method != "ce" else ""
             vs_kd = _delta(by_m[method], kd) if method not in ("ce", "kd") else ""
-            lines.append(f"| {s.name} | {method} | {seeds} | {m:.2f} ± {sd:.2f} | {vs_ce} "
-                         f"| {vs_kd} | {_wall(by_m[method])} |")
+            val = val_cell([by_m[method][x] for x in sorted(by_m[method])])
+            lines.append(f"| {s.name} | {method} | {seeds} | {val} | {m:.2f} ± {sd:.2f} "
+                         f"| {vs_ce} | {vs_kd} | {_wall(by_m[method])} |")
     # every method the study ran, the feature baselines (FitNets, AT) included; best-of rows
     # compare settings of one schedule (a 12-epoch KD is no baseline for a 6-epoch FitNets)
     ran = sorted({m for by_m in data.values() for m in by_m}, key=_order)
@@ -191,23 +205,28 @@ def render(study: Study, root: Path, points: list[WordPoint] | None = None) -> s
                               {})[s.name] = data[s.name]
     rows = []
     for group, gdata in groups.items():
-        best = {m: _best(gdata, m) for m in ran}
-        if not (best.get("kd") and (best.get("quest") or best.get("quest+kd"))):
+        present = {m for by_m in gdata.values() for m in by_m}
+        if not ("kd" in present and present & {"quest", "quest+kd"}):
             continue
+        best = {m: _best(gdata, m) for m in ran if m in present}
         for method, entry in best.items():
             if entry is None:
+                rows.append(f"| {group} | {method} | no run with val | | | | |")
                 continue
             t = _top1(entry[1])
             m, sd = mean_std(list(t.values()))
-            vs = _delta(entry[1], best["kd"][1]) if method != "kd" else ""
+            vm, vsd = mean_std(list(_val_top1(entry[1]).values()))
+            vs = _delta(entry[1], best["kd"][1]) if method != "kd" and best.get("kd") else ""
             rows.append(f"| {group} | {method} | {entry[0]} | "
-                        f"{','.join(str(x) for x in sorted(t))} | {m:.2f} ± {sd:.2f} | {vs} |")
+                        f"{','.join(str(x) for x in sorted(t))} | {vm:.2f} ± {vsd:.2f} | "
+                        f"{m:.2f} ± {sd:.2f} | {vs} |")
     if rows:
-        lines += ["", "Best of each method over the study's settings of one schedule (among those "
-                  "with the most seeds; chosen on the test split, so the best-of numbers are "
-                  "optimistic), beside the best KD of that schedule:", "",
-                  "| schedule | method | best setting | seeds | top-1 % | Δ vs best KD |",
-                  "|---|---|---|---|---|---|", *rows]
+        lines += ["", "Best of each method over the study's settings of one schedule, chosen on "
+                  "the validation split (the highest mean val top-1 among the settings with the "
+                  "most seeds recorded with val; runs without val are not candidates), beside the "
+                  "best KD of that schedule; the test top-1 is reported, never chosen on:", "",
+                  "| schedule | method | best setting (on val) | seeds | val top-1 % | top-1 % "
+                  "| Δ vs best KD |", "|---|---|---|---|---|---|---|", *rows]
     diag = [(s.name, m, runs) for s in study.settings for m, runs in data.get(s.name, {}).items()
             if get_method(m).needs_codebook]
     if diag:

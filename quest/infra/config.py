@@ -76,6 +76,11 @@ class DataConfig(Section):
     eval_crop_ratio: float = 0.875  # stream evaluation: resize to image_size / ratio, center-crop
     shuffle_buffer: int = 1000  # stream shards: samples mixed across shards in each worker
     subset: SubsetConfig = Field(default_factory=SubsetConfig)
+    # images per class held out of training to choose on (defaults, best-of rows, the MLflow
+    # champion): drawn with their own seed from the training pool outside the training subset,
+    # or carved out of it when the training subset is the whole pool; 0: no validation split
+    validation_per_class: int = 0
+    validation_seed: int = 0
 
 
 class OptimConfig(Section):
@@ -505,6 +510,9 @@ def validate(cfg: Config) -> None:
     for key, vec in (("data.mean", cfg.data.mean), ("data.std", cfg.data.std)):
         if vec is not None and len(vec) != cfg.data.channels:
             raise QuestError(f"{key} needs {cfg.data.channels} values, got {len(vec)}")
+    if cfg.data.validation_per_class < 0:
+        raise QuestError(f"data.validation_per_class must be 0 (no validation split) or more, "
+                         f"got {cfg.data.validation_per_class}: fix it in params.yaml")
     _validate_levels(cfg)
     _positive(cfg.codebook.k, "codebook.k")
     _positive(cfg.codebook.iterations, "codebook.iterations")

@@ -31,15 +31,30 @@ def _delta(a: float | None, b: float | None) -> str:
 
 
 def accuracy_table(run: RunData) -> Table:
-    """Teacher and every student: top-1, top-5 (%), parameters and multiply-accumulates."""
+    """Teacher and every student: validation top-1, test top-1 and top-5 (%), parameters and
+    multiply-accumulates (— : no validation split)."""
     rows = []
     for name, r in run.evaluation["models"].items():
         hist = run.histories.get(name) or []
-        rows.append([name, str(r.get("arch", "?")), _pct(r.get("top1")), _pct(r.get("top5")),
-                     f"{int(r['params']):,}", f"{r['macs'] / 1e6:.1f}",
+        rows.append([name, str(r.get("arch", "?")), _pct(r.get("val_top1")), _pct(r.get("top1")),
+                     _pct(r.get("top5")), f"{int(r['params']):,}", f"{r['macs'] / 1e6:.1f}",
                      str(len(hist)) if name != "teacher" else "—"])
-    return Table(["model", "arch", "top-1 %", "top-5 %", "params", "MMACs", "epochs"], rows,
-                 [False, False, True, True, True, True, True])
+    return Table(["model", "arch", "val top-1 %", "top-1 %", "top-5 %", "params", "MMACs",
+                  "epochs"], rows, [False, False, True, True, True, True, True, True])
+
+
+def best_student(run: RunData) -> tuple[str, str]:
+    """The report's "best student" fact: the student with the highest validation top-1 (its
+    test top-1 reported beside it); test accuracy never chooses."""
+    students = {n: r for n, r in run.evaluation["models"].items() if n != "teacher"}
+    scored = {n: r["val_top1"] for n, r in students.items()
+              if isinstance(r.get("val_top1"), int | float)}
+    if not scored:
+        return ("best student (on validation)", "no validation split in this run: none chosen")
+    name = max(scored, key=lambda n: scored[n])
+    return ("best student (on validation)",
+            f"{name}: val top-1 {_pct(scored[name])} %, test top-1 "
+            f"{_pct(students[name].get('top1'))} %")
 
 
 def comparison_table(a: RunData, b: RunData) -> Table:
@@ -132,11 +147,15 @@ def _gallery(cfg: Config, paths: Paths, run: RunData) -> tuple[Any, str]:
 def _facts(run: RunData, other: RunData | None) -> list[tuple[str, str]]:
     ev = run.evaluation
     n = ev.get("num_test_images")
+    nv = ev.get("num_val_images")
     facts = [("run", str(run.root)),
              ("generated", time.strftime("%Y-%m-%d %H:%M:%S")),
              ("test images", f"{n:,}" if isinstance(n, int) else "?"),
+             ("validation images", f"{nv:,}" if isinstance(nv, int) and nv else "none"),
              ("teacher", str(ev["models"].get("teacher", {}).get("arch", "?"))),
              ("students", ", ".join(run.methods) or "none")]
+    if run.methods:
+        facts.append(best_student(run))
     if run.codebook:
         facts.append(("codebook", f"K = {run.codebook['k']}"))
     if other is not None:

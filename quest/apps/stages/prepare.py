@@ -20,7 +20,11 @@ def run_prepare(cfg: Config, paths: Paths) -> dict[str, Any]:
     d = cfg.data
     sub = d.subset
     wants_subset = sub.train_per_class is not None or sub.test_per_class is not None
+    validation = (d.validation_per_class, d.validation_seed) if d.validation_per_class else None
     if d.format == "stream":
+        if validation is not None:
+            raise QuestError("data.format stream has no validation split yet: set "
+                             "data.validation_per_class: 0, or use data.format: prepared")
         return _prepare_stream(cfg, paths, (sub.train_per_class, sub.test_per_class, sub.seed)
                                if wants_subset else None)
     ds = prepare_dataset(
@@ -32,6 +36,7 @@ def run_prepare(cfg: Config, paths: Paths) -> dict[str, Any]:
         download=d.download,
         progress=bars_enabled(cfg.runtime.progress),
         subset=(sub.train_per_class, sub.test_per_class, sub.seed) if wants_subset else None,
+        validation=validation,
     )
     if d.mean is not None and d.std is not None:
         mean, std = list(d.mean), list(d.std)
@@ -42,14 +47,18 @@ def run_prepare(cfg: Config, paths: Paths) -> dict[str, Any]:
     summary = {
         "train": int(len(ds.train.labels)),
         "test": int(len(ds.test.labels)),
+        "val": len(ds.val) if ds.val is not None else 0,
         "classes": len(ds.classes),
         "image_shape": list(ds.train.images.shape[1:]),
         "mean": mean,
         "std": std,
     }
-    log.info("prepared %s: %d train, %d test, %d classes, images %s",
-             d.source, summary["train"], summary["test"], summary["classes"],
-             "x".join(map(str, summary["image_shape"])))
+    if "validation" in ds.meta:
+        summary["validation"] = ds.meta["validation"]
+    log.info("prepared %s: %d train, %d validation, %d test, %d classes, images %s%s",
+             d.source, summary["train"], summary["val"], summary["test"], summary["classes"],
+             "x".join(map(str, summary["image_shape"])),
+             f" (validation {ds.meta['validation']['drawn_from']})" if summary["val"] else "")
     return summary
 
 

@@ -16,13 +16,14 @@ from quest.apps.stages.common import (
     norm_stats,
     resolve_device,
     to_device,
+    val_loader,
     write_csv_atomic,
 )
 from quest.core import distributed
 from quest.core.checkpoint import load_model_file, save_model_file
 from quest.core.data.prepared import data_hash
 from quest.core.data.stream import StreamData
-from quest.core.engine import Trainer
+from quest.core.engine import Trainer, evaluate
 from quest.core.fastpath import autocast_step, describe, maybe_compile
 from quest.core.levels import LevelInputs, level_paths, quest_levels
 from quest.core.methods import MethodContext, get, resolve_settings
@@ -123,9 +124,19 @@ def _build_distiller(cfg: Config, paths: Paths, method: str, ds: Any, num_classe
     return distiller
 
 
+def _val_metrics(cfg: Config, distiller: Any, ds: Any, device: torch.device) -> dict[str, Any]:
+    """The trained student's validation top-1/top-5 (what choices read), or {} without a
+    validation split. The test numbers stay the last epoch's, as before."""
+    loader = val_loader(ds, cfg, device)
+    if loader is None:
+        return {}
+    ev = evaluate(distiller, loader, len(ds.classes), device)
+    return {"val_top1": ev["top1"], "val_top5": ev["top5"], "val_images": ev["num_images"]}
+
+
 def _write_outputs(cfg: Config, paths: Paths, method: str, distiller: Any, ds: Any,
                    history: list[dict[str, Any]], provenance: dict[str, Any],
-                   device: torch.device) -> dict[str, Any]:
+                   val: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The exported student, its metrics JSON and its per-epoch CSV; returns the metrics."""
     s = cfg.student
     mean, std = norm_stats(ds)
@@ -141,6 +152,7 @@ def _write_outputs(cfg: Config, paths: Paths, method: str, distiller: Any, ds: A
         "epochs": s.train.epochs,
         "top1": final["test_accuracy"],
         "top5": final["test_top5"],
+        **val,
         "train_accuracy": final["train_accuracy"],
         "seconds": round(sum(r["seconds"] for r in history), 1),
         **provenance,
@@ -188,12 +200,15 @@ def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None =
     history = trainer.fit(train_loader, test_loader)
     if dist_info is not None and not dist_info.is_main:
         return {"method": method, "rank": dist_info.rank}  # rank 0 writes the outputs
-    metrics = _write_outputs(cfg, paths, method, distiller, ds, history, provenance, device)
+    val = _val_metrics(cfg, distiller, ds, device)
+    metrics = _write_outputs(cfg, paths, method, distiller, ds, history, provenance, val,
+                             device)
     trainer.finish()
     record = build_record(cfg, metrics, device=device,
                           teacher_arch=cfg.teacher.arch, wall_seconds=time.monotonic() - started,
                           setting=setting, study=study)
     write_record(paths.results, record)
-    log.info("student[%s] %s: top-1 %.4f after %d epochs", method, s.arch,
-             metrics["top1"], s.train.epochs)
+    log.info("student[%s] %s: top-1 %.4f%s after %d epochs", method, s.arch, metrics["top1"],
+             f", val top-1 {metrics['val_top1']:.4f}" if "val_top1" in metrics else "",
+             s.train.epochs)
     return {k: v for k, v in metrics.items() if k != "history"}

@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from quest.apps.results import load_records, params_hash
+from quest.apps.results import has_val, load_records, params_hash
 from quest.apps.stages.common import resolve_location
 from quest.apps.stages.table import LEVEL_ITEM, STAGES, Stage, get_param
 from quest.core.methods import get as get_method
@@ -256,13 +256,16 @@ def planned_runs(study: Study, root: Path) -> list[tuple[Setting, str, int, Conf
 def run_study(study: Study, root: Path, *, dry_run: bool = False,
               only: list[str] | None = None, seeds: list[int] | None = None,
               reproduce: Path | None = None,
-              methods: list[str] | None = None) -> list[dict[str, Any]]:
+              methods: list[str] | None = None,
+              missing_val: bool = False) -> list[dict[str, Any]]:
     """Train every planned run not yet recorded (of the settings in `only`, the `seeds` and the
     `methods`, when given); return the new metrics (dry_run: list the runs, train nothing).
 
     With `reproduce` (a directory), train the planned runs again whatever results/ holds and
     record them there instead (runs already there are skipped, so a reproduction resumes too);
-    `reproduction_table` then sets them beside the committed records."""
+    `reproduction_table` then sets them beside the committed records. With `missing_val`,
+    recorded runs without a validation accuracy (made before the split) train again; the new
+    record joins results/ beside the old one and replaces it in the tables."""
     plan = planned_runs(study, root)
     if only:
         unknown = set(only) - {s.name for s in study.settings}
@@ -279,7 +282,8 @@ def run_study(study: Study, root: Path, *, dry_run: bool = False,
                              f"{sorted(unknown)[0]!r}: check --method and the study's methods")
         plan = [p for p in plan if p[1] in methods]
     if reproduce is None:
-        done = recorded_runs(root)
+        done = {key: r for key, r in recorded_runs(root).items()
+                if not missing_val or has_val(r)}
     else:
         done = {(r["params_hash"], r["method"], r["seed"]): r for r in load_records(reproduce)}
     todo, seen = [], set()

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from quest.apps.stages.common import (
+    evaluate_splits,
     load_data,
     make_loaders,
     norm_stats,
@@ -24,7 +25,7 @@ from quest.core.checkpoint import (
 )
 from quest.core.data.prepared import data_hash
 from quest.core.distill import Distiller
-from quest.core.engine import Trainer, evaluate
+from quest.core.engine import Trainer
 from quest.core.models.zoo import build_model, count_macs, count_parameters
 from quest.infra.config import Config, config_hash
 from quest.infra.errors import QuestError
@@ -89,12 +90,16 @@ def run_teacher(cfg: Config, paths: Paths) -> dict[str, Any]:
         history = trainer.fit(train_loader, test_loader)
         source = {"trained": True, "epochs": t.train.epochs}
         write_csv_atomic(paths.plots / "teacher.csv", history)
-    ev = evaluate(model, test_loader, num_classes, device)
+    ev = evaluate_splits(model, ds, cfg, device, test_loader)
     image_shape = ds.image_shape
     metrics = {
         "arch": t.arch,
         "top1": ev["top1"],
         "top5": ev["top5"],
+        # an imported teacher may have trained on the images held out for validation (the
+        # shared CIFAR-10 one saw the whole training set): its val_top1 is then no held-out
+        # number; no choice reads it
+        **{k: ev[k] for k in ("val_top1", "val_top5") if k in ev},
         "params": count_parameters(model),
         "macs": count_macs(model, image_shape),
         **source,

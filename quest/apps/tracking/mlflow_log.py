@@ -164,13 +164,23 @@ def metric_name(name: str) -> str:
     return re.sub(r"[^\w\-. :/]", "_", name)
 
 
+# A model's final numbers: test top-1/top-5 (reported), validation top-1/top-5 (what the
+# challenger pick and the promotion gate read), size.
+_FINAL_KEYS = ("top1", "top5", "val_top1", "val_top5", "params", "macs")
+
+
 def _evaluation_metrics(evaluation: dict[str, Any]) -> list[tuple[str, float, int]]:
-    """(name, value, step) for every model's top1, top5, params and MACs."""
+    """(name, value, step) for every model's top1, top5, val_top1, val_top5, params and MACs."""
     return [
         (metric_name(f"{name}.{key}"), r[key], 0)
         for name, r in evaluation["models"].items()
-        for key in ("top1", "top5", "params", "macs") if _numeric(r.get(key))
+        for key in _FINAL_KEYS if _numeric(r.get(key))
     ]
+
+
+def _val_tags(result: dict[str, Any]) -> dict[str, Any]:
+    """The val_top1/val_top5 tags of a registered version (none without a validation split)."""
+    return {k: result[k] for k in ("val_top1", "val_top5") if _numeric(result.get(k))}
 
 
 @dataclass
@@ -230,8 +240,7 @@ def _log_teacher(client: Any, rid: str, cfg: Config, paths: Paths, c: _Collected
 
     _log_params(client, rid, flatten({"teacher": cfg.to_dict()["teacher"]}))
     _log_metrics(client, rid, [
-        (k, c.teacher[k], 0) for k in ("top1", "top5", "params", "macs")
-        if _numeric(c.teacher.get(k))
+        (k, c.teacher[k], 0) for k in _FINAL_KEYS if _numeric(c.teacher.get(k))
     ] + history_metrics(c.teacher.get("history") or []))
     if example is None:
         return None
@@ -239,6 +248,7 @@ def _log_teacher(client: Any, rid: str, cfg: Config, paths: Paths, c: _Collected
         paths.teacher_model, registry.TEACHER_MODEL, example, _num_classes(paths.teacher_model),
         {"role": "teacher", "arch": c.teacher["arch"],
          "test_top1": c.evaluation["models"]["teacher"]["top1"],
+         **_val_tags(c.evaluation["models"]["teacher"]),
          "data_sha256": c.data_sha or "unknown", "git_commit": c.commit,
          "model_sha256": file_sha256(paths.teacher_model)})
 
@@ -273,14 +283,16 @@ def _log_student(client: Any, rid: str, method: str, cfg: Config, paths: Paths, 
         {"student": settings_dict(cfg.student)})})
     _log_metrics(client, rid, [
         # final numbers under names the per-epoch history does not use
-        (k, sm[k], 0) for k in ("top1", "top5", "params", "seconds") if _numeric(sm.get(k))
+        (k, sm[k], 0) for k in ("top1", "top5", "val_top1", "val_top5", "params", "seconds")
+        if _numeric(sm.get(k))
     ] + history_metrics(sm.get("history") or []))
     for f in (paths.student_metrics(method), paths.student_curve(method)):
         if f.is_file():
             mlflow.log_artifact(str(f), f"students/{method_slug(method)}")
     if example is None:
         return None
-    top1 = c.evaluation["models"].get(method_slug(method), {}).get("top1", sm["top1"])
+    ev = c.evaluation["models"].get(method_slug(method), {})
+    top1 = ev.get("top1", sm["top1"])
     return registry.log_and_register(
         paths.student_model(method), registry.STUDENT_MODEL, example,
         _num_classes(paths.student_model(method)), {
@@ -289,7 +301,8 @@ def _log_student(client: Any, rid: str, method: str, cfg: Config, paths: Paths, 
             "codebook_sha256": sm.get("codebook_sha256")
             or c.codebook_meta.get("codebook_sha256", "none"),
             "data_sha256": sm.get("data_sha256", "unknown"), "git_commit": c.commit,
-            "test_top1": top1, "model_sha256": file_sha256(paths.student_model(method))})
+            "test_top1": top1, **_val_tags(ev if "val_top1" in ev else sm),
+            "model_sha256": file_sha256(paths.student_model(method))})
 
 
 def _log_children(client: Any, child: Any, cfg: Config, paths: Paths, c: _Collected,
@@ -368,13 +381,23 @@ def track_pipeline(
 
 
 def _set_challenger(client: Any, methods: list[str], versions: dict[str, int]) -> dict[str, Any]:
-    """Point @challenger at the best student just registered (the first listed wins a tie)."""
+    """Point @challenger at the student with the best validation top-1 just registered (the
+    first listed wins a tie). Test accuracy never chooses: without a validation split (a preset
+    replicating an official configuration), no challenger is set."""
     from quest.apps.tracking import registry
 
-    best = max(methods, key=lambda m: _tag_top1(client, versions[m]))
+    scored = {m: _tag_val_top1(client, versions[m]) for m in methods}
+    candidates = [m for m in methods if scored[m] is not None]
+    out: dict[str, Any] = {"student_versions": versions}
+    if not candidates:
+        out["challenger"] = None
+        out["challenger_note"] = ("no student has a validation accuracy (data."
+                                  "validation_per_class is 0): no challenger chosen")
+        return out
+    best = max(candidates, key=lambda m: scored[m])  # type: ignore[arg-type, return-value]
     registry.set_alias(client, registry.STUDENT_MODEL, registry.CHALLENGER, versions[best])
-    return {"student_versions": versions,
-            "challenger": {"method": best, "version": versions[best]}}
+    out["challenger"] = {"method": best, "version": versions[best], "val_top1": scored[best]}
+    return out
 
 
 def _num_classes(model_file: Path) -> int:
@@ -383,7 +406,9 @@ def _num_classes(model_file: Path) -> int:
     return int(load_checkpoint(model_file)["num_classes"])
 
 
-def _tag_top1(client: Any, version: int) -> float:
+def _tag_val_top1(client: Any, version: int) -> float | None:
+    """A registered student's val_top1 tag, or None when it has none."""
     from quest.apps.tracking.registry import STUDENT_MODEL, version_tags
 
-    return float(version_tags(client, STUDENT_MODEL, version)["test_top1"])
+    value = version_tags(client, STUDENT_MODEL, version).get("val_top1")
+    return None if value is None else float(value)

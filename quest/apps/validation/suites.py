@@ -71,12 +71,23 @@ class _DataFrames:
     classes: list[dict[str, Any]]
     duplicates: np.ndarray  # per test image: an exact copy of a training image
     train_hw: tuple[int, ...]
+    # per validation image: an exact copy of a training image, of a test image
+    val_duplicates: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _splits(ds: Any) -> dict[str, Any]:
+    """The dataset's splits by name: train, test, and val when it has a validation split."""
+    out = {"train": ds.train, "test": ds.test}
+    val = getattr(ds, "val", None)
+    if val is not None and len(val):
+        out["val"] = val
+    return out
 
 
 def _data_frames(ds: Any) -> _DataFrames:
     """Per split: array facts, per-image pixel statistics and label, per-class counts."""
     k = ds.num_classes
-    splits = {"train": ds.train, "test": ds.test}
+    splits = _splits(ds)
     train_hw = tuple(int(s) for s in ds.train.images.shape[2:4]) if ds.train.images.ndim == 4 \
         else (-1, -1)
     arrays, images, classes = [], [], []
@@ -100,12 +111,29 @@ def _data_frames(ds: Any) -> _DataFrames:
     train_set = set(digests["train"])
     dup = np.array([d in train_set for d in digests["test"]], dtype=bool)
     frame = pd.concat(images, ignore_index=True)
-    frame["duplicate_of_train"] = np.concatenate([np.zeros(len(ds.train), dtype=bool), dup])
-    return _DataFrames(arrays, frame, classes, dup, train_hw)
+    sizes = {name: len(split) for name, split in splits.items()}
+
+    def only(name: str, flags: np.ndarray) -> np.ndarray:
+        """`flags` on `name`'s rows, False on every other split's (rows in split order)."""
+        return np.concatenate([flags if s == name else np.zeros(n, dtype=bool)
+                               for s, n in sizes.items()])
+
+    frame["duplicate_of_train"] = only("test", dup)
+    val_dups: dict[str, np.ndarray] = {}
+    if "val" in digests:
+        # the validation split must be disjoint from both: an image held out for choosing is
+        # neither trained on nor the test split reported on
+        test_set = set(digests["test"])
+        val_dups = {"train": np.array([d in train_set for d in digests["val"]], dtype=bool),
+                    "test": np.array([d in test_set for d in digests["val"]], dtype=bool)}
+        frame["val_duplicate_of_train"] = only("val", val_dups["train"])
+        frame["val_duplicate_of_test"] = only("val", val_dups["test"])
+    return _DataFrames(arrays, frame, classes, dup, train_hw, val_dups)
 
 
-def _image_expectations(cfg: Config, k: int, n_test: int) -> list[Any]:
-    """Labels in range, few test/train duplicates, plausible pixel statistics per split."""
+def _image_expectations(cfg: Config, k: int, n_test: int, n_val: int = 0) -> list[Any]:
+    """Labels in range, few test/train duplicates (and, with a validation split, few
+    val/train and val/test duplicates), plausible pixel statistics per split."""
     v = cfg.validation.data
     max_dups = math.floor(v.max_duplicate_share * n_test)
     exps: list[Any] = [
@@ -117,7 +145,15 @@ def _image_expectations(cfg: Config, k: int, n_test: int) -> list[Any]:
             description=f"at most {max_dups} test images ({v.max_duplicate_share:.1%} of "
                         f"{n_test}) are exact duplicates of training images"),
     ]
-    for name in ("train", "test"):
+    if n_val:
+        max_val = math.floor(v.max_duplicate_share * n_val)
+        exps += [gxe.ExpectColumnSumToBeBetween(
+            column=f"val_duplicate_of_{other}", min_value=0, max_value=max_val,
+            description=f"at most {max_val} validation images ({v.max_duplicate_share:.1%} of "
+                        f"{n_val}) are exact duplicates of {other} images (the validation "
+                        f"split is disjoint from the {other} split)")
+            for other in ("train", "test")]
+    for name in ("train", "test") + (("val",) if n_val else ()):
         # GX 1.x condition objects (string row conditions are deprecated since 1.9)
         cond = {"row_condition": Column("split") == name}
         exps += [
@@ -197,15 +233,23 @@ def data_suite(cfg: Config, paths: Paths) -> Suite:
         column="share_of_mean", min_value=v.min_class_share,
         description=f"every class holds at least {v.min_class_share:.0%} of its split's mean "
                     "class count")]
-    names = ("train", "test")
+    splits = _splits(ds)
+    names = tuple(splits)
     frame = f.images
+    if "validation" in ds.meta:  # how the split was drawn, for the data report
+        validation_note = {"validation": ds.meta["validation"]}
+    else:
+        validation_note = {}
     observed = {
         "classes": ds.num_classes,
+        **validation_note,
         "images": ({k: sum(c.values()) for k, c in full.items()} if full is not None
-                   else {"train": len(ds.train), "test": len(ds.test)}),
+                   else {name: len(split) for name, split in splits.items()}),
         "class_counts": {name: {c["class"]: c["count"] for c in f.classes if c["split"] == name}
                          for name in names},
         "duplicates_test_in_train": int(f.duplicates.sum()),
+        **{f"duplicates_val_in_{other}": int(flags.sum())
+           for other, flags in f.val_duplicates.items()},
         "pixel_mean": {name: float(frame.loc[frame.split == name, "pixel_mean"].mean())
                        for name in names},
         "pixel_std": {name: float(frame.loc[frame.split == name, "pixel_std"].mean())
@@ -214,7 +258,8 @@ def data_suite(cfg: Config, paths: Paths) -> Suite:
     return Suite(
         tables=[Table("arrays", pd.DataFrame(f.arrays), _array_expectations(cfg, f.train_hw),
                       ["split"]),
-                Table("images", frame, _image_expectations(cfg, ds.num_classes, len(ds.test)),
+                Table("images", frame, _image_expectations(cfg, ds.num_classes, len(ds.test),
+                                                           len(splits.get("val", ()))),
                       ["split", "index"]),
                 Table("classes", pd.DataFrame(f.classes), class_exps, ["split", "class"])],
         observed=observed,

@@ -17,6 +17,9 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 # Order matters: data_sha256 hashes the arrays' bytes in exactly this order.
 ARRAY_FILES = ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy")
+# The validation split's arrays: written only when it has images (data.validation_per_class),
+# and hashed after the four above, so a dataset without one keeps the data_sha256 it had.
+VAL_FILES = ("val_images.npy", "val_labels.npy")
 
 
 @dataclass
@@ -33,12 +36,14 @@ class Split:
 
 @dataclass
 class PreparedDataset:
-    """Train and test splits, class names in label order, and provenance metadata."""
+    """Train and test splits, class names in label order, provenance metadata, and the
+    validation split held out of the training pool (None: there is none)."""
 
     train: Split
     test: Split
     classes: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+    val: Split | None = None
 
     @property
     def num_classes(self) -> int:
@@ -58,21 +63,33 @@ def class_counts(labels: np.ndarray, classes: list[str]) -> dict[str, int]:
     return {name: int(counts[i]) for i, name in enumerate(classes)}
 
 
-def count_meta(train: Split, test: Split, classes: list[str]) -> dict[str, Any]:
-    """The per-split and per-class count entries of meta, computed from the arrays."""
+def count_meta(train: Split, test: Split, classes: list[str],
+               val: Split | None = None) -> dict[str, Any]:
+    """The per-split and per-class count entries of meta, computed from the arrays (the
+    validation split's only when it has images)."""
+    splits = {"train": train, "test": test}
+    if val is not None and len(val):
+        splits["val"] = val
     return {
-        "counts": {"train": len(train), "test": len(test)},
-        "class_counts": {
-            "train": class_counts(train.labels, classes),
-            "test": class_counts(test.labels, classes),
-        },
+        "counts": {name: len(split) for name, split in splits.items()},
+        "class_counts": {name: class_counts(split.labels, classes)
+                         for name, split in splits.items()},
     }
 
 
+def _arrays(ds: PreparedDataset) -> list[np.ndarray]:
+    """The arrays data_sha256 covers, in hashing order (the validation split's last, if any)."""
+    out = [ds.train.images, ds.train.labels, ds.test.images, ds.test.labels]
+    if ds.val is not None and len(ds.val):
+        out += [ds.val.images, ds.val.labels]
+    return out
+
+
 def arrays_sha256(ds: PreparedDataset) -> str:
-    """SHA-256 over the raw bytes of train images, train labels, test images, test labels."""
+    """SHA-256 over the raw bytes of train images, train labels, test images, test labels, then
+    the validation images and labels when there is a validation split."""
     h = hashlib.sha256()
-    for arr in (ds.train.images, ds.train.labels, ds.test.images, ds.test.labels):
+    for arr in _arrays(ds):
         # Hash in slices so a memory-mapped array is never copied whole into memory.
         flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
         step = 64 << 20
@@ -105,21 +122,27 @@ def save_prepared(ds: PreparedDataset, out_dir: str | Path) -> str:
     test = _check_split("test", ds.test, len(ds.classes))
     if train.images.shape[1:] != test.images.shape[1:]:
         raise ValueError(f"train {train.images.shape[1:]} and test {test.images.shape[1:]} differ")
-    checked = PreparedDataset(train, test, list(ds.classes), ds.meta)
+    val = (_check_split("val", ds.val, len(ds.classes))
+           if ds.val is not None and len(ds.val) else None)
+    if val is not None and val.images.shape[1:] != train.images.shape[1:]:
+        raise ValueError(f"val {val.images.shape[1:]} and train {train.images.shape[1:]} differ")
+    checked = PreparedDataset(train, test, list(ds.classes), ds.meta, val)
     digest = arrays_sha256(checked)
     # Every array goes to a temporary file first: a failing write (a full disk) removes them
     # and leaves the previous version whole. Only then is meta.json, the commit marker, dropped
     # and the arrays renamed into place (leaving the stack renames them), so that a crash
     # during the renames leaves a directory that load_prepared reports as unprepared, never a
     # mixed one.
+    files = ARRAY_FILES + (VAL_FILES if val is not None else ())
     with contextlib.ExitStack() as stack:
-        for fname, arr in zip(
-            ARRAY_FILES, (train.images, train.labels, test.images, test.labels), strict=True
-        ):
+        for fname, arr in zip(files, _arrays(checked), strict=True):
             tmp = stack.enter_context(atomic_path(out / fname))
             with open(tmp, "wb") as fh:
                 np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
         (out / META_FILE).unlink(missing_ok=True)
+        if val is None:  # an earlier preparation's validation split is not this one's
+            for fname in VAL_FILES:
+                (out / fname).unlink(missing_ok=True)
     meta = {
         "format_version": FORMAT_VERSION,
         "data_sha256": digest,
@@ -128,7 +151,7 @@ def save_prepared(ds: PreparedDataset, out_dir: str | Path) -> str:
         "image_shape": list(checked.image_shape),
     }
     meta.update({k: v for k, v in ds.meta.items() if k not in meta})
-    meta.update(count_meta(train, test, list(ds.classes)))
+    meta.update(count_meta(train, test, list(ds.classes), val))
     write_json_atomic(out / META_FILE, meta)
     return digest
 
@@ -154,7 +177,9 @@ def load_prepared(out_dir: str | Path, mmap: bool = False, verify: bool = False)
     out = Path(out_dir)
     meta = _read_meta(out)
     arrays = []
-    for fname in ARRAY_FILES:
+    # meta's counts name a validation split when one was written
+    has_val = int(meta.get("counts", {}).get("val", 0) or 0) > 0
+    for fname in ARRAY_FILES + (VAL_FILES if has_val else ()):
         path = out / fname
         if not path.is_file():
             raise QuestError(
@@ -166,14 +191,18 @@ def load_prepared(out_dir: str | Path, mmap: bool = False, verify: bool = False)
             raise QuestError(f"cannot read {path} ({err}): run `quest prepare` again") from err
     train = Split(arrays[0], arrays[1])
     test = Split(arrays[2], arrays[3])
-    for name, split in (("train", train), ("test", test)):
+    val = Split(arrays[4], arrays[5]) if has_val else None
+    for name, split in (("train", train), ("test", test), ("val", val)):
+        if split is None:
+            continue
         if split.images.shape[0] != split.labels.shape[0]:
             raise QuestError(
                 f"prepared {name} split in {out} has {split.images.shape[0]} images but "
                 f"{split.labels.shape[0]} labels: run `quest prepare` again"
             )
     classes = [str(c) for c in meta["classes"]]
-    ds = PreparedDataset(train, test, classes, {k: v for k, v in meta.items() if k != "classes"})
+    ds = PreparedDataset(train, test, classes, {k: v for k, v in meta.items() if k != "classes"},
+                         val)
     if verify and arrays_sha256(ds) != meta["data_sha256"]:
         raise QuestError(
             f"prepared data in {out} does not match the data_sha256 in its meta.json "

@@ -50,11 +50,14 @@ def prepare_dataset(
     download: bool = False,
     progress: bool = True,
     subset: tuple[int | None, int | None, int] | None = None,
+    validation: tuple[int, int] | None = None,
 ) -> PreparedDataset:
     """Read a cifar10/cifar100 root or an image folder/archive into a PreparedDataset.
 
     ``subset`` = (train_per_class, test_per_class, seed) keeps a seeded, class-balanced slice;
     image folders pick it from the file names before decoding, so a small slice is fast.
+    ``validation`` = (per_class, seed) holds a validation split out of the training pool (see
+    `carve_validation`); None or 0 per class: none.
     """
     if source not in SOURCES:
         raise QuestError(
@@ -81,10 +84,14 @@ def prepare_dataset(
                 f"a folder or a {'/'.join(ARCHIVE_SUFFIXES)} archive holding train/ and test/"
             )
         return _prepare_image_folder(
-            Path(location).expanduser(), image_size, channels, on_corrupt, progress, subset
+            Path(location).expanduser(), image_size, channels, on_corrupt, progress, subset,
+            validation
         )
     ds = _prepare_cifar(_CIFAR[source], location, image_size, channels, download)
-    return ds if subset is None else smoke_subset(ds, *subset)
+    if subset is None and not (validation and validation[0]):
+        return ds
+    train_pc, test_pc, seed = subset if subset is not None else (None, None, 0)
+    return smoke_subset(ds, train_pc, test_pc, seed, validation=validation)
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,8 +566,10 @@ def _assemble(split: str, buffer: np.ndarray | None, found: list[tuple[int, str]
         if counts[label] == 0:
             n_files = sum(1 for _, lab in plan.files[split] if lab == label)
             why = f"all {n_files} files unreadable" if n_files else "it is empty"
+            where = (f"the validation split's class {cls} (held out of train/{cls})"
+                     if split == "val" else f"class folder {split}/{cls}")
             raise QuestError(
-                f"class folder {split}/{cls} in {display('')} has no readable images "
+                f"{where} in {display('')} has no readable images "
                 f"({why}): add images or remove the class from train/ and test/"
             )
     assert buffer is not None  # every class has an image, so the split has a buffer
@@ -584,7 +593,7 @@ def _decode_all(
     wanted = {name: (split, label) for split, fs in plan.files.items() for name, label in fs}
     capacity = {s: len(fs) for s, fs in plan.files.items()}
     buffers: dict[str, np.ndarray] = {}
-    keys: dict[str, list[tuple[int, str]]] = {"train": [], "test": []}
+    keys: dict[str, list[tuple[int, str]]] = {split: [] for split in plan.files}
     skipped: list[str] = []
     bar = _progress(len(wanted), progress, "decoding images")
     try:
@@ -620,7 +629,7 @@ def _decode_all(
                     len(skipped), _MAX_LISTED)  # fmt: skip
 
     splits = {split: _assemble(split, buffers.get(split), keys[split], plan, display)
-              for split in ("train", "test")}
+              for split in plan.files}
     return splits, skipped
 
 
@@ -672,20 +681,84 @@ def balanced_choice(groups: list[Any], classes: list[str], per_class: int,
     return picks
 
 
-def _subset_plan(plan: _Plan, subset: tuple[int | None, int | None, int]) -> _Plan:
-    """Keep a seeded, class-balanced choice of files per split (None keeps a split whole)."""
-    rng = np.random.default_rng(subset[2])
+# Mixed into the validation draw's seed, so that data.validation_seed 0 and data.subset.seed 0
+# start unrelated random streams.
+_VALIDATION_STREAM = 0x76616C
+
+
+def validation_meta(per_class: int, seed: int, whole_pool: bool) -> dict[str, Any]:
+    """What meta.json (and the data report) says about the validation split."""
+    return {"per_class": per_class, "seed": seed,
+            "drawn_from": ("carved out of the whole training pool: training keeps the rest"
+                           if whole_pool else "the training pool outside the training subset")}
+
+
+def carve_validation(groups: list[Any], train_picks: list[np.ndarray] | None, per_class: int,
+                     seed: int, classes: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per class, the positions into `groups[label]` (the class's training pool, in the
+    caller's order) that train and that validate.
+
+    With `train_picks` (a training subset was drawn) the validation images are drawn from the
+    pool outside it, which leaves the training subset as it was; without (the whole pool
+    trains) they are carved out of the pool, and training keeps the rest. The draw has its own
+    seed, so a validation split never moves the training subset."""
+    rng = np.random.default_rng([seed, _VALIDATION_STREAM])
+    train_out, val_out = [], []
+    for label, (group, cls) in enumerate(zip(groups, classes, strict=True)):
+        everything = np.arange(len(group))
+        if train_picks is None:
+            if len(group) <= per_class:
+                raise QuestError(
+                    f"class '{cls}' has only {len(group)} training images: a validation split "
+                    f"of {per_class} per class leaves none to train on: lower "
+                    "data.validation_per_class")
+            val = np.sort(rng.choice(len(group), size=per_class, replace=False))
+            train_out.append(np.setdiff1d(everything, val))
+        else:
+            rest = np.setdiff1d(everything, train_picks[label])
+            if len(rest) < per_class:
+                raise QuestError(
+                    f"class '{cls}' has {len(group)} training images, {len(rest)} of them "
+                    f"outside the training subset: fewer than data.validation_per_class "
+                    f"{per_class}: lower it or data.subset.train_per_class")
+            val = np.sort(rest[rng.choice(len(rest), size=per_class, replace=False)])
+            train_out.append(np.sort(train_picks[label]))
+        val_out.append(val)
+    return train_out, val_out
+
+
+def _subset_plan(plan: _Plan, subset: tuple[int | None, int | None, int] | None,
+                 validation: tuple[int, int] | None = None) -> _Plan:
+    """Keep a seeded, class-balanced choice of files per split (None keeps a split whole), and
+    hold `validation` = (per_class, seed) files of the training pool out as a "val" split."""
+    rng = np.random.default_rng(subset[2] if subset is not None else 0)
+    sizes = (subset[0], subset[1]) if subset is not None else (None, None)
     files: dict[str, list[tuple[str, int]]] = {}
-    for split, per_class in (("train", subset[0]), ("test", subset[1])):
+    train_picks = None
+
+    def groups_of(split: str) -> list[list[str]]:
+        return [sorted(n for n, lab in plan.files[split] if lab == label)
+                for label in range(len(plan.classes))]
+
+    for split, per_class in zip(("train", "test"), sizes, strict=True):
         if per_class is None:
             files[split] = plan.files[split]
             continue
-        groups = [sorted(n for n, lab in plan.files[split] if lab == label)
-                  for label in range(len(plan.classes))]
+        groups = groups_of(split)
         picks = balanced_choice(groups, list(plan.classes), per_class, rng, split,
                                 f"data.subset.{split}_per_class")
+        if split == "train":
+            train_picks = picks
         keep = {names[i] for names, pick in zip(groups, picks, strict=True) for i in pick}
         files[split] = [(n, lab) for n, lab in plan.files[split] if n in keep]
+    if validation is not None and validation[0] > 0:
+        groups = groups_of("train")
+        trains, vals = carve_validation(groups, train_picks, validation[0], validation[1],
+                                        list(plan.classes))
+        train_keep = {g[i] for g, pos in zip(groups, trains, strict=True) for i in pos}
+        val_keep = {g[i] for g, pos in zip(groups, vals, strict=True) for i in pos}
+        files["train"] = [(n, lab) for n, lab in plan.files["train"] if n in train_keep]
+        files["val"] = [(n, lab) for n, lab in plan.files["train"] if n in val_keep]
     return _Plan(plan.classes, files, plan.ignored)
 
 
@@ -713,8 +786,10 @@ def _prepare_image_folder(
     on_corrupt: str,
     progress: bool,
     subset: tuple[int | None, int | None, int] | None = None,
+    validation: tuple[int, int] | None = None,
 ) -> PreparedDataset:
-    """Read a folder or archive holding train/<class>/* and test/<class>/*."""
+    """Read a folder or archive holding train/<class>/* and test/<class>/* (and hold a
+    validation split out of train/, see `carve_validation`)."""
     reader, archive = _open_source(location)
 
     def display(name: str) -> str:
@@ -726,14 +801,15 @@ def _prepare_image_folder(
     try:
         prefix, test_name = _find_root(reader.entries, str(location))
         plan = _plan(reader.entries, prefix, test_name, str(location))
-        if subset is not None:
-            plan = _subset_plan(plan, subset)
+        wants_val = validation is not None and validation[0] > 0
+        if subset is not None or wants_val:
+            plan = _subset_plan(plan, subset, validation)
         decoder = _Decoder(channels, image_size)
         splits, skipped = _decode_all(reader, plan, decoder, display, on_corrupt, progress)
     finally:
         reader.close()
 
-    train, test = splits["train"], splits["test"]
+    train, test, val = splits["train"], splits["test"], splits.get("val")
     non_target = sum(n for m, n in decoder.modes.items() if m != decoder.mode)
     meta: dict[str, Any] = {
         "source": "image_folder",
@@ -750,14 +826,18 @@ def _prepare_image_folder(
             else f"Pillow convert('L'): colour reduced to luma ({non_target} images converted)"
         ),
         "input_modes": dict(sorted(decoder.modes.items())),
-        **count_meta(train, test, plan.classes),
+        **count_meta(train, test, plan.classes, val),
         "skipped": {"count": len(skipped), "files": skipped[:_MAX_LISTED]},
         "ignored": {"count": len(plan.ignored), "files": plan.ignored[:_MAX_LISTED]},
     }
     if subset is not None:
         meta["subset"] = dict(zip(("train_per_class", "test_per_class", "seed"), subset,
                                   strict=True))
-    return PreparedDataset(train, test, plan.classes, meta)
+    if val is not None:
+        assert validation is not None
+        meta["validation"] = validation_meta(validation[0], validation[1],
+                                             subset is None or subset[0] is None)
+    return PreparedDataset(train, test, plan.classes, meta, val)
 
 
 # --------------------------------------------------------------------------------------------
@@ -766,11 +846,15 @@ def _prepare_image_folder(
 
 
 def smoke_subset(
-    ds: PreparedDataset, train_per_class: int | None, test_per_class: int | None, seed: int
+    ds: PreparedDataset, train_per_class: int | None, test_per_class: int | None, seed: int,
+    validation: tuple[int, int] | None = None,
 ) -> PreparedDataset:
-    """A seeded, class-balanced subset with exactly n images per class (None: split kept whole)."""
+    """A seeded, class-balanced subset with exactly n images per class (None: split kept whole),
+    with `validation` = (per_class, seed) training-pool images held out as the validation split
+    (see `carve_validation`)."""
     rng = np.random.default_rng(seed)
     splits: dict[str, Split] = {}
+    train_picks = None
     for split_name, split, per_class in (
         ("train", ds.train, train_per_class),
         ("test", ds.test, test_per_class),
@@ -782,16 +866,33 @@ def smoke_subset(
         groups = [np.flatnonzero(labels == label) for label in range(len(ds.classes))]
         picks = balanced_choice(groups, list(ds.classes), per_class, rng, split_name,
                                 f"{split_name}_per_class")
+        if split_name == "train":
+            train_picks = picks
         chosen = [idx[pick] for idx, pick in zip(groups, picks, strict=True)]
         # Keep the source order inside the subset; the loader shuffles anyway.
         keep = np.sort(np.concatenate(chosen))
         splits[split_name] = Split(np.asarray(split.images[keep]), labels[keep].astype(np.int64))
+    val = None
+    if validation is not None and validation[0] > 0:
+        labels = np.asarray(ds.train.labels)
+        groups = [np.flatnonzero(labels == label) for label in range(len(ds.classes))]
+        trains, vals = carve_validation(groups, train_picks, validation[0], validation[1],
+                                        list(ds.classes))
+        keep = np.sort(np.concatenate([g[p] for g, p in zip(groups, trains, strict=True)]))
+        held = np.sort(np.concatenate([g[p] for g, p in zip(groups, vals, strict=True)]))
+        splits["train"] = Split(np.asarray(ds.train.images[keep]),
+                                labels[keep].astype(np.int64))
+        val = Split(np.asarray(ds.train.images[held]), labels[held].astype(np.int64))
     meta = dict(ds.meta)
     meta.pop("data_sha256", None)  # describes the full set, not this subset
-    meta.update(count_meta(splits["train"], splits["test"], ds.classes))
+    meta.update(count_meta(splits["train"], splits["test"], ds.classes, val))
     meta["subset"] = {
         "train_per_class": train_per_class,
         "test_per_class": test_per_class,
         "seed": seed,
     }
-    return PreparedDataset(splits["train"], splits["test"], list(ds.classes), meta)
+    if val is not None:
+        assert validation is not None
+        meta["validation"] = validation_meta(validation[0], validation[1],
+                                             train_per_class is None)
+    return PreparedDataset(splits["train"], splits["test"], list(ds.classes), meta, val)

@@ -211,12 +211,12 @@ def scan(location: Path, on_corrupt: str,
 def write_index(index: StreamIndex, out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Write the index into `out` (the file lists, then meta.json last as the commit marker),
     replacing any prepared arrays there; returns the meta written."""
-    from quest.core.data.prepared import ARRAY_FILES, META_FILE
+    from quest.core.data.prepared import ARRAY_FILES, META_FILE, VAL_FILES
     from quest.infra.io_utils import write_json_atomic, write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)
-    for name in ARRAY_FILES:
+    for name in ARRAY_FILES + VAL_FILES:
         (out / name).unlink(missing_ok=True)
     for split in SPLITS:
         lines = "".join(f"{rel}\t{n}\n" for rel, n in index.items[split])
