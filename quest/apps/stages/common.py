@@ -13,7 +13,6 @@ from torch import nn
 from quest.core.data.loader import InMemoryLoader, last_batch_size, make_dataloader
 from quest.core.data.prepared import META_FILE, PreparedDataset, load_prepared
 from quest.core.data.stream import FORMAT, StreamData, StreamLoader, open_stream
-from quest.core.engine import evaluate
 from quest.infra.config import Config, OptimConfig
 from quest.infra.errors import QuestError
 from quest.infra.io_utils import atomic_path, read_json
@@ -64,28 +63,6 @@ def split_size(ds: Data, split: str) -> int:
         return ds.count(split) if split in ds.meta.get("counts", {}) else 0
     part = getattr(ds, split)
     return 0 if part is None else len(part)
-
-
-def val_loader(ds: Data, cfg: Config, device: torch.device) -> Any | None:
-    """Un-augmented batches of the validation split, or None when the data has none."""
-    if split_size(ds, "val") == 0:
-        return None
-    return eval_loader(ds, cfg, device, "val")
-
-
-def evaluate_splits(model: nn.Module, ds: Data, cfg: Config, device: torch.device,
-                    test: Any | None = None) -> dict[str, Any]:
-    """A model's top-1/top-5 on the test split (`test`: its loader, when already built) and,
-    when the data has one, on the validation split (val_top1, val_top5)."""
-    num_classes = len(ds.classes)
-    ev = evaluate(model, test if test is not None else eval_loader(ds, cfg, device),
-                  num_classes, device)
-    val = val_loader(ds, cfg, device)
-    if val is not None:
-        vev = evaluate(model, val, num_classes, device)
-        ev.update({"val_top1": vev["top1"], "val_top5": vev["top5"],
-                   "val_images": vev["num_images"]})
-    return ev
 
 
 def eval_loader(ds: Data, cfg: Config, device: torch.device, split: str = "test",

@@ -6,12 +6,12 @@ from typing import Any
 
 from quest.apps.stages.common import (
     eval_loader,
-    evaluate_splits,
     load_data,
     resolve_device,
     split_size,
     to_device,
 )
+from quest.apps.stages.splits import evaluate_splits
 from quest.core.checkpoint import load_model_file
 from quest.core.models.zoo import count_macs, count_parameters
 from quest.infra.config import Config

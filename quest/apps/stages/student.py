@@ -16,9 +16,9 @@ from quest.apps.stages.common import (
     norm_stats,
     resolve_device,
     to_device,
-    val_loader,
     write_csv_atomic,
 )
+from quest.apps.stages.splits import val_loader
 from quest.core import distributed
 from quest.core.checkpoint import load_model_file, save_model_file
 from quest.core.data.prepared import data_hash

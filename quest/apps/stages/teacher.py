@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from quest.apps.stages.common import (
-    evaluate_splits,
     load_data,
     make_loaders,
     norm_stats,
@@ -17,6 +16,7 @@ from quest.apps.stages.common import (
     to_device,
     write_csv_atomic,
 )
+from quest.apps.stages.splits import evaluate_splits
 from quest.core.checkpoint import (
     extract_state_dict,
     load_checkpoint,
