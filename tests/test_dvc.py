@@ -283,6 +283,8 @@ def test_full_repro_runs_every_stage(project: Project) -> None:
     ev = json.loads((project.root / "metrics" / "evaluation.json").read_text())
     assert set(ev["models"]) == {"teacher", *METHODS}
     assert ev["models"]["teacher"]["top1"] > 0.5
+    # dvc repro carries the tiny preset's validation split from prepare to evaluate
+    assert ev["num_val_images"] == 30 and all("val_top1" in m for m in ev["models"].values())
     for method in METHODS:
         assert (project.root / "models" / "students" / f"{method}.pt").is_file()
         assert (project.root / "plots" / "students" / f"{method}.csv").is_file()

@@ -32,6 +32,10 @@ def test_smoke_chain_end_to_end(smoke_root: Path, capsys: pytest.CaptureFixture[
     assert ev["models"]["teacher"]["top1"] > 0.7
     assert ev["models"]["ce"]["params"] == 272_474
     assert ev["models"]["ce"]["macs"] > 40_000_000
+    # the smoke preset's validation split: every model evaluated on it beside test, and the
+    # printed table shows it (choices read it)
+    assert ev["num_val_images"] == 50 and "val top-1" in out
+    assert all(0 <= m["val_top1"] <= m["val_top5"] <= 1 for m in ev["models"].values())
     feats = np.load(smoke_root / "data" / "features" / "teacher_features.npy", mmap_mode="r")
     meta = json.loads((smoke_root / "data" / "features" / "teacher_features.json").read_text())
     assert feats.shape == (300 * 64, 64) and meta["map_shape"] == [64, 8, 8]

@@ -197,6 +197,8 @@ def test_first_run_computes_every_stage_and_agrees_with_dvc(project: dict[str, A
     assert first["states"] == dict.fromkeys(STAGES, "Completed")
     assert first["dvc"] == "committed"
     assert set(first["evaluation"]["models"]) == {"teacher", "ce", "kd", "quest"}
+    # the flow carries the tiny preset's validation split from prepare to evaluate
+    assert all("val_top1" in m for m in first["evaluation"]["models"].values())
     root = project["root"]
     assert (root / "dvc.lock").is_file()
     assert dvc_status(root) == {}
