@@ -167,6 +167,12 @@ def _add_study_commands(sub: Any) -> None:
                    help="train again the selected runs whose record has no validation accuracy "
                         "(recorded before the validation split); the new record replaces the "
                         "old one in the tables, the old file stays")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="train N runs at once on a local Dask cluster of N single-threaded "
+                        "worker processes, through Prefect (default: one run at a time here)")
+    p.add_argument("--dask-address", default=None, metavar="tcp://HOST:8786",
+                   help="train the runs on an existing Dask scheduler's workers instead; they "
+                        "must see the project root at the same path (docs/studies.md)")
     p.add_argument("--table-only", action="store_true",
                    help="train nothing; regenerate the table from the records")
     p.add_argument("--check", action="store_true",
@@ -408,7 +414,6 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from quest.apps.stages.study import load_study, run_study
     from quest.apps.study_table import update_tables
     from quest.infra.progress import setup_logging
-    from quest.infra.runlock import run_lock
 
     root = Path(args.root).resolve()
     if args.rerun_record:
@@ -416,6 +421,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     if args.study is None:
         raise QuestError("quest study needs a study file (e.g. studies/main-job.yaml) or "
                          "--rerun-record FILE")
+    if args.workers is not None and args.workers < 1:
+        raise QuestError(f"--workers must be 1 or more, not {args.workers}")
     study = load_study(args.study, root)
     if args.check:
         stale = update_tables(study, root, check=True)
@@ -426,7 +433,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     if not args.table_only:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         setup_logging(str(root / "logs" / f"study-{study.name}-{stamp}.log"), args.debug)
-        # one lock per study: a study may run beside everyday commands on the project
+        # no project lock: a study may run beside everyday commands on the project, and
+        # beside other runners of studies; each run and each shared stage has its own lock
         again = None
         if args.reproduce is not None:
             again = (Path(args.reproduce).resolve() if args.reproduce
@@ -437,9 +445,9 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
             stale = staleness(study, root, args.setting, args.seed, args.method)
             print(stale)
-        with run_lock(root / ".quest" / "studies" / study.name, f"quest study {study.name}"):
-            run_study(study, root, dry_run=args.dry_run, only=args.setting, seeds=args.seed,
-                      reproduce=again, methods=args.method, missing_val=args.missing_val)
+        run_study(study, root, dry_run=args.dry_run, only=args.setting, seeds=args.seed,
+                  reproduce=again, methods=args.method, missing_val=args.missing_val,
+                  workers=args.workers, dask_address=args.dask_address)
         if args.dry_run:
             return 0
         if again is not None:

@@ -226,13 +226,14 @@ def write_record(results_dir: Path, record: dict[str, Any]) -> Path:
     """Write one record atomically under a unique, sortable name; return its path."""
     stamp = record["finished_at"].replace(":", "").replace("-", "")
     base = f"{stamp}-{record['method']}-{record['student']}-s{record['seed']}"
-    path = results_dir / f"{base}.json"
-    n = 1
-    while path.exists():
-        path = results_dir / f"{base}-{n}.json"
-        n += 1
-    write_json_atomic(path, record)
-    return path
+    n = 0
+    while True:  # runs finishing in the same second (parallel workers) each get their own name
+        path = results_dir / (f"{base}.json" if n == 0 else f"{base}-{n}.json")
+        try:
+            write_json_atomic(path, record, replace=False)
+            return path
+        except FileExistsError:
+            n += 1
 
 
 def load_records(results_dir: Path, *, recursive: bool = False,

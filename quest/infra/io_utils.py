@@ -35,8 +35,12 @@ def _write_error(target: Path, exc: OSError) -> QuestError:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+def atomic_path(path: str | os.PathLike[str], *, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    With replace=False an existing `path` is never overwritten: FileExistsError instead (the
+    file is published with a hard link, which fails atomically when the name is taken, so two
+    processes writing the same new name cannot both win)."""
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +54,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)
-        os.replace(tmp_path, target)
+        if replace:
+            os.replace(tmp_path, target)
+        else:
+            os.link(tmp_path, target)
+            tmp_path.unlink()
     except BaseException as exc:
         tmp_path.unlink(missing_ok=True)
         # errno None: a short write reported by numpy's tofile ("N requested and M written")
@@ -59,20 +67,22 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write bytes to `path` atomically."""
-    with atomic_path(path) as tmp:
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, *,
+                       replace: bool = True) -> None:
+    """Write bytes to `path` atomically (replace=False: FileExistsError if `path` exists)."""
+    with atomic_path(path, replace=replace) as tmp:
         tmp.write_bytes(data)
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write text to `path` atomically."""
-    write_bytes_atomic(path, text.encode("utf-8"))
+def write_text_atomic(path: str | os.PathLike[str], text: str, *, replace: bool = True) -> None:
+    """Write text to `path` atomically (replace=False: FileExistsError if `path` exists)."""
+    write_bytes_atomic(path, text.encode("utf-8"), replace=replace)
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write `obj` as indented JSON to `path` atomically."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, replace: bool = True) -> None:
+    """Write `obj` as indented JSON to `path` atomically (replace=False: FileExistsError if
+    `path` exists)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n", replace=replace)
 
 
 def save_npy_atomic(path: str | os.PathLike[str], array: np.ndarray) -> None:

@@ -56,6 +56,7 @@ from quest.infra.config import (
 from quest.infra.errors import QuestError
 from quest.infra.paths import RUNS_DIR, Paths
 from quest.infra.progress import log
+from quest.infra.runlock import LockBusy, file_lock
 
 STUDIES_DIR = "studies"
 
@@ -230,9 +231,12 @@ def prepare_upstream(cfg: Config, root: Path, needs_codebook: bool, needs_teache
             for src, rel in links:  # earlier stages' outputs are this stage's inputs
                 _link(src, stage_root / rel)
             if not (stage_root / ".done").is_file():
-                log.info("study: running shared stage %s (%s)", spec.name, key)
-                spec.run(cfg, Paths(stage_root), item)
-                (stage_root / ".done").write_text("ok\n")
+                # another runner building the same stage: wait for it, then use its output
+                with file_lock(cache / f"{key}.lock", f"shared stage {key}", wait=True):
+                    if not (stage_root / ".done").is_file():
+                        log.info("study: running shared stage %s (%s)", spec.name, key)
+                        spec.run(cfg, Paths(stage_root), item)
+                        (stage_root / ".done").write_text("ok\n")
             keys.append(key)
             links += [(out, out.relative_to(stage_root))
                       for out in spec.outs(Paths(stage_root), item) if out.exists()]
@@ -256,8 +260,9 @@ def planned_runs(study: Study, root: Path) -> list[tuple[Setting, str, int, Conf
 def run_study(study: Study, root: Path, *, dry_run: bool = False,
               only: list[str] | None = None, seeds: list[int] | None = None,
               reproduce: Path | None = None,
-              methods: list[str] | None = None,
-              missing_val: bool = False) -> list[dict[str, Any]]:
+              methods: list[str] | None = None, missing_val: bool = False,
+              workers: int | None = None,
+              dask_address: str | None = None) -> list[dict[str, Any]]:
     """Train every planned run not yet recorded (of the settings in `only`, the `seeds` and the
     `methods`, when given); return the new metrics (dry_run: list the runs, train nothing).
 
@@ -265,7 +270,12 @@ def run_study(study: Study, root: Path, *, dry_run: bool = False,
     record them there instead (runs already there are skipped, so a reproduction resumes too);
     `reproduction_table` then sets them beside the committed records. With `missing_val`,
     recorded runs without a validation accuracy (made before the split) train again; the new
-    record joins results/ beside the old one and replaces it in the tables."""
+    record joins results/ beside the old one and replaces it in the tables.
+
+    The shared upstream outputs are built first, here; then the runs train one after another
+    in this process, or, with `workers` or `dask_address`, at once on Dask through Prefect
+    (quest/apps/study_fanout.py). Either way a run trains under its own lock (`train_run`), so
+    two runners never train the same run."""
     plan = planned_runs(study, root)
     if only:
         unknown = set(only) - {s.name for s in study.settings}
@@ -299,11 +309,19 @@ def run_study(study: Study, root: Path, *, dry_run: bool = False,
         for setting, method, seed, _, h in todo:
             print(f"{setting.name}\t{method}\tseed {seed}\tparams {h}")
         return []
-    out = []
     results = reproduce or study_results_dir(root, study)
+    fan_out = workers is not None or dask_address is not None
     try:
-        for setting, method, seed, cfg, h in todo:
-            out.append(_train(study, root, setting, method, seed, cfg, h, results))
+        jobs = [stage_run(study, root, setting, method, seed, cfg, h, results,
+                          reproduce=reproduce is not None, one_thread=fan_out,
+                          missing_val=missing_val)
+                for setting, method, seed, cfg, h in todo]
+        if fan_out:
+            from quest.apps.study_fanout import fan_out_runs
+
+            out = fan_out_runs(study.name, jobs, workers, dask_address)
+        else:
+            out = [m for m in (train_run(job) for job in jobs) if m is not None]
     finally:  # an interrupted study still labels what it has
         if reproduce is None:
             write_aliases(study, root, plan)
@@ -342,11 +360,39 @@ def reproduction_table(study: Study, root: Path, reproduce: Path,
     return "\n".join(lines)
 
 
-def _train(study: Study, root: Path, setting: Setting, method: str, seed: int, cfg: Config,
-           h: str, results: Path) -> dict[str, Any]:
-    """Train one run of a study in its own scratch root; its record goes to `results`."""
-    from quest.apps.stages.student import run_student
+@dataclass(frozen=True)
+class RunJob:
+    """One study run, staged and ready to train in any process that sees the project root
+    (a Dask worker included): everything it needs travels with it, and pickles."""
+
+    study: str
+    setting: str
+    method: str
+    seed: int
+    cfg: Config
+    params_hash: str
+    root: Path  # the project root
+    run_root: Path
+    results: Path  # where its record goes
+    lock: Path  # its lock file: one runner at a time
+    reproduce: bool  # a reproduction: done when `results` holds it, not results/
+    missing_val: bool = False  # retraining a run whose record lacks val: only a val record counts
+
+    @property
+    def label(self) -> str:
+        """How logs and Prefect name the run."""
+        return f"{self.setting}-{self.method}-s{self.seed}"
+
+
+def stage_run(study: Study, root: Path, setting: Setting, method: str, seed: int, cfg: Config,
+              h: str, results: Path, *, reproduce: bool = False,
+              one_thread: bool = False, missing_val: bool = False) -> RunJob:
+    """Build (once) the shared upstream outputs a run needs and link them into its scratch
+    root; return the run, ready to train. With `one_thread`, a run whose runtime.threads is
+    unset trains on one thread: a Dask worker is one slot of a core, so N runs on N cores
+    do not oversubscribe them (runtime.threads is not part of the params hash)."""
     from quest.core.checks import check_runnable
+    from quest.core.levels import level_names
 
     try:
         check_runnable(cfg)
@@ -355,17 +401,54 @@ def _train(study: Study, root: Path, setting: Setting, method: str, seed: int, c
     spec = get_method(method)
     upstream = prepare_upstream(cfg, root, spec.needs_codebook, spec.needs_teacher)
     run_root = root / ".quest" / "studies" / study.name / setting.name / f"seed-{seed}"
-    from quest.core.levels import level_names
-
     levels = [(top, "levels", name) for name in level_names(cfg) for top in ("data", "models")]
     for parts in (("data", "prepared"), ("models", "teacher"), ("data", "features"),
                   ("models", "codebook"), *levels):
         src = upstream.joinpath(*parts)
         if src.exists():
             _link(src, run_root.joinpath(*parts))
-    log.info("study %s: %s %s seed %d (params %s)", study.name, setting.name, method, seed, h)
-    return run_student(cfg, Paths(run_root, results_dir=results), method,
-                       setting=setting.name, study=study.name)
+    if one_thread and not cfg.runtime.threads:
+        cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"threads": 1})})
+    # the lock names the run itself (settings hash, method, seed), not the study: two studies
+    # sharing a run, or a reproduction beside the study, never train it at once
+    lock = root / ".quest" / "locks" / f"run-{h}-{method}-s{seed}.lock"
+    return RunJob(study.name, setting.name, method, seed, cfg, h, root, run_root, results, lock,
+                  reproduce, missing_val)
+
+
+def _recorded(job: RunJob) -> bool:
+    """Whether the run has been recorded (by another runner, since the plan was made)."""
+    if job.reproduce:
+        return any((r["params_hash"], r["method"], r["seed"]) ==
+                   (job.params_hash, job.method, job.seed) for r in load_records(job.results))
+    rec = recorded_runs(job.root).get((job.params_hash, job.method, job.seed))
+    return rec is not None and (not job.missing_val or has_val(rec))
+
+
+def train_run(job: RunJob) -> dict[str, Any] | None:
+    """Train one staged run under its lock and record it; return its metrics, or None when
+    another runner holds the run or has recorded it meanwhile (it is then not trained here).
+    Runs in this process or in a Dask worker (the project root must be the same path there)."""
+    try:
+        with file_lock(job.lock, f"study {job.study}: {job.label}"):
+            return _train_locked(job)
+    except LockBusy as exc:  # only the lock raises it: training takes no non-waiting lock
+        log.warning("study %s: %s is being trained by another runner (%s): skipped here",
+                    job.study, job.label, exc.holder)
+        return None
+
+
+def _train_locked(job: RunJob) -> dict[str, Any] | None:
+    from quest.apps.stages.student import run_student
+
+    if _recorded(job):
+        log.info("study %s: %s was recorded by another runner: skipped", job.study, job.label)
+        return None
+    log.info("study %s: %s %s seed %d (params %s)", job.study, job.setting, job.method,
+             job.seed, job.params_hash)
+    metrics = run_student(job.cfg, Paths(job.run_root, results_dir=job.results), job.method,
+                          setting=job.setting, study=job.study)
+    return {**metrics, "setting": job.setting, "seed": job.seed}
 
 
 def write_aliases(study: Study, root: Path,
