@@ -7,6 +7,7 @@ interrupted fan-out resumes and that a run's lock keeps a second runner from tra
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,8 +23,6 @@ from quest.apps.cli import main
 from quest.apps.results import load_records
 from quest.apps.stages.study import load_study, run_study
 from quest.infra.errors import QuestError
-
-pytestmark = pytest.mark.slow  # make test-fast leaves it out; make test runs it
 
 FANOUT_STUDY = """
 name: fan
@@ -116,6 +115,7 @@ def dask_cluster(tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Popen[by
                 proc.wait()
 
 
+@pytest.mark.slow
 def test_study_on_a_real_scheduler_and_two_workers(
         fan_root: Path, prefect_api: None,
         dask_cluster: tuple[str, list[subprocess.Popen[bytes]]],
@@ -130,6 +130,8 @@ def test_study_on_a_real_scheduler_and_two_workers(
     # trained in the worker processes, not here
     assert {m["pid"] for m in out} <= {w.pid for w in workers}
     assert all(m["worker"].startswith("tcp://127.0.0.1:") for m in out)
+    # each on one thread (runtime.threads unset: one per worker slot), not one per core
+    assert {m["threads"] for m in out} == {1}
     assert _keys(fan_root) == Counter({("ce", 0): 1, ("ce", 1): 1, ("quest", 0): 1,
                                        ("quest", 1): 1})
     for r in load_records(fan_root / "results" / "fan"):
@@ -158,6 +160,7 @@ def test_study_on_a_real_scheduler_and_two_workers(
     assert max(keys.values()) == 1
 
 
+@pytest.mark.slow
 def test_interrupted_fan_out_resumes_and_a_locked_run_is_not_trained_twice(
         fan_root: Path, prefect_api: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fan-out that loses a run keeps the finished ones; while another runner holds the lost
@@ -211,3 +214,42 @@ def test_interrupted_fan_out_resumes_and_a_locked_run_is_not_trained_twice(
     # a runner that planned the run before another recorded it skips it once it has the lock
     assert train_run(job) is None
     assert trained == [("quest", 0)] and _keys(fan_root)[("quest", 0)] == 1
+
+
+def test_records_finishing_together_keep_their_own_files(tmp_path: Path) -> None:
+    """Two runs of one method and seed recorded in the same second (two workers) get two
+    files: a name is claimed atomically, never overwritten."""
+    from quest.apps.results import write_record
+    from quest.infra.io_utils import write_json_atomic
+
+    rec = {"finished_at": "2026-12-07T10:00:00Z", "method": "ce", "student": "resnet20",
+           "seed": 0}
+    paths = [write_record(tmp_path, {**rec, "setting": s}) for s in ("a", "b", "c")]
+    assert [p.name for p in paths] == ["20261207T100000Z-ce-resnet20-s0.json",
+                                       "20261207T100000Z-ce-resnet20-s0-1.json",
+                                       "20261207T100000Z-ce-resnet20-s0-2.json"]
+    assert sorted(r["setting"] for r in load_records(tmp_path)) == ["a", "b", "c"]
+    with pytest.raises(FileExistsError):
+        write_json_atomic(paths[0], {"setting": "z"}, replace=False)
+    assert json.loads(paths[0].read_text())["setting"] == "a"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
+
+
+def test_a_run_lock_is_refused_while_held_and_names_its_holder(tmp_path: Path) -> None:
+    """file_lock: a second holder (another process, or another open here) is refused at once
+    with the first holder's line; a waiting one would block; after release it is free."""
+    from quest.infra.runlock import LockBusy, file_lock
+
+    lock = tmp_path / "locks" / "run-x.lock"
+    with file_lock(lock, "runner one"):
+        with pytest.raises(LockBusy, match="runner one") as exc:
+            with file_lock(lock, "runner two"):
+                pass
+        assert f"pid {os.getpid()}, runner one" in exc.value.holder
+        held = subprocess.run(
+            [sys.executable, "-c", "import sys\nfrom quest.infra.runlock import file_lock\n"
+             f"with file_lock({str(lock)!r}, 'child'):\n    pass\n"],
+            capture_output=True, text=True, check=False)
+        assert held.returncode != 0 and "LockBusy" in held.stderr
+    with file_lock(lock, "runner two"):
+        assert "runner two" in lock.read_text()

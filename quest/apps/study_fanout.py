@@ -116,7 +116,11 @@ def _train_on_worker(job: RunJob, label: str) -> Any:
         worker = get_worker().address
     except (ImportError, ValueError):  # not on a Dask worker
         worker = None
-    return {"label": label, "metrics": metrics, "worker": worker, "pid": os.getpid()}
+    import torch
+
+    # the thread count the run trained with (runtime.threads, 1 unless set): reported back
+    return {"label": label, "metrics": metrics, "worker": worker, "pid": os.getpid(),
+            "threads": torch.get_num_threads()}
 
 
 def _outcome(job: RunJob, future: Any) -> dict[str, Any]:
@@ -137,7 +141,8 @@ def _outcome(job: RunJob, future: Any) -> dict[str, Any]:
 def fan_out_runs(study: str, jobs: list[RunJob], workers: int | None,
                  address: str | None) -> list[dict[str, Any]]:
     """Train staged runs at once on Dask through a Prefect flow; return the metrics of those
-    trained, each with the Dask worker's address and process id that trained it. Raise one
+    trained, each with the address, process id and torch thread count of the Dask worker
+    that trained it. Raise one
     QuestError naming the failed runs after every run has finished or failed."""
     if not jobs:
         return []
@@ -179,5 +184,5 @@ def fan_out_runs(study: str, jobs: list[RunJob], workers: int | None,
         more = f" (and {len(failed) - 1} more, see the log)" if len(failed) > 1 else ""
         raise QuestError(f"{len(failed)} of {len(jobs)} study runs failed; first: {failed[0]}"
                          f"{more}: fix it and rerun the study (finished runs are kept)")
-    return [{**r["metrics"], "worker": r["worker"], "pid": r["pid"]}
+    return [{**r["metrics"], "worker": r["worker"], "pid": r["pid"], "threads": r["threads"]}
             for r in results if r["metrics"] is not None]
