@@ -253,3 +253,11 @@ def test_a_run_lock_is_refused_while_held_and_names_its_holder(tmp_path: Path) -
         assert held.returncode != 0 and "LockBusy" in held.stderr
     with file_lock(lock, "runner two"):
         assert "runner two" in lock.read_text()
+
+
+def test_a_malformed_scheduler_address_is_one_line() -> None:
+    from quest.apps.study_fanout import _check_scheduler
+
+    with pytest.raises(QuestError, match=r"cannot reach the Dask scheduler at nonsense "
+                                         r"\(missing port number"):
+        _check_scheduler("nonsense")

@@ -98,13 +98,14 @@ def _own_console() -> Iterator[None]:
         logger.propagate = before
 
 
-def _train_on_worker(job: RunJob, label: str) -> Any:
+def _train_on_worker(job: RunJob, label: str, runner_pid: int) -> Any:
     """The body of one run's Prefect task, on a Dask worker: train the run, or fail the task
     with the one-line message of a QuestError."""
     from prefect.states import Failed
 
-    setup_logging(str(job.root / "logs" / f"study-{job.study}-{label}-"
-                      f"{time.strftime('%Y%m%d-%H%M%S')}.log"))
+    if os.getpid() != runner_pid:  # a worker process: the run logs to a file of its own
+        setup_logging(str(job.root / "logs" / f"study-{job.study}-{label}-"
+                          f"{time.strftime('%Y%m%d-%H%M%S')}.log"))
     try:
         with _own_console():
             metrics = train_run(job)
@@ -138,12 +139,29 @@ def _outcome(job: RunJob, future: Any) -> dict[str, Any]:
             else f"{job.label}: {message}"}
 
 
+def _check_scheduler(address: str) -> None:
+    """Connect to the scheduler once before the flow starts, so that a wrong address is one
+    line here rather than a crashed flow run with Prefect's traceback."""
+    from distributed import Client
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        # a malformed address first: a Client made from one lingers and times out later
+        parse_host_port(parse_address(address)[1])
+        with Client(address, timeout="30s", set_as_default=False):
+            pass
+    except (OSError, ValueError, TypeError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise QuestError(f"cannot reach the Dask scheduler at {address} ({reason}): start it "
+                         "with `dask scheduler` or check --dask-address") from None
+
+
 def fan_out_runs(study: str, jobs: list[RunJob], workers: int | None,
                  address: str | None) -> list[dict[str, Any]]:
     """Train staged runs at once on Dask through a Prefect flow; return the metrics of those
     trained, each with the address, process id and torch thread count of the Dask worker
-    that trained it. Raise one
-    QuestError naming the failed runs after every run has finished or failed."""
+    that trained it. Raise one QuestError naming the failed runs after every run has
+    finished or failed."""
     if not jobs:
         return []
     from prefect import flow, task
@@ -156,7 +174,7 @@ def fan_out_runs(study: str, jobs: list[RunJob], workers: int | None,
     @flow(name="quest-study", flow_run_name=f"study-{study}", persist_result=False,
           task_runner=make_study_runner(workers, address), log_prints=False)
     def study_flow(jobs: list[RunJob]) -> list[dict[str, Any]]:
-        futures = [train.submit(job, job.label) for job in jobs]
+        futures = [train.submit(job, job.label, os.getpid()) for job in jobs]
         out = []
         for job, fut in zip(jobs, futures, strict=True):
             result = _outcome(job, fut)
@@ -171,14 +189,12 @@ def fan_out_runs(study: str, jobs: list[RunJob], workers: int | None,
             out.append(result)
         return out
 
+    if address:
+        _check_scheduler(address)
     where = address or f"a local Dask cluster of {workers} worker process(es)"
     log.info("study %s: %d runs on %s", study, len(jobs), where)
-    try:
-        with _prefect_api(), _own_console():
-            results = study_flow(jobs)
-    except OSError as exc:  # the scheduler cannot be reached
-        raise QuestError(f"cannot reach the Dask scheduler at {address} ({exc}): start it "
-                         "with `dask scheduler` or check --dask-address") from None
+    with _prefect_api(), _own_console():
+        results = study_flow(jobs)
     failed = [r["error"] for r in results if "error" in r]
     if failed:
         more = f" (and {len(failed) - 1} more, see the log)" if len(failed) > 1 else ""
