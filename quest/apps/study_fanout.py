@@ -147,7 +147,9 @@ def _check_scheduler(address: str) -> None:
 
     try:
         # a malformed address first: a Client made from one lingers and times out later
-        parse_host_port(parse_address(address)[1])
+        scheme, location = parse_address(address)
+        if scheme != "inproc":  # inproc:// (a cluster in this process) has no port
+            parse_host_port(location)
         with Client(address, timeout="30s", set_as_default=False):
             pass
     except (OSError, ValueError, TypeError) as exc:
