@@ -12,7 +12,7 @@ from torch import nn
 
 from quest.core.data.loader import InMemoryLoader, last_batch_size, make_dataloader
 from quest.core.data.prepared import META_FILE, PreparedDataset, load_prepared
-from quest.core.data.stream import FORMAT, StreamData, StreamLoader, open_stream
+from quest.core.data.stream import FORMAT, StreamData, StreamLoader, fault_summary, open_stream
 from quest.infra.config import Config, OptimConfig
 from quest.infra.errors import QuestError
 from quest.infra.io_utils import atomic_path, read_json
@@ -76,6 +76,20 @@ def eval_loader(ds: Data, cfg: Config, device: torch.device, split: str = "test"
     part = getattr(ds, split)
     return InMemoryLoader(part.images, part.labels, batch_size=batch_size, mean=mean, std=std,
                           train=False, device=device, channels_last=cl)
+
+
+def corrupt_metrics(ds: Data) -> dict[str, Any]:
+    """The corrupt images a stage's stream loaders replaced (data.on_corrupt: skip), for its
+    metrics JSON: nothing for in-memory data, whose prepare stage already skipped them."""
+    if not isinstance(ds, StreamData):
+        return {}
+    summary = fault_summary(ds)
+    if summary["files"]:
+        from quest.infra.progress import log
+
+        log.warning("%d corrupt image(s) were replaced %d time(s) while streaming (first: %s)",
+                    summary["files"], summary["replaced"], ", ".join(summary["first"][:3]))
+    return {"corrupt_samples": summary}
 
 
 def norm_stats(ds: Data) -> tuple[list[float], list[float]]:

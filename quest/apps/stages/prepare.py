@@ -84,7 +84,7 @@ def _prepare_stream(cfg: Config, paths: Paths,
     index = scan(Path(location), d.on_corrupt, subset)
     settings = {"image_size": d.image_size, "channels": d.channels,
                 "crop_scale_min": d.crop_scale_min, "eval_crop_ratio": d.eval_crop_ratio,
-                "shuffle_buffer": d.shuffle_buffer}
+                "shuffle_buffer": d.shuffle_buffer, "on_corrupt": d.on_corrupt}
     stats: dict[str, Any] = {"mean": d.mean, "std": d.std}
     if d.mean is None or d.std is None:
         # the normalisation from a seeded sample of evaluation crops: bounded work and memory;

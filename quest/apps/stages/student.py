@@ -11,6 +11,7 @@ import torch
 
 from quest.apps.results import build_record, run_provenance, write_record
 from quest.apps.stages.common import (
+    corrupt_metrics,
     load_data,
     make_loaders,
     norm_stats,
@@ -156,6 +157,7 @@ def _write_outputs(cfg: Config, paths: Paths, method: str, distiller: Any, ds: A
         "train_accuracy": final["train_accuracy"],
         "seconds": round(sum(r["seconds"] for r in history), 1),
         **provenance,
+        **corrupt_metrics(ds),
         # every setting, the code and the machine, as the run record holds them
         **run_provenance(cfg, device),
         "history": history,

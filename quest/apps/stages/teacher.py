@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from quest.apps.stages.common import (
+    corrupt_metrics,
     load_data,
     make_loaders,
     norm_stats,
@@ -103,6 +104,7 @@ def run_teacher(cfg: Config, paths: Paths) -> dict[str, Any]:
         "params": count_parameters(model),
         "macs": count_macs(model, image_shape),
         **source,
+        **corrupt_metrics(ds),
     }
     save_model_file(
         paths.teacher_model,

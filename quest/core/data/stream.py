@@ -23,7 +23,7 @@ import os
 import random
 import tarfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -292,9 +292,23 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+# How far a broken image's replacement is looked for (the next images in index order), before
+# a constant black image stands in for it.
+REPLACEMENT_TRIES = 8
+
+
+def _reason(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 class FolderDataset(Dataset):
     """Images of one split of an indexed folder; items are (index, augmentation seed) and give
-    (image, label, index): the index is the image's position in the split's file list."""
+    (image, label, index): the index is the image's position in the split's file list.
+
+    An image that fails to decode in a worker is replaced by the next decodable image in index
+    order (its label too), with the same augmentation seed, so the replacement is the same
+    whatever the worker count; with ``faults`` set (StreamLoader sets it) items end with a
+    fault naming the broken file and why ("" when there was none)."""
 
     def __init__(self, root: Path, items: list[tuple[str, int]], transform: Any,
                  channels: int) -> None:
@@ -302,15 +316,39 @@ class FolderDataset(Dataset):
         # two arrays, not a list of tuples: no per-item Python objects for workers to copy
         self.paths = np.array([rel for rel, _ in items], dtype=object)
         self.labels = np.array([label for _, label in items], dtype=np.int64)
+        self.faults = False
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int, int]:
-        i, seed = item
+    def _load(self, i: int) -> tuple[Image.Image, int]:
         path = self.root / str(self.paths[i])
-        img = decode(path, self.channels, str(path))
-        return _seeded(self.transform, img, seed), int(self.labels[i]), i
+        return decode(path, self.channels, str(path)), int(self.labels[i])
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Any, ...]:
+        i, seed = item
+        fault = ""
+        try:
+            img, label = self._load(i)
+        except QuestError as err:
+            if not self.faults:
+                raise
+            fault = f"{self.root / str(self.paths[i])}\t{_reason(err.__cause__ or err)}"
+            img, label = _replacement(self._load, i, len(self), self.channels,
+                                      int(self.labels[i]))
+        out = (_seeded(self.transform, img, seed), label, i)
+        return (*out, fault) if self.faults else out
+
+
+def _replacement(load: Any, i: int, n: int, channels: int, label: int) -> tuple[Any, int]:
+    """The first decodable of the next REPLACEMENT_TRIES items after i (wrapping), else a black
+    image keeping the broken item's label."""
+    for step in range(1, min(REPLACEMENT_TRIES, n - 1) + 1):
+        try:
+            return load((i + step) % n)
+        except QuestError:
+            continue
+    return Image.new("RGB" if channels == 3 else "L", (8, 8)), label
 
 
 class RankSampler(Sampler):
@@ -376,6 +414,7 @@ class ShardStream(IterableDataset):
         # each shard's first index, keyed by the url its samples carry
         starts = np.cumsum([0, *counts[:-1]]).tolist() if counts else [0] * len(shards)
         self.starts = {str(root / u): int(n) for u, n in zip(shards, starts, strict=True)}
+        self.faults = False  # StreamLoader sets it: items end with a fault ("" or the sample)
 
     def _samples(self, urls: list[str]) -> Iterator[dict[str, Any]]:
         import webdataset as wds
@@ -387,11 +426,16 @@ class ShardStream(IterableDataset):
         samples = wds.tarfile_to_samples(handler=reraise)(
             iter([{"url": str(self.root / u)} for u in urls]))
         url, pos = None, 0
+        prev: dict[str, Any] | None = None
         for sample in samples:  # a shard is read whole by one worker, in its tar order
             if sample.get("__url__") != url:
-                url, pos = sample.get("__url__"), 0
+                url, pos, prev = sample.get("__url__"), 0, None
             sample["__index__"] = self.starts.get(str(url), 0) + pos
             pos += 1
+            # a sample that does not decode is replaced by the one before it in its shard: a
+            # function of the shard's content, whatever the worker count or shuffle buffer
+            sample["__prev__"] = prev
+            prev = {k: v for k, v in sample.items() if k != "__prev__"}
             yield sample
 
     def __iter__(self) -> Iterator[tuple[Tensor, int, int]]:
@@ -420,17 +464,38 @@ class ShardStream(IterableDataset):
                 return
             cycle += 1
 
-    def _decode(self, sample: dict[str, Any], epoch: int) -> tuple[Tensor, int, int]:
-        key = sample["__key__"]
+    def _image(self, sample: dict[str, Any]) -> tuple[Image.Image, int]:
         data = next((sample[k] for k in SHARD_IMAGE_KEYS if k in sample), None)
-        where = f"{sample.get('__url__', '?')}:{key}"
+        where = f"{sample.get('__url__', '?')}:{sample['__key__']}"
         if data is None or "cls" not in sample:
             raise QuestError(f"shard sample {where} lacks an image or a .cls label: write "
                              "each sample as KEY.jpg plus KEY.cls")
-        img = decode(data, self.channels, where)
+        return decode(data, self.channels, where), int(sample["cls"])
+
+    def _decode(self, sample: dict[str, Any], epoch: int) -> tuple[Any, ...]:
+        key = sample["__key__"]
+        fault = ""
+        try:
+            img, label = self._image(sample)
+        except QuestError as err:
+            if not self.faults:
+                raise
+            fault = f"{sample.get('__url__', '?')}:{key}\t{_reason(err.__cause__ or err)}"
+            prev = sample.get("__prev__")
+            try:
+                if prev is None:
+                    raise QuestError("no sample before it in its shard")
+                img, label = self._image(prev)
+            except QuestError:
+                img = Image.new("RGB" if self.channels == 3 else "L", (8, 8))
+                try:
+                    label = int(sample.get("cls", b"0"))
+                except ValueError:
+                    label = 0
         digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=6).digest(), "big")
-        return _seeded(self.transform, img, sample_seed(self.seed, epoch, digest)), int(
-            sample["cls"]), int(sample["__index__"])
+        out = (_seeded(self.transform, img, sample_seed(self.seed, epoch, digest)), label,
+               int(sample["__index__"]))
+        return (*out, fault) if self.faults else out
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,6 +512,8 @@ class StreamData:
     classes: list[str]
     items: dict[str, list[tuple[str, int]]]
     meta: dict[str, Any]
+    # file -> samples replaced, filled by this data's StreamLoaders (see StreamLoader._faults)
+    faults: dict[str, int] = field(default_factory=dict)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -482,7 +549,16 @@ class StreamData:
             pairs: Any = (ds[(int(i), 0)] for i in pick)
         else:
             pairs = ds
-        for img, label, _ in pairs:
+        ds.faults = True  # type: ignore[union-attr]
+        fail = self.meta.get("on_corrupt", "skip") == "fail"
+        for img, label, _, fault in pairs:
+            if fault:  # a broken image is left out of the sample (or stops the run: fail)
+                where, _, reason = fault.partition("\t")
+                if fail:
+                    raise QuestError(f"cannot decode image {where} ({reason}): replace or "
+                                     "remove it, or set data.on_corrupt: skip")
+                record_fault(self, where, reason)
+                continue
             images.append(np.asarray(img, dtype=np.uint8))
             labels.append(label)
             if len(images) >= n:
@@ -540,6 +616,7 @@ class StreamLoader:
             crop_ratio=float(meta.get("eval_crop_ratio", 0.875)))
         self.epoch = 0
         self.start = 0
+        self.on_corrupt = str(meta.get("on_corrupt", "skip"))
         if data.kind == "shards" and train:
             n_shards = len(data.items[split])
             if n_shards < self.world:
@@ -586,6 +663,9 @@ class StreamLoader:
     def _loader(self) -> tuple[DataLoader, int]:
         ds = self.data.dataset(self.split, self.transform, train=self.train, seed=self.seed,
                                rank=self.rank, world=self.world)
+        # workers never raise on a broken image: they tag the replaced sample, and this process
+        # counts it (skip) or stops with one line naming the file (fail)
+        ds.faults = True  # type: ignore[union-attr]
         workers = self._workers()
         skip = 0
         if isinstance(ds, ShardStream):
@@ -608,13 +688,14 @@ class StreamLoader:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         it = iter(loader)
         for _ in range(skip):
-            next(it)
+            self._faults(next(it)[3])
         # a training stream of shards never ends by itself: it stops after the epoch's batches,
         # the last one cut to the epoch's remainder when it is kept partial
         todo = len(self) - self.start if self.train else None
         last = self._per_rank() - (len(self) - 1) * self.batch
         n = 0
-        for x, y, idx in it:
+        for x, y, idx, faults in it:
+            self._faults(faults)
             n += 1
             keep = last if todo is not None and n == todo else len(y)
             batch = (x[:keep].to(self.device, non_blocking=True).contiguous(memory_format=fmt),
@@ -623,3 +704,31 @@ class StreamLoader:
             if todo is not None and n >= todo:
                 break
         self.start = 0
+
+    def _faults(self, faults: Sequence[str]) -> None:
+        """Count the samples of a batch that were replaced; under on_corrupt: fail, stop."""
+        for fault in faults:
+            if not fault:
+                continue
+            where, _, reason = fault.partition("\t")
+            if self.on_corrupt == "fail":
+                raise QuestError(f"cannot decode image {where} ({reason}): replace or remove it "
+                                 "and run `quest prepare` again, or set data.on_corrupt: skip")
+            record_fault(self.data, where, reason)
+
+
+def record_fault(data: StreamData, where: str, reason: str) -> None:
+    """Count one replaced sample of `data` (logged the first time its file is met)."""
+    from quest.infra.progress import log
+
+    if where not in data.faults:
+        log.warning("corrupt image %s (%s): replaced by a neighbour and counted "
+                    "(data.on_corrupt: skip)", where, reason)
+    data.faults[where] = data.faults.get(where, 0) + 1
+
+
+def fault_summary(data: Any) -> dict[str, Any]:
+    """What a stage records of the corrupt samples its stream loaders replaced: the number of
+    files, of replacements, and the first files (nothing for in-memory data)."""
+    faults = getattr(data, "faults", None) or {}
+    return {"files": len(faults), "replaced": sum(faults.values()), "first": sorted(faults)[:20]}
