@@ -104,6 +104,9 @@ def _add_stage_commands(sub: Any) -> None:
     p.add_argument("--no-validate", action="store_true",
                    help="skip the Great Expectations suites between stages (e.g. where "
                         "great-expectations is not installed)")
+    p.add_argument("--force", action="store_true",
+                   help="rerun every stage, even those whose outputs exist and whose inputs, "
+                        "settings and code are unchanged since they ran")
     p = stage("config", "print the resolved, validated configuration (JSON or YAML)")
     # YAML output is a complete, preset-free params file for DVC; redirect it to a new file: a
     # shell truncates `> params.yaml` before quest reads it
@@ -340,6 +343,7 @@ def _cmd_run(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
     """`quest run`: every stage in order, the suites between them, then the accuracy table."""
     from quest.apps.stages.evaluate import format_table
     from quest.apps.stages.pipeline import run_pipeline
+    from quest.apps.stages.resume import StageRecords
 
     checks = None
     if not args.no_validate:
@@ -348,8 +352,10 @@ def _cmd_run(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
 
         checks = pipeline_checks(cfg, paths)
     t0 = time.perf_counter()
-    out = run_pipeline(cfg, paths, checks)
+    out = run_pipeline(cfg, paths, checks, StageRecords(cfg, paths, force=args.force))
     print(format_table(out["evaluation"]))
+    if out["skipped"]:
+        print("skipped (finished, inputs unchanged; --force reruns): " + ", ".join(out["skipped"]))
     print("stage seconds: " + ", ".join(f"{k} {v}" for k, v in out["seconds"].items()))
     print(f"total wall time: {time.perf_counter() - t0:.1f}s")
 
