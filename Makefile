@@ -51,11 +51,13 @@ mlflow-ui: $(STAMP)
 prefect-server: $(STAMP)
 	$(BIN)/python -m flows.servers prefect
 
-# the champion student (models:/quest-student@champion) over HTTP on 127.0.0.1:5001:
-# curl -X POST -H 'Content-Type: application/json' -d '{"inputs": [[[[0,0,0], ...]]]}'
-#      http://127.0.0.1:5001/invocations      (uint8 images, N x H x W x C)
+# the champion student (models:/quest-student@champion) over HTTP on 127.0.0.1:5001, WORKERS
+# processes (docs/serving.md):
+# curl -X POST -H 'Content-Type: application/json' -d '{"images": ["<base64 JPEG>"]}'
+#      http://127.0.0.1:5001/invocations      (or {"inputs": uint8 N x H x W x C})
+WORKERS ?= 2
 serve: $(STAMP)
-	$(BIN)/python -m flows.servers model
+	$(BIN)/python -m flows.servers model --workers $(WORKERS)
 
 # The published-length comparison on CUDA (studies/gpu-cifar10.yaml). Runs with any Python that
 # has torch, torchvision, numpy, pyyaml and pydantic (a GPU machine's own, without this venv;

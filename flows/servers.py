@@ -4,8 +4,10 @@ From the repository root (or with --root)::
 
     python -m flows.servers mlflow      # MLflow UI for the project's tracking store, :5000
     python -m flows.servers prefect     # Prefect server (UI and API), :4200
-    python -m flows.servers model       # the champion student, mlflow models serve, :5001
-                                        # (POST /invocations {"inputs": N x H x W x C uint8})
+    python -m flows.servers model       # the champion student, :5001, --workers N processes
+                                        # (POST /invocations {"images": [base64 JPEG/PNG]}
+                                        #  or {"inputs": N x H x W x C uint8}; docs/serving.md)
+    python -m flows.servers mlflow-model  # the same model under `mlflow models serve`
 
 Both listen on 127.0.0.1, reachable from this machine only: neither server has authentication,
 and anyone who reaches MLflow can read or delete runs and models. To serve a trusted network,
@@ -22,7 +24,7 @@ from pathlib import Path
 
 DEFAULT_HOST = "127.0.0.1"
 HOST_ENV = "QUEST_SERVER_HOST"
-DEFAULT_PORTS = {"mlflow": 5000, "prefect": 4200, "model": 5001}
+DEFAULT_PORTS = {"mlflow": 5000, "prefect": 4200, "model": 5001, "mlflow-model": 5001}
 # What `model` serves: the registry alias `quest promote` moves.
 CHAMPION = "models:/quest-student@champion"
 
@@ -34,11 +36,12 @@ def default_host() -> str:
 
 def server_command(
     kind: str, root: str | os.PathLike[str] = ".", host: str | None = None,
-    port: int | None = None,
+    port: int | None = None, workers: int = 1,
 ) -> list[str]:
-    """The command line that starts the `kind` ('mlflow', 'prefect' or 'model') server."""
+    """The command line that starts the `kind` ('mlflow', 'prefect', 'model' or 'mlflow-model')
+    server (`workers`: the model server's worker processes)."""
     if kind not in DEFAULT_PORTS:
-        raise ValueError(f"unknown server '{kind}': choose mlflow, prefect or model")
+        raise ValueError(f"unknown server '{kind}': choose one of {', '.join(DEFAULT_PORTS)}")
     host = host or default_host()
     port = port or DEFAULT_PORTS[kind]
     bindir = Path(sys.executable).parent
@@ -49,6 +52,10 @@ def server_command(
         return [str(bindir / "mlflow"), "ui", "--backend-store-uri", uri, "--host", host,
                 "--port", str(port)]
     if kind == "model":
+        # the registry's champion in a Starlette app: encoded images, class names, N workers
+        return [sys.executable, "-m", "quest.apps.tracking.server", "--host", host, "--port",
+                str(port), "--workers", str(workers), "--model-uri", CHAMPION]
+    if kind == "mlflow-model":
         # --env-manager local: this environment already has what the model needs (torch, and
         # quest travels with the model), so nothing is installed and no network is used
         return [str(bindir / "mlflow"), "models", "serve", "-m", CHAMPION, "--env-manager",
@@ -74,15 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default=None,
                     help=f"interface to bind (default: ${HOST_ENV}, else {DEFAULT_HOST})")
     ap.add_argument("--port", type=int, default=None, help="port (mlflow 5000, prefect 4200)")
+    ap.add_argument("--workers", type=int, default=1, help="model server worker processes")
     args = ap.parse_args(argv)
-    cmd = server_command(args.kind, args.root, args.host, args.port)
+    cmd = server_command(args.kind, args.root, args.host, args.port, args.workers)
     host = cmd[cmd.index("--host") + 1]
     if not _is_loopback(host):
         print(f"warning: {args.kind} will listen on {host}, beyond this machine, without "
               "authentication", file=sys.stderr)
     os.chdir(args.root)
     env = dict(os.environ)
-    if args.kind == "model":
+    if args.kind in ("model", "mlflow-model"):
         # mlflow models serve starts `uvicorn` by name: without an activated venv that is not on
         # PATH ("uvicorn: not found"), so the venv's bin goes first; the store is the project's
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])

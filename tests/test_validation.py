@@ -223,3 +223,86 @@ def test_thresholds_are_validated(teacher_checkpoint: Path) -> None:
         _cfg(teacher_checkpoint, "validation.features.norm_min=5", "validation.features.norm_max=1")
     with pytest.raises(QuestError, match=r"unknown setting 'validation.data.min_share'"):
         _cfg(teacher_checkpoint, "validation.data.min_share=0.1")
+
+
+# One failing case per gate of the data, features and codebook suites (issue 29): each breaks
+# one thing in a copy of the chain's outputs and names the expectation the message must carry.
+
+
+def _prepared_copy(chain: dict[str, Any], tmp_path: Path) -> tuple[Paths, dict[str, np.ndarray]]:
+    paths = _copy(chain, tmp_path, "data/prepared")
+    arrays = {name: np.load(paths.prepared / f"{name}.npy")
+              for name in ("train_images", "train_labels", "test_images", "test_labels")}
+    return paths, arrays
+
+
+def _save(paths: Paths, **arrays: np.ndarray) -> None:
+    for name, value in arrays.items():
+        np.save(paths.prepared / f"{name}.npy", value)
+
+
+@pytest.mark.slow
+def test_test_images_duplicated_in_train_fail_the_data_suite(chain: dict[str, Any],
+                                                            tmp_path: Path) -> None:
+    paths, a = _prepared_copy(chain, tmp_path)
+    test = a["test_images"].copy()
+    test[:5] = a["train_images"][:5]  # 5 of 100 test images; the gate allows 1% (1 image)
+    _save(paths, test_images=test)
+    msg = _fails("data", chain["cfg"], paths)
+    assert "at most 1 test images" in msg and "exact duplicates of training images" in msg, msg
+    report = json.loads((tmp_path / "reports/validation/data.json").read_text())
+    assert report["observed"]["duplicates_test_in_train"] == 5
+
+
+@pytest.mark.slow
+def test_a_label_out_of_range_fails_the_data_suite(chain: dict[str, Any],
+                                                   tmp_path: Path) -> None:
+    paths, a = _prepared_copy(chain, tmp_path)
+    labels = a["train_labels"].copy()
+    labels[7] = 10  # ten classes: labels 0..9
+    _save(paths, train_labels=labels)
+    with pytest.raises(QuestError) as err:
+        from quest.apps.validation import run_validation
+
+        run_validation("data", chain["cfg"], paths)
+    msg = str(err.value)
+    assert "\n" not in msg and ("labels lie in [0, 9]" in msg or "label" in msg), msg
+
+
+@pytest.mark.slow
+def test_implausible_pixel_statistics_fail_the_data_suite(chain: dict[str, Any],
+                                                          tmp_path: Path) -> None:
+    paths, a = _prepared_copy(chain, tmp_path)
+    _save(paths, train_images=np.zeros_like(a["train_images"]))  # black: mean 0, std 0
+    msg = _fails("data", chain["cfg"], paths)
+    assert "train mean pixel value in [20" in msg, msg
+    assert "train mean per-image pixel std >= 10" in msg, msg
+    assert "test mean pixel value" not in msg  # the test split is untouched
+
+
+@pytest.mark.slow
+def test_feature_norms_out_of_range_fail_the_features_suite(chain: dict[str, Any],
+                                                            tmp_path: Path) -> None:
+    paths = _copy(chain, tmp_path, "data/prepared", "data/features")
+    feats = np.load(paths.features)
+    feats[:10] *= 1e6  # ten vectors far beyond norm_max
+    np.save(paths.features, feats)
+    msg = _fails("features", chain["cfg"], paths)
+    assert "vector L2 norms in [0.01, 1000]" in msg and "10 of 19200 rows fail" in msg, msg
+
+
+@pytest.mark.slow
+def test_a_low_codebook_perplexity_fails_the_codebook_suite(chain: dict[str, Any],
+                                                            tmp_path: Path) -> None:
+    paths = _copy(chain, tmp_path, "data/features", "models/codebook")
+    observed = json.loads((chain["root"] / "reports/validation/codebook.json").read_text()) \
+        if (chain["root"] / "reports/validation/codebook.json").is_file() else None
+    # the same codebook against a floor just above its own perplexity: only that gate fails
+    from quest.apps.validation import run_validation
+
+    perplexity = (observed or run_validation("codebook", chain["cfg"], paths))["observed"][
+        "perplexity"]
+    share = min(1.0, perplexity / 64 + 0.01)
+    cfg = _cfg(chain["cfg"].teacher.checkpoint, f"validation.codebook.min_perplexity_share={share}")
+    msg = _fails("codebook", cfg, paths)
+    assert "usage perplexity >=" in msg and "dead" not in msg, msg

@@ -118,6 +118,8 @@ def log_and_register(
             pip_requirements=pip_requirements(),
             signature=image_signature(h, w, c, num_classes),
             input_example=example,
+            # the input size encoded images are resized to (pyfunc_model.decode)
+            model_config={"image_size": [int(h), int(w)], "crop_ratio": 1.0},
             registered_model_name=registered_name,
         )
     version = int(info.registered_model_version)
