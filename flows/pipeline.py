@@ -48,9 +48,25 @@ from quest.apps.stages.table import STAGES, stage_for
 from quest.core.levels import level_names
 from quest.core.methods import needs_codebook
 from quest.infra.config import Config, build_config, load_config, read_params
-from quest.infra.errors import QuestError
+from quest.infra.errors import QuestError, one_line
 from quest.infra.paths import Paths
 from quest.infra.runlock import run_lock
+
+
+class _QuestErrorsInOneLine(logging.Filter):
+    """Prefect logs a failed task or flow run with its traceback; a QuestError is the user's
+    (bad input or settings), and its one-line message, which the record keeps, is all they need."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, QuestError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+# the loggers of Prefect's task and flow engines, whichever task runner (threads, Dask) ran it
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_QuestErrorsInOneLine())
 
 
 def retry_unless_quest_error(task: Any, task_run: Any, state: State) -> bool:
@@ -363,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         flow_fn = pipeline_with_runner(args.runner, args.dask_address)
         out = flow_fn(args.root, args.params, args.preset, args.overrides or None)
     except QuestError as exc:
-        print(f"quest: error: {exc}", file=sys.stderr)
+        print(f"quest: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(format_table(out["evaluation"]))
     print("tasks: " + ", ".join(f"{k}={v}" for k, v in out["states"].items()))

@@ -122,7 +122,8 @@ def test_promotion_edges_on_a_real_registry(registry: dict[str, Any]) -> None:
 
 def test_the_challenger_is_the_best_student_and_the_first_listed_wins_a_tie(
         registry: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    from quest.apps.tracking import mlflow_log, registry as reg
+    from quest.apps.tracking import mlflow_log
+    from quest.apps.tracking import registry as reg
 
     monkeypatch.setattr(reg, "STUDENT_MODEL", "m")
     client = registry["client"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -374,16 +375,40 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _encoded_variants() -> list[str]:
+    """Images people send: a large CMYK JPEG, an RGBA PNG, a 16-bit greyscale PNG, a GIF."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (300, 200, 3), dtype=np.uint8))
+    out = []
+    for img, fmt in ((rgb.convert("CMYK"), "JPEG"), (rgb.convert("RGBA"), "PNG"),
+                     (Image.fromarray(rng.integers(0, 65535, (40, 50), dtype=np.uint16)), "PNG"),
+                     (rgb.resize((8, 8)).convert("P"), "GIF")):
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        out.append(base64.b64encode(buf.getvalue()).decode())
+    return out
+
+
 def test_make_serve_answers_like_the_pyfunc_and_rejects_malformed_bodies(
     tracked: dict[str, Any], gated: dict[str, Any]
 ) -> None:
-    """`make serve` (python -m flows.servers model): `mlflow models serve` of the champion on
-    127.0.0.1, started without an activated venv (the venv's bin is not on PATH)."""
+    """`make serve` (python -m flows.servers model --workers 2): the registry's champion over
+    HTTP on 127.0.0.1, started without an activated venv (the venv's bin is not on PATH).
+    Encoded images and uint8 tensors in, class names with probabilities out; a malformed body
+    gets a 400 naming the expected input."""
     import urllib.error
     import urllib.request
 
     import mlflow.pyfunc
     import numpy as np
+
+    from quest.apps.tracking.server import encode_images
 
     root, port = tracked["root"], _free_port()
     venv_bin = str(Path(sys.executable).parent)
@@ -391,16 +416,18 @@ def test_make_serve_answers_like_the_pyfunc_and_rejects_malformed_bodies(
                            if p != venv_bin)
     env = {**os.environ, **QUIET, "PATH": path, "MLFLOW_TRACKING_URI": tracked["uri"]}
     proc = subprocess.Popen([sys.executable, "-m", "flows.servers", "model", "--root", str(root),
-                             "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             "--port", str(port), "--workers", "2"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http_ok(f"{base}/ping", proc, 180, "the model server (make serve)")
         images = np.load(root / "data" / "prepared" / "test_images.npy")[:6]
         images = images.transpose(0, 2, 3, 1).copy()  # N x H x W x C uint8, as users send them
+        classes = json.loads((root / "data" / "prepared" / "meta.json").read_text())["classes"]
 
-        def post(body: bytes) -> tuple[int, Any]:
-            req = urllib.request.Request(f"{base}/invocations", data=body,
+        def post(body: Any) -> tuple[int, Any]:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            req = urllib.request.Request(f"{base}/invocations", data=data,
                                          headers={"Content-Type": "application/json"})
             try:
                 with urllib.request.urlopen(req, timeout=60) as r:
@@ -408,18 +435,42 @@ def test_make_serve_answers_like_the_pyfunc_and_rejects_malformed_bodies(
             except urllib.error.HTTPError as err:
                 return err.code, err.read().decode()
 
-        status, answer = post(json.dumps({"inputs": images.tolist()}).encode())
-        assert status == 200, answer
-        served = np.asarray(answer["predictions"], dtype=np.float32)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_TRACKING_URI", tracked["uri"])
             local = mlflow.pyfunc.load_model("models:/quest-student@champion").predict(images)
+        status, answer = post({"inputs": images.tolist()})
+        assert status == 200, answer
+        served = np.asarray(answer["probabilities"], dtype=np.float32)
         assert served.shape == (6, 10)
-        np.testing.assert_allclose(served, local, rtol=1e-5, atol=1e-6)
-        for bad in (b"{not json", json.dumps({"wrong_key": [1, 2]}).encode(),
-                    json.dumps({"inputs": [1, 2, 3]}).encode()):
-            status, _ = post(bad)
-            assert status == 400, (bad, status)
+        np.testing.assert_allclose(served, local, rtol=1e-5, atol=1e-5)
+        # the same images as PNG files: the same answer, as class names with probabilities
+        status, answer = post({"images": encode_images(images), "top_k": 3})
+        assert status == 200, answer
+        for row, top in zip(local, answer["predictions"], strict=True):
+            assert len(top) == 3
+            assert top[0]["class"] == classes[int(row.argmax())]
+            assert top[0]["probability"] == pytest.approx(float(row.max()), abs=1e-5)
+            assert top[0]["probability"] >= top[1]["probability"] >= top[2]["probability"]
+        status, answer = post({"images": _encoded_variants()})
+        assert status == 200, answer
+        assert [len(t) for t in answer["predictions"]] == [5] * 4
+        assert all(t[0]["class"] in classes for t in answer["predictions"])
+        h, w = images.shape[1:3]
+        bad_bodies = {
+            "not json": b"{not json",
+            "wrong key": {"wrong_key": [1, 2]},
+            "not images": {"inputs": [1, 2, 3]},
+            "float pixels": {"inputs": (images[:1] / 255.0).tolist()},
+            "one channel": {"inputs": images[:1, :, :, :1].tolist()},
+            "wrong size": {"inputs": np.zeros((1, h + 1, w, 3), np.uint8).tolist()},
+            "bad base64": {"images": ["not base64!!"]},
+            "not an image": {"images": [base64.b64encode(b"hello").decode()]},
+            "bad top_k": {"images": encode_images(images[:1]), "top_k": 0},
+        }
+        for name, bad in bad_bodies.items():
+            status, text = post(bad)
+            assert status == 400, (name, status, text)
+            assert "expected" in text, (name, text)
     finally:
         proc.terminate()
         try:

@@ -422,3 +422,58 @@ def test_an_extra_quest_level_runs_as_its_own_cached_tasks(project: dict[str, An
     # back to params.yaml: the first level's student again, and DVC agrees
     quest_pipeline(root=str(root))
     assert dvc_status(root) == {}
+
+
+def test_a_user_error_in_a_task_is_one_line_on_threads_and_on_dask(
+        server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """A QuestError raised in a Prefect task, run by the flow's threads or submitted to a Dask
+    worker (DaskTaskRunner), reaches the user as one line: no traceback in Prefect's log."""
+    from prefect import flow
+
+    from flows.pipeline import TASKS, main, make_task_runner
+    from quest.infra.config import load_config
+    from quest.infra.errors import QuestError, one_line
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    missing = tmp_path / "no-such-archive.tar.gz"
+    monkeypatch.setenv("QUEST_DATA_LOCATION", str(missing))
+    capfd.readouterr()
+    assert main(["--root", str(tmp_path), "--preset", "tiny"]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("quest: error:")]
+    assert len(lines) == 1 and str(missing) in lines[0], err
+
+    config = load_config(tmp_path / "params.yaml", "tiny").to_dict()
+
+    @flow(task_runner=make_task_runner("dask"))
+    def on_dask() -> Any:
+        return TASKS["prepare"].submit(str(tmp_path), config).result()
+
+    with pytest.raises(QuestError) as exc:
+        on_dask()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
+    assert "\n" not in one_line(exc.value) and str(missing) in one_line(exc.value)
+
+
+def test_the_promotion_flow_promotes_a_better_challenger(server: str, tmp_path: Path) -> None:
+    """The success path: the registered challenger beats the champion and the bar."""
+    import mlflow
+
+    from flows.promotion import quest_promotion
+    from quest.apps.tracking.registry import set_alias
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri, uri)
+    client.create_registered_model("m")
+    for top1 in (0.5, 0.6):
+        mv = client.create_model_version("m", source=str(tmp_path / "artifacts"))
+        client.set_model_version_tag("m", mv.version, "test_top1", str(top1))
+    set_alias(client, "m", "champion", 1)
+    set_alias(client, "m", "challenger", 2)
+    out = quest_promotion(min_top1=0.6, tracking_uri=uri, model_name="m")
+    assert out["promoted"] and out["version"] == 2 and out["previous_champion"] == 1
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "2"
+    assert client.get_model_version("m", "2").tags["promoted_from"] == "1"

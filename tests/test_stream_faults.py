@@ -170,3 +170,24 @@ def test_a_stream_run_goes_on_under_skip_and_stops_in_one_line_under_fail(
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and str(victims[0]) in lines[0], bad.stderr
     assert not (tmp_path / "fail" / "models" / "teacher" / "teacher.pt").exists()
+
+
+def test_any_quest_error_from_a_dataloader_worker_is_one_line() -> None:
+    """torch re-raises a worker's QuestError wrapped in "Caught ... in DataLoader worker" and a
+    traceback; the CLI prints one_line of it: the original message alone."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from quest.infra.errors import one_line
+
+    class Broken(Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> int:
+            raise QuestError(f"sample {i} is bad: fix it")
+
+    with pytest.raises(QuestError) as err:
+        list(DataLoader(Broken(), num_workers=1))
+    assert "Caught QuestError in DataLoader worker" in str(err.value)
+    assert one_line(err.value) == "sample 0 is bad: fix it"
+    assert one_line(QuestError("plain\n  message")) == "plain message"

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quest.infra.errors import QuestError
+from quest.infra.errors import QuestError, one_line
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -527,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     except QuestError as exc:
         if args.debug:
             raise
-        print(f"quest: error: {exc}", file=sys.stderr)
+        print(f"quest: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("quest: interrupted; training progress is checkpointed, rerun the same command "

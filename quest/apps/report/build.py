@@ -158,6 +158,12 @@ def _facts(run: RunData, other: RunData | None) -> list[tuple[str, str]]:
         facts.append(best_student(run))
     if run.codebook:
         facts.append(("codebook", f"K = {run.codebook['k']}"))
+    corrupt = (run.teacher or {}).get("corrupt_samples") or {}
+    if corrupt.get("files"):
+        # streamed images that failed to decode in a loader worker (data.on_corrupt: skip)
+        facts.append(("corrupt images replaced", f"{corrupt['files']} file(s), "
+                      f"{corrupt['replaced']} time(s) while training the teacher; first: "
+                      f"{', '.join(corrupt['first'][:3])}"))
     if other is not None:
         facts.append(("compared with", f"{other.root} (label '{other.label}')"))
     return facts

@@ -1,4 +1,4 @@
-"""Content-based stage keys (Prefect cache keys, `quest run` resume records): inputs, settings, code.
+"""Content-based stage keys (Prefect cache keys, `quest run` resume records): inputs, settings, code
 
 A stage's key is the SHA-256 of four things, so that a re-run with nothing changed is a cache hit
 whatever flow run, process or machine computes it (Prefect's DEFAULT policy includes the flow

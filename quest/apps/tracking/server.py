@@ -45,7 +45,7 @@ def answer(model: Any, body: Any) -> dict[str, Any]:
                          '"inputs": uint8 N x H x W x C')
     top_k = body.get("top_k", 5)
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= MAX_TOP_K:
-        raise ValueError(f'"top_k" must be an integer from 1 to {MAX_TOP_K}')
+        raise ValueError(f'expected "top_k" to be an integer from 1 to {MAX_TOP_K}')
     if "images" in body:
         probs = model.predict_encoded(body["images"])
     else:

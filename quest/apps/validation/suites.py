@@ -217,10 +217,13 @@ def data_suite(cfg: Config, paths: Paths) -> Suite:
 
     ds = load_data(paths, mmap=True)
     full: dict[str, dict[str, int]] | None = None
+    faults: dict[str, int] = {}  # a stream's images that failed to decode in the sample
     if isinstance(ds, StreamData):
         full = {k: {str(c): int(n) for c, n in v.items()}
                 for k, v in ds.meta["class_counts"].items()}
-        ds = _stream_view(ds)
+        stream, ds = ds, _stream_view(ds)
+        faults = dict(stream.faults)
+    skipped = ds.meta.get("skipped")
     v = cfg.validation.data
     f = _data_frames(ds)
     if full is not None:
@@ -250,6 +253,9 @@ def data_suite(cfg: Config, paths: Paths) -> Suite:
         "duplicates_test_in_train": int(f.duplicates.sum()),
         **{f"duplicates_val_in_{other}": int(flags.sum())
            for other, flags in f.val_duplicates.items()},
+        "unreadable_images": {
+            "skipped_by_prepare": int(skipped.get("count", 0)) if isinstance(skipped, dict) else 0,
+            "replaced_in_sample": len(faults), "first": sorted(faults)[:20]},
         "pixel_mean": {name: float(frame.loc[frame.split == name, "pixel_mean"].mean())
                        for name in names},
         "pixel_std": {name: float(frame.loc[frame.split == name, "pixel_std"].mean())
