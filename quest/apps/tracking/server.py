@@ -89,13 +89,58 @@ def create_app() -> Any:
 
 
 def serve(host: str, port: int, workers: int = 1, uri: str | None = None) -> None:
-    """Run the app under uvicorn with `workers` processes (blocks)."""
+    """Run the app under uvicorn with `workers` processes (blocks until SIGINT or SIGTERM).
+
+    The model is loaded once, here, and the workers are forked from this process onto one
+    listening socket: no worker spends its start-up importing MLflow and loading the model
+    (uvicorn's own --workers supervisor restarts a worker that does not answer its health check
+    within seconds, which a busy machine loading torch can miss over and over)."""
+    import signal
+    import socket
+
     import uvicorn
 
     if uri:
         os.environ[MODEL_URI_ENV] = uri
-    uvicorn.run("quest.apps.tracking.server:create_app", factory=True, host=host, port=port,
-                workers=max(1, int(workers)), log_level="warning", access_log=False)
+    app = create_app()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    if workers <= 1 or not hasattr(os, "fork"):
+        uvicorn.Server(config).run(sockets=[sock])
+        return
+    children = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: serve until told to stop, never return into the parent's code
+            code = 0
+            try:
+                uvicorn.Server(config).run(sockets=[sock])
+            except BaseException:  # noqa: BLE001 (the worker's end, whatever it was)
+                code = 1
+            os._exit(code)
+        children.append(pid)
+
+    def stop(signum: int, frame: Any) -> None:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for pid in children:
+        while True:
+            try:
+                os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                break
 
 
 def encode_images(images: np.ndarray, fmt: str = "PNG") -> list[str]:
