@@ -24,7 +24,6 @@ import http.client
 import io
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -66,19 +65,12 @@ def jpeg_b64(images: np.ndarray, quality: int = 95) -> list[str]:
 
 
 def machine() -> dict[str, Any]:
-    """What ran it: CPU model and count, OS, Python, torch threads."""
+    """What ran it: the CPU, versions and torch threads (quest bench's record of the machine)."""
     import torch
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
+    from quest.apps.bench import machine_info
+
+    return {**machine_info(torch.device("cpu")), "torch_threads": torch.get_num_threads(),
             "load_average": list(os.getloadavg())}
 
 
