@@ -85,7 +85,8 @@ def test_the_gate_refuses_a_tie_and_accepts_exactly_min_top1() -> None:
 
 @pytest.fixture
 def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    """A fresh SQLite registry with model `m`: versions 1..3 tagged test_top1 0.5, 0.5, 0.7."""
+    """A fresh SQLite registry with model `m`: versions 1..3 tagged val_top1 0.5, 0.5, 0.7 (what
+    choices read) and test_top1 in the opposite order (reported only: it must not decide)."""
     import mlflow
 
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -93,9 +94,10 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[s
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri, uri)
     client.create_registered_model("m")
-    for top1 in (0.5, 0.5, 0.7):
+    for val, test in ((0.5, 0.9), (0.5, 0.8), (0.7, 0.1)):
         mv = client.create_model_version("m", source=str(tmp_path / "artifacts"))
-        client.set_model_version_tag("m", mv.version, "test_top1", str(top1))
+        client.set_model_version_tag("m", mv.version, "val_top1", str(val))
+        client.set_model_version_tag("m", mv.version, "test_top1", str(test))
     yield {"uri": uri, "client": client}
     mlflow.set_tracking_uri(None)
 
@@ -114,9 +116,9 @@ def test_promotion_edges_on_a_real_registry(registry: dict[str, Any]) -> None:
     assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
     at_bar = promote(uri, model_name="m", version=3, min_top1=0.7)
     assert at_bar["promoted"] and at_bar["previous_champion"] == 1
-    client.delete_model_version_tag("m", "2", "test_top1")
+    client.delete_model_version_tag("m", "2", "val_top1")
     set_alias(client, "m", "challenger", 2)
-    with pytest.raises(QuestError, match="no numeric test_top1 tag"):
+    with pytest.raises(QuestError, match="no numeric val_top1 tag"):
         promote(uri, model_name="m")
 
 
@@ -128,7 +130,8 @@ def test_the_challenger_is_the_best_student_and_the_first_listed_wins_a_tie(
     monkeypatch.setattr(reg, "STUDENT_MODEL", "m")
     client = registry["client"]
     out = mlflow_log._set_challenger(client, ["kd", "ce"], {"kd": 2, "ce": 1})
-    assert out["challenger"] == {"method": "kd", "version": 2}  # 0.5 = 0.5: kd is listed first
+    # 0.5 = 0.5 on val (test 0.8 against 0.9 is not read): kd is listed first
+    assert (out["challenger"]["method"], out["challenger"]["version"]) == ("kd", 2)
     assert str(client.get_model_version_by_alias("m", "challenger").version) == "2"
     out = mlflow_log._set_challenger(client, ["ce", "kd", "quest"], {"ce": 1, "kd": 2, "quest": 3})
-    assert out["challenger"]["method"] == "quest"  # 0.7 beats both
+    assert out["challenger"]["method"] == "quest"  # 0.7 on val beats both (its test is 0.1)
