@@ -200,3 +200,42 @@ def test_each_rank_steps_on_its_share_of_the_batch_with_its_samples_indices(
         for rank in (a, b):
             assert rank[4] == rank[3]  # each image is the one its index names
             assert rank[5] == [int(y[i]) for i in rank[3]]
+
+
+def test_a_rank_error_under_quest_torchrun_is_one_line(tmp_path: Path) -> None:
+    """A user's error raised inside the ranks (a batch of 7 over 2 ranks) ends `quest torchrun`
+    with exit code 2 and exactly one error line: no launcher traceback, no ChildFailedError."""
+    _make_root(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for key in ("QUEST_DATA_LOCATION", "QUEST_TEACHER_CHECKPOINT", "QUEST_PRESET", "QUEST_DEVICE",
+                "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "quest", "torchrun", "--standalone", "--nproc_per_node", "2",
+         "--", "student", "--set", "student.train.batch_size=7"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines()
+              if "error" in line.lower() or "Traceback" in line or "Failed" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("quest: error: ") and "does not split over 2" in errors[0]
+
+
+def test_quest_torchrun_keeps_output_until_the_first_rank_error() -> None:
+    """The filter passes lines through, keeps each rank's error message and drops what follows
+    the first one (the agent's block); a command without `--` is a one-line error."""
+    import io
+
+    from quest.apps.launch import filter_rank_output, split_command
+    from quest.infra.errors import QuestError
+
+    out = io.StringIO()
+    lines = ["epoch 1\n", "[rank1]: quest: error: bad batch\n", "Traceback (most recent)\n",
+             "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n",
+             "quest: error: bad batch\n"]
+    assert list(filter_rank_output(lines, out)) == ["bad batch", "bad batch"]
+    assert out.getvalue() == "epoch 1\n"
+    assert split_command(["--nproc_per_node", "2", "--", "student"]) == (
+        ["--nproc_per_node", "2"], ["student"])
+    with pytest.raises(QuestError, match="after `--`"):
+        split_command(["--nproc_per_node", "2", "student"])

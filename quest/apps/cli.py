@@ -183,7 +183,13 @@ def _add_study_commands(sub: Any) -> None:
 
 
 def _add_tool_commands(sub: Any) -> None:
-    """`quest models` and `quest bench`."""
+    """`quest models`, `quest bench` and `quest torchrun`."""
+    p = sub.add_parser(
+        "torchrun", help="torchrun around a stage command; a rank's error stays one line",
+        description="quest torchrun [TORCHRUN OPTIONS] -- STAGE [ARGS]: runs `torchrun OPTIONS "
+                    "-m quest STAGE ARGS`, passes the ranks' output through, and ends a user's "
+                    "error in any rank with one line (no launcher traceback) and exit code 2")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="torchrun's options, --, the stage")
     p = sub.add_parser("models", help="list the model zoo, or a model's tappable layers",
                        description="list the model zoo, or a model's tappable layers")
     p.add_argument("--layers", metavar="ARCH", help="list the layers of ARCH with output shapes")
@@ -499,6 +505,15 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; QuestErrors become one line on stderr and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["torchrun"]:  # its arguments are torchrun's and the stage's, not ours
+        from quest.apps.launch import run_torchrun
+
+        try:
+            return run_torchrun(argv[1:])
+        except QuestError as exc:
+            print(f"quest: error: {exc}", file=sys.stderr)
+            return 2
     try:
         parser = build_parser()  # its help lists the registered methods: plug-ins load here
     except QuestError as exc:
