@@ -1,7 +1,8 @@
-"""The official QuEST configurations as presets (presets/official.yaml): each one loads with the
-settings of its official config file, its tapped teacher and student maps line up as the QuEST
-loss needs, presets are found in params.yaml first and then in presets/*.yaml, and
-docs/presets.md is what the generator writes."""
+"""The official QuEST configurations as presets (quest/infra/presets/official.yaml, shipped in
+the package): each one loads with the settings of its official config file, its tapped teacher
+and student maps line up as the QuEST loss needs, presets are found in params.yaml first, then in
+the project's presets/*.yaml, then in the packaged file, and docs/presets.md is what the
+generator writes."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from quest.infra.errors import QuestError
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = REPO / "params.yaml"
-OFFICIAL = REPO / "presets" / "official.yaml"
+OFFICIAL = REPO / "quest" / "infra" / "presets" / "official.yaml"
 
 
 class Level(NamedTuple):

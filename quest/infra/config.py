@@ -395,9 +395,13 @@ def read_params(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _read_mapping(p, "params file", "sections")
 
 
-# Beside the params file: more named presets, each *.yaml there a mapping of name -> overrides
-# shaped like the params file's `presets:` entries (presets/official.yaml: the official configs).
-PRESETS_DIR = "presets"
+# The official QuEST configurations ship inside the package (quest/infra/presets/official.yaml,
+# package data), so `--preset NAME` works from any directory. A project may add its own: the
+# params file's `presets:` and every *.yaml in a presets/ folder beside it (PROJECT_PRESETS_DIR),
+# each a mapping of name -> overrides shaped like params.yaml. The project's presets win over the
+# packaged ones of the same name: params.yaml's `presets:` first, then presets/*.yaml, then these.
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+PROJECT_PRESETS_DIR = "presets"
 
 
 def read_preset_files(directory: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
@@ -419,6 +423,40 @@ def read_preset_files(directory: str | os.PathLike[str]) -> dict[str, dict[str, 
     return found
 
 
+def preset_lookup(
+    raw: dict[str, Any], preset_dir: str | os.PathLike[str] | None = None,
+) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """Where presets come from, first match wins: the params file's ``presets:``, the project's
+    `preset_dir` (its ``*.yaml`` files; None: skipped), then the packaged official presets."""
+    sources = [("params.yaml presets:", dict(raw.get("presets") or {}))]
+    if preset_dir is not None:
+        sources.append((f"{Path(preset_dir) / '*.yaml'}", read_preset_files(preset_dir)))
+    sources.append(("the packaged official presets", read_preset_files(PRESETS_DIR)))
+    return sources
+
+
+def preset_names(raw: dict[str, Any],
+                 preset_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """Every preset name `raw` can use (project and packaged), sorted."""
+    return sorted({str(n) for _, found in preset_lookup(raw, preset_dir) for n in found})
+
+
+def find_preset(raw: dict[str, Any], preset: str,
+                preset_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """The overrides of preset `preset` (see `preset_lookup` for the order); an unknown name is
+    a one-line QuestError with the closest names and every choice."""
+    sources = preset_lookup(raw, preset_dir)
+    for _, found in sources:
+        if preset in found:
+            return found[preset]
+    names = sorted({str(n) for _, found in sources for n in found})
+    close = difflib.get_close_matches(preset, names, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    where = ", ".join(w for w, _ in sources)
+    raise QuestError(f"unknown preset '{preset}': {hint}choose one of "
+                     f"{', '.join(names) or 'none defined'} (from {where})")
+
+
 def resolve_raw(
     raw: dict[str, Any],
     preset: str | None = None,
@@ -428,19 +466,11 @@ def resolve_raw(
     """Apply a named preset, then environment overrides, then ``key=value`` overrides.
 
     The preset is looked up in `raw`'s ``presets:`` first, then in the ``*.yaml`` files of
-    `preset_dir` (see `read_preset_files`; None: params presets only)."""
+    the project's `preset_dir` (None: none), then in the packaged official presets."""
     raw = copy.deepcopy(raw)
-    presets = raw.pop("presets", {}) or {}
     if preset:
-        if preset not in presets:
-            files = read_preset_files(preset_dir) if preset_dir is not None else {}
-            if preset not in files:
-                choices = ", ".join(sorted(map(str, {*presets, *files}))) or "none defined"
-                where = "params.yaml presets:" + (
-                    f" or {Path(preset_dir) / '*.yaml'}" if preset_dir is not None else "")
-                raise QuestError(f"unknown preset '{preset}': choose one of {choices} ({where})")
-            presets = files
-        raw = deep_merge(raw, presets[preset])
+        raw = deep_merge(raw, find_preset(raw, preset, preset_dir))
+    raw.pop("presets", None)
     for env, dotted in ENV_OVERRIDES.items():
         if os.environ.get(env):
             set_dotted(raw, dotted, os.environ[env])
@@ -468,10 +498,10 @@ def load_config(
     preset: str | None = None,
     overrides: list[str] | None = None,
 ) -> Config:
-    """Load params.yaml, apply a preset (from its ``presets:``, else from the presets/*.yaml
-    files beside it) and overrides, and validate everything."""
+    """Load params.yaml, apply a preset (from its ``presets:``, else the presets/*.yaml files
+    beside it, else the packaged official ones) and overrides, and validate everything."""
     return build_config(resolve_raw(read_params(path), preset, overrides,
-                                    preset_dir=Path(path).parent / PRESETS_DIR))
+                                    preset_dir=Path(path).parent / PROJECT_PRESETS_DIR))
 
 
 def _positive(value: float | None, key: str) -> None:

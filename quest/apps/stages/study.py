@@ -45,7 +45,7 @@ from quest.apps.stages.table import LEVEL_ITEM, STAGES, Stage, get_param
 from quest.core.methods import get as get_method
 from quest.core.methods import names as method_names
 from quest.infra.config import (
-    PRESETS_DIR,
+    PROJECT_PRESETS_DIR,
     Config,
     build_config,
     config_hash,
@@ -151,7 +151,7 @@ def load_study(path: str | os.PathLike[str], root: Path) -> Study:
 def setting_config(study: Study, setting: Setting, root: Path, seed: int | None = None) -> Config:
     """The validated config of one setting (and seed), input locations made absolute."""
     raw = resolve_raw(read_params(study.params), study.preset,
-                      preset_dir=Path(study.params).parent / PRESETS_DIR)
+                      preset_dir=Path(study.params).parent / PROJECT_PRESETS_DIR)
     for key, value in [*study.base.items(), *setting.overrides.items()]:
         set_dotted(raw, str(key), value)
     if seed is not None:
