@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.cache import code_files
-from quest.apps.stages.table import LEVEL_ITEM, METHOD_ITEM, STAGES, Stage
-from quest.infra.paths import Paths
+from quest.apps.stages.dvc_file import stage_data_entry
+from quest.apps.stages.table import STAGES, Stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,22 +39,12 @@ def _compress(files: tuple[str, ...]) -> list[str]:
     return sorted(out)
 
 
-def _template_key(spec: Stage) -> str | None:
-    return {"method": METHOD_ITEM, "level": LEVEL_ITEM}.get(spec.per or "")
-
-
 def stage_entry(spec: Stage) -> dict[str, Any]:
-    """cmd, deps, params and outs of one stage as dvc.yaml lists them."""
-    key = _template_key(spec)
-    paths = Paths(Path("."))
-
-    def rel(p: Path) -> str:
-        return p.as_posix()
-
-    data = [rel(p) for p in spec.deps(None, paths, key)]
-    return {"cmd": spec.cmd, "deps": data + _compress(code_files(spec.code)),
-            "params": list(dict.fromkeys(spec.params(key))),
-            "outs": [rel(p) for p in spec.outs(paths, key)]}
+    """cmd, deps, params and outs of one stage as dvc.yaml lists them: the table's data deps
+    (quest/apps/stages/dvc_file.py, also what `quest init` writes), then the code deps."""
+    entry = stage_data_entry(spec)
+    entry["deps"] = entry["deps"] + _compress(code_files(spec.code))
+    return entry
 
 
 def render(text: str) -> str:

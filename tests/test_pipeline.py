@@ -106,7 +106,7 @@ def test_help_lists_every_command() -> None:
     proc = subprocess.run([sys.executable, "-m", "quest", "--help"], capture_output=True,
                           text=True, check=True)
     for cmd in ("prepare", "teacher", "features", "codebook", "student", "evaluate", "run",
-                "models", "config"):
+                "models", "config", "init"):
         assert cmd in proc.stdout
     for cmd in ("prepare", "student", "models"):
         sub = subprocess.run([sys.executable, "-m", "quest", cmd, "--help"],

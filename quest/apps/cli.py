@@ -19,7 +19,8 @@ from quest.infra.errors import QuestError, one_line
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--preset", default=os.environ.get("QUEST_PRESET"),
-                   help="named preset from the params file's presets: section (env QUEST_PRESET)")
+                   help="named preset: the params file's presets:, the project's presets/*.yaml, "
+                        "else an official one packaged with quest (env QUEST_PRESET)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set student.train.epochs=5 (repeatable)")
     p.add_argument("--root", default=".", help="project root holding data/, models/, metrics/")
@@ -183,7 +184,18 @@ def _add_study_commands(sub: Any) -> None:
 
 
 def _add_tool_commands(sub: Any) -> None:
-    """`quest models`, `quest bench` and `quest torchrun`."""
+    """`quest init`, `quest models`, `quest bench` and `quest torchrun`."""
+    p = sub.add_parser(
+        "init", help="write a new project (params.yaml, dvc.yaml, prefect.yaml, ...) into DIR",
+        description="Write a working project into DIR: params.yaml (the active configuration, "
+                    "the data and teacher keys to fill in commented), dvc.yaml, prefect.yaml, "
+                    ".gitignore, .dvcignore and a README. Then edit params.yaml and run `quest "
+                    "run` or `dvc repro` there.")
+    p.add_argument("dir", help="the new project's folder (created; must be empty)")
+    p.add_argument("--preset", default=None,
+                   help="start from this preset (the official ones are packaged with quest)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty DIR, overwriting quest's files there")
     p = sub.add_parser(
         "torchrun", help="torchrun around a stage command; a rank's error stays one line",
         description="quest torchrun [TORCHRUN OPTIONS] -- STAGE [ARGS]: runs `torchrun OPTIONS "
@@ -527,6 +539,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "models":
             _cmd_models(args)
+        elif args.command == "init":
+            from quest.apps.project import init_project
+
+            files = init_project(args.dir, args.preset, args.force)
+            print(f"wrote {len(files)} files into {args.dir}: fill in params.yaml's FILL IN "
+                  "lines, then `quest run` (or `git init && dvc init && dvc repro`) there")
         elif args.command == "bench":
             _cmd_bench(args)
         elif args.command == "shards":
