@@ -89,7 +89,8 @@ def test_each_level_adds_its_own_term_against_its_own_codebook() -> None:
 
 
 @pytest.mark.slow
-def test_two_level_quest_through_the_cli(smoke_root: Path) -> None:
+def test_two_level_quest_through_the_cli(
+        smoke_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["--root", str(smoke_root), "--preset", "smoke", "--set", LEVEL,
             "--set", "student.methods=[quest]", "--set", "student.train.epochs=1",
             "--set", "runtime.threads=1"]
@@ -97,10 +98,14 @@ def test_two_level_quest_through_the_cli(smoke_root: Path) -> None:
     assert main(["teacher", *args]) == 0
     assert main(["features", *args]) == 0
     assert main(["codebook", *args]) == 0
-    assert main(["student", *args]) != 0
+    capsys.readouterr()
+    assert main(["student", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    lp = level_paths(Paths(smoke_root), "l2")
+    assert err == [f"quest: error: {lp.codebook} does not exist: run `quest features --level l2`"
+                   " and `quest codebook --level l2` first"]
     assert main(["features", "--level", "l2", *args]) == 0
     assert main(["codebook", "--level", "l2", *args]) == 0
-    lp = level_paths(Paths(smoke_root), "l2")
     meta = json.loads(lp.codebook_meta.read_text())
     assert meta["layer"] == "layer2" and meta["k"] == 16
     assert np.load(lp.codebook).shape == (16, 32)  # resnet56 layer2 has 32 channels
@@ -117,7 +122,7 @@ def test_two_level_quest_through_the_cli(smoke_root: Path) -> None:
 def test_unknown_level_on_the_command_line_is_a_one_line_error(
         smoke_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["features", "--level", "nope", "--root", str(smoke_root), "--preset",
-                 "smoke"]) != 0
+                 "smoke"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown QuEST level 'nope'" in err[0]
 
