@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from quest.apps.stages.teacher import import_teacher
+from quest.core.checkpoint import load_checkpoint
 from quest.core.data.loader import InMemoryLoader
 from quest.core.data.prepared import load_prepared
 from quest.core.distill import Distiller
@@ -74,10 +76,30 @@ def test_interrupted_training_resumes_to_identical_weights(tmp_path: Path,
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path: Path,
                                                                smoke_prepared: Path) -> None:
+    """Epoch 1 trains and checkpoints; then the learning rate blows up and epoch 2's loss goes
+    non-finite: the error names the checkpoint, which still holds epoch 1's weights."""
     train, test = loaders(smoke_prepared)
-    trainer = make_trainer(tmp_path, epochs=2, lr=1e6)
-    with pytest.raises(QuestError, match="lower the learning rate"):
-        trainer.fit(train, test)
+    trainer = make_trainer(tmp_path, epochs=2)
+    good: dict[str, torch.Tensor] = {}
+
+    def diverge(record: dict) -> None:
+        good.update({k: v.detach().clone() for k, v in trainer.distiller.state_dict().items()})
+        trainer.opt = trainer.opt.model_copy(update={"lr": 1e6})
+
+    with pytest.raises(QuestError, match="lower the learning rate") as err:
+        trainer.fit(train, test, on_epoch=diverge)
+    path = tmp_path / "t.pt"
+    assert re.search(rf"loss became (nan|inf) in epoch 2 \(the last good checkpoint stays in "
+                     rf"{re.escape(str(path))}\)", str(err.value)), str(err.value)
+    ckpt = load_checkpoint(path)
+    assert (ckpt["epoch"], ckpt["step"], len(ckpt["history"])) == (1, 0, 1)
+    assert "partial" not in ckpt and ckpt["fingerprint"] == "fp"
+    assert ckpt["distiller"].keys() == good.keys()
+    for key, value in ckpt["distiller"].items():
+        torch.testing.assert_close(value, good[key], atol=0, rtol=0, msg=key)
+    # the weights in memory did go bad: the checkpoint is the one from before
+    assert not all(torch.isfinite(v).all() for v in trainer.distiller.state_dict().values()
+                   if v.is_floating_point())
 
 
 def test_lr_schedules() -> None:
