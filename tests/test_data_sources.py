@@ -9,7 +9,6 @@ import os
 import pickle
 import struct
 import tarfile
-import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -689,17 +688,15 @@ def test_smoke_subset_is_balanced_and_seeded() -> None:
 
 
 @pytest.fixture(scope="module")
-def cifar10_jpeg() -> tuple[PreparedDataset, float]:
+def cifar10_jpeg() -> PreparedDataset:
+    # How long this takes is measured by benchmarks/prepare_cifar10.py, not asserted here.
     assert CIFAR10_JPEG.is_file(), f"missing {CIFAR10_JPEG}: set QUEST_SHARED_DIR"
-    start = time.perf_counter()
-    ds = prepare_dataset("image_folder", str(CIFAR10_JPEG), progress=False)
-    return ds, time.perf_counter() - start
+    return prepare_dataset("image_folder", str(CIFAR10_JPEG), progress=False)
 
 
 @pytest.mark.slow
-def test_real_cifar10_jpeg_archive(cifar10_jpeg: tuple[PreparedDataset, float]) -> None:
-    ds, seconds = cifar10_jpeg
-    print(f"prepared {CIFAR10_JPEG.name} in {seconds:.1f} s")
+def test_real_cifar10_jpeg_archive(cifar10_jpeg: PreparedDataset) -> None:
+    ds = cifar10_jpeg
     assert ds.classes == CIFAR10_NAMES == sorted(CIFAR10_NAMES)
     assert ds.train.images.shape == (50_000, 3, 32, 32)
     assert ds.test.images.shape == (10_000, 3, 32, 32)
@@ -709,11 +706,10 @@ def test_real_cifar10_jpeg_archive(cifar10_jpeg: tuple[PreparedDataset, float]) 
     # Channel means documented for this archive in shared/data/README.md.
     means = ds.train.images.mean(axis=(0, 2, 3)) / 255.0
     np.testing.assert_allclose(means, [0.4913, 0.4821, 0.4465], atol=5e-4)
-    assert seconds < 120, f"preparing took {seconds:.0f} s"
 
 
-def test_real_cifar10_smoke_subset(cifar10_jpeg: tuple[PreparedDataset, float]) -> None:
-    ds, _ = cifar10_jpeg
+def test_real_cifar10_smoke_subset(cifar10_jpeg: PreparedDataset) -> None:
+    ds = cifar10_jpeg
     sub = smoke_subset(ds, train_per_class=50, test_per_class=10, seed=0)
     assert np.bincount(sub.train.labels, minlength=10).tolist() == [50] * 10
     assert np.bincount(sub.test.labels, minlength=10).tolist() == [10] * 10
