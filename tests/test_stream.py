@@ -292,8 +292,8 @@ def test_streaming_pipeline_under_two_torchrun_processes(folder: Path, tmp_path:
     metrics = read_json(tmp_path / "metrics" / "students" / "quest.json")
     assert metrics["epochs"] == 1 and len(metrics["history"]) == 1
     epoch = metrics["history"][0]
-    # the epoch's terms and monitors, averaged over both ranks: a rank's share left out of the
-    # reduction, or summed instead of averaged, breaks the sum or leaves a monitor's range
+    # the epoch's per-sample means of its terms and monitors (rank 0's share): a term left out
+    # of the total, or sums divided by the wrong count, breaks the sum or leaves a range
     assert epoch["ce"] > 0 and epoch["quest"] > 0
     assert epoch["loss"] == pytest.approx(epoch["ce"] + epoch["quest"], rel=1e-5)
     assert 0.0 <= epoch["word_accuracy"] <= 1.0
