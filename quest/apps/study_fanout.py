@@ -71,6 +71,10 @@ def _prefect_api() -> Iterator[None]:
         return
     from prefect.server.api.server import SubprocessASGIServer
 
+    # no network at run time: the server's telemetry service would phone home (as `make`
+    # targets already say with DO_NOT_TRACK, a direct `quest study` must say it too)
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     server = SubprocessASGIServer()  # one per process, stopped when the process exits
     # Prefect's default wait (20 s) is too short on a busy machine: starting the server
     # (migrations included) takes longer when every core is training
