@@ -468,9 +468,10 @@ def test_the_promotion_flow_promotes_a_better_challenger(server: str, tmp_path: 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri, uri)
     client.create_registered_model("m")
-    for top1 in (0.5, 0.6):
+    for val, test in ((0.5, 0.9), (0.6, 0.1)):  # the gate reads val; test is only reported
         mv = client.create_model_version("m", source=str(tmp_path / "artifacts"))
-        client.set_model_version_tag("m", mv.version, "test_top1", str(top1))
+        client.set_model_version_tag("m", mv.version, "val_top1", str(val))
+        client.set_model_version_tag("m", mv.version, "test_top1", str(test))
     set_alias(client, "m", "champion", 1)
     set_alias(client, "m", "challenger", 2)
     out = quest_promotion(min_top1=0.6, tracking_uri=uri, model_name="m")

@@ -303,9 +303,12 @@ def bench_steps(cfg: Config, teacher: torch.nn.Module, batches: list[tuple[torch
     from quest.core.distill import Batch, StepContext, build_distiller
     from quest.core.engine import make_optimizer
     from quest.core.fastpath import autocast_step, maybe_compile
+    from quest.core.methods import resolve_settings
+    from quest.core.methods.kd import KDSettings
     from quest.core.models.zoo import build_model, default_feature_layer
 
     s = cfg.student
+    kd = resolve_settings(s).section("kd", KDSettings)  # method sections are validated in core
     layer_s = s.layer or default_feature_layer(s.arch)
     layer_t = cfg.features.layer or default_feature_layer(cfg.teacher.arch)
     maybe_compile(teacher, compile_)
@@ -317,7 +320,7 @@ def bench_steps(cfg: Config, teacher: torch.nn.Module, batches: list[tuple[torch
         d = build_distiller(method, student, teacher, codebook=codebook, teacher_layer=layer_t,
                             student_layer=layer_s, student_channels=_channels(s.arch, layer_s),
                             quest_temperature=s.quest.temperature,
-                            kd_temperature=s.kd.temperature).to(device).train()
+                            kd_temperature=kd.temperature).to(device).train()
         opt = make_optimizer(d.trainable_parameters(), s.train)
         step_fn = autocast_step(d.step, amp, device)
 

@@ -94,7 +94,9 @@ def rerun_record(path: str | os.PathLike[str], root: Path) -> tuple[dict[str, An
                                                                      dict[str, Any]]:
     """Retrain the run a record describes (in its own scratch root, upstream stages shared with
     studies); return (the record, the rerun's record)."""
-    from quest.apps.stages.study import Setting, Study, _train
+    from quest.apps.stages.student import run_student
+    from quest.apps.stages.study import Setting, Study, stage_run
+    from quest.infra.paths import Paths
 
     file = Path(path)
     if not file.is_file():
@@ -111,7 +113,12 @@ def rerun_record(path: str | os.PathLike[str], root: Path) -> tuple[dict[str, An
     study = Study(name=RERUN_DIR, path=file, description="", params=root / "params.yaml",
                   preset=None)
     setting = Setting(name=file.stem, overrides={}, methods=[method], seeds=[seed])
-    _train(study, root, setting, method, seed, cfg, record["params_hash"], out)
+    # the upstream stages are shared with the studies; the run itself always trains (an
+    # earlier rerun of the same record does not count as done)
+    job = stage_run(study, root, setting, method, seed, cfg, record["params_hash"], out,
+                    reproduce=True)
+    run_student(job.cfg, Paths(job.run_root, results_dir=out), method, setting=setting.name,
+                study=study.name)
     # the newest record of this rerun (records sort by finish time; earlier reruns stay)
     mine = [r for r in load_records(out) if r.get("setting") == file.stem]
     if not mine:

@@ -85,6 +85,23 @@ def track(iterable: Iterable[T], total: int | None, desc: str, mode: str,
             progress.update()
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """A console handler that writes to whatever sys.stderr is when a line is logged: a stream
+    bound once would outlive a swapped stderr (test capture, a notebook) and fail on it."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        """The process's stderr now."""
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # always sys.stderr
+
+
 def setup_logging(logfile: str | None = None, debug: bool = False) -> None:
     """Log plain lines to stderr and, when given, to this run's log file beside its outputs.
 
@@ -95,7 +112,7 @@ def setup_logging(logfile: str | None = None, debug: bool = False) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     if not any(getattr(h, "_quest_console", False) for h in root.handlers):
-        console = logging.StreamHandler(sys.stderr)
+        console = _CurrentStderr()
         console.setFormatter(fmt)
         console._quest_console = True  # type: ignore[attr-defined]
         root.addHandler(console)
