@@ -31,6 +31,7 @@ from typing import Any
 
 from quest.apps.stages.study import RunJob, train_run
 from quest.infra.errors import QuestError
+from quest.infra.malloc import keep_freed_memory
 from quest.infra.progress import log, setup_logging
 
 
@@ -107,6 +108,7 @@ def _train_on_worker(job: RunJob, label: str, runner_pid: int) -> Any:
     with the one-line message of a QuestError."""
     from prefect.states import Failed
 
+    keep_freed_memory()  # undo the nanny's MALLOC_TRIM_THRESHOLD_ (quest/infra/malloc.py)
     if os.getpid() != runner_pid:  # a worker process: the run logs to a file of its own
         setup_logging(str(job.root / "logs" / f"study-{job.study}-{label}-"
                           f"{time.strftime('%Y%m%d-%H%M%S')}.log"))
