@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from quest.apps.bench import machine_info  # noqa: E402
 from quest.core import fused_quest  # noqa: E402
-from quest.core.distill import build_distiller  # noqa: E402
 from quest.core.engine import make_optimizer  # noqa: E402
+from quest.core.methods import build_distiller  # noqa: E402
 from quest.core.models.zoo import build_model  # noqa: E402
 from quest.infra.config import load_config  # noqa: E402
 from quest.infra.io_utils import write_json_atomic  # noqa: E402

@@ -47,7 +47,7 @@ def test_fused_quest_head_on_cuda_matches_cpu(predictor: str) -> None:
 
 
 def test_bf16_quest_step_on_cuda_keeps_the_head_in_float32() -> None:
-    from quest.core.distill import build_distiller
+    from quest.core.methods import build_distiller
     from quest.core.models.zoo import build_model
 
     dev = _cuda()
@@ -95,8 +95,8 @@ def test_in_memory_loader_on_cuda_gives_the_cpu_batches() -> None:
 
 
 def test_compiled_channels_last_quest_steps_on_cuda_train() -> None:
-    from quest.core.distill import build_distiller
     from quest.core.engine import make_optimizer
+    from quest.core.methods import build_distiller
     from quest.core.models.zoo import build_model
     from quest.infra.config import OptimConfig
 

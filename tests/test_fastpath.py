@@ -9,9 +9,9 @@ import torch
 
 from quest.core import codebook as cb
 from quest.core import fastpath
-from quest.core.distill import build_distiller
 from quest.core.fastpath import amp_enabled, autocast_step, maybe_compile
 from quest.core.fused_quest import fused_quest_kl
+from quest.core.methods import build_distiller
 from quest.core.models.zoo import build_model
 
 

@@ -149,7 +149,7 @@ def _decoded(images: torch.Tensor) -> torch.Tensor:
 def test_training_batches_carry_each_sample_index_in_both_loaders() -> None:
     """The index of every sample is its row in the arrays, whatever the loader, shuffle or
     worker count; an epoch of `repeat` 2 holds each index twice."""
-    from quest.apps.stages.common import _EpochAware
+    from quest.core.data.loader import EpochLoader
 
     x, y = _named(40)
     common = {"batch_size": 8, "mean": [0.5] * 3, "std": [0.25] * 3, "train": True, "seed": 2,
@@ -158,7 +158,7 @@ def test_training_batches_carry_each_sample_index_in_both_loaders() -> None:
     loaders = {"memory": memory}
     for workers in (0, 2):
         dl = make_dataloader(x, y, num_workers=workers, **common)
-        loaders[f"dataloader{workers}"] = _EpochAware(dl, torch.device("cpu"), False)
+        loaders[f"dataloader{workers}"] = EpochLoader(dl, torch.device("cpu"), False)
     for name, loader in loaders.items():
         loader.set_epoch(1)
         seen = []

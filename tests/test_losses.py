@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quest.core.distill import FrozenTeacher, build_distiller
+from quest.core.distill import FrozenTeacher
 from quest.core.losses import CosinePredictor, QuestLoss, kd_loss, quest_kl, soft_assign
+from quest.core.methods import build_distiller
 from quest.infra.errors import QuestError
 
 GOLDEN = Path(__file__).parent / "golden" / "quest_loss.json"

@@ -17,9 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quest.apps.stages.common import _EpochAware
 from quest.core.checkpoint import load_checkpoint
-from quest.core.data.loader import InMemoryLoader, make_dataloader
+from quest.core.data.loader import EpochLoader, InMemoryLoader, make_dataloader
 from quest.core.data.prepared import load_prepared
 from quest.core.distill import Batch, Distiller, StepContext
 from quest.core.engine import Trainer
@@ -83,7 +82,7 @@ def make_loaders(prepared: Path, kind: str) -> tuple[Any, Any]:
     else:
         dl = make_dataloader(images, labels, batch_size=20, mean=mean, std=std, train=True,
                              seed=3)
-        train = _EpochAware(dl, torch.device("cpu"), channels_last=False)
+        train = EpochLoader(dl, torch.device("cpu"), channels_last=False)
     return train, test
 
 

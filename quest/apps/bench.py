@@ -300,10 +300,10 @@ def bench_steps(cfg: Config, teacher: torch.nn.Module, batches: list[tuple[torch
                 compile_: bool, out: dict[str, Any]) -> dict[str, Any]:
     """ms per SGD step of a resnet20 student per method, rounds interleaved across methods."""
     from quest.apps.stages.common import to_device
-    from quest.core.distill import Batch, StepContext, build_distiller
+    from quest.core.distill import Batch, StepContext
     from quest.core.engine import make_optimizer
     from quest.core.fastpath import autocast_step, maybe_compile
-    from quest.core.methods import resolve_settings
+    from quest.core.methods import build_distiller, resolve_settings
     from quest.core.methods.kd import KDSettings
     from quest.core.models.zoo import build_model, default_feature_layer
 

@@ -107,38 +107,3 @@ class Distiller(nn.Module):
     def export_student(self) -> nn.Module:
         """The plain student network, without any training-only heads."""
         return self.student
-
-
-def build_distiller(
-    method: str,
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    *,
-    codebook: Tensor | None = None,
-    teacher_layer: str | None = None,
-    student_layer: str | None = None,
-    student_channels: int | None = None,
-    quest_temperature: float = 5.0,
-    quest_weight: float = 1.0,
-    init_scale: float = 3.0,
-    quest_predictor: str = "learned_scale",
-    kd_temperature: float = 4.0,
-    kd_ce_weight: float = 0.1,
-    kd_weight: float = 0.9,
-) -> Distiller:
-    """Build the distiller of a registered method from loose settings (scripts and tests; the
-    student stage passes its typed StudentConfig to the method's builder instead)."""
-    from quest.core.methods import MethodContext, get, resolve_settings
-    from quest.infra.config import QuestConfig, StudentConfig
-
-    spec = get(method)
-    if spec.needs_teacher:
-        assert teacher is not None, f"method {method} needs a teacher"
-    settings = resolve_settings(StudentConfig.model_validate({
-        "kd": {"temperature": kd_temperature, "ce_weight": kd_ce_weight, "kd_weight": kd_weight},
-        "quest": QuestConfig(temperature=quest_temperature, weight=quest_weight,
-                             init_scale=init_scale, predictor=quest_predictor)}))
-    out = spec.build(MethodContext(student, teacher, settings, codebook, teacher_layer,
-                                   student_layer, student_channels))
-    assert isinstance(out, Distiller)
-    return out

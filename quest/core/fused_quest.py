@@ -49,6 +49,50 @@ def _fold_gradients(g: Tensor, weight: Tensor, student: Tensor, start: int,
         grad_bias += g.sum(dim=0)
 
 
+def _block_kl(s_blk: Tensor, t_blk: Tensor, wt: Tensor, bias: Tensor | None, ct: Tensor,
+              c_bias: Tensor, buffers: list[Tensor], sums: list[Tensor],
+              usage: Tensor) -> tuple[Tensor, Tensor]:
+    """One block of positions: add its KL, hits and max teacher / student probabilities into
+    ``sums`` and its teacher word usage into ``usage``; return (p_S, p_T), held in ``buffers``."""
+    b_t, b_s, b_pt, b_ps = buffers
+    t_logits = torch.addmm(c_bias, t_blk, ct, out=b_t)
+    if bias is None:
+        scores = torch.mm(s_blk, wt, out=b_s)
+    else:
+        scores = torch.addmm(bias, s_blk, wt, out=b_s)
+    t_lmax, t_arg = t_logits.max(dim=1, keepdim=True)
+    # the teacher logits are of size T ||c||^2 (10^5 at T = 500): they are shifted by their
+    # row's max first (exact for the words that carry probability), so that the KL below sums
+    # small numbers; summing p_T t and lse_t apart and subtracting lost up to 7e-3 of the value
+    # in float32 at T = 500 (tests/test_losses.py)
+    t_logits.sub_(t_lmax)
+    # exp() of a logit more than 80 below its row's max gives a denormal float or underflows,
+    # and x86 CPUs take a slow microcode path for each (the teacher's softmax ran 2.5x slower on
+    # near-hard targets). Raised to max - 80, such a word's probability stays below e^-80
+    # (2e-35): invisible beside the row's max in float32
+    t_logits.clamp_(min=-_LOGIT_FLOOR)
+    p_t = _softmax_into(t_logits, b_pt)
+    p_s = _softmax_into(scores, b_ps)
+    # the max probability and the max logit give the log-partition back:
+    # lse = logit_max - log(p_max) (the shifted teacher's max logit is 0); amax (values only)
+    # runs ~4x faster than max with indices, so only the teacher's word is located
+    s_lmax = scores.amax(dim=1, keepdim=True)
+    t_pmax = p_t.gather(1, t_arg)
+    s_pmax = p_s.amax(dim=1, keepdim=True)
+    lse_t = -t_pmax.log()
+    lse_s = s_lmax - s_pmax.log()
+    kl_sum, hits, max_sum, s_max_sum = sums
+    # the student hits when the teacher's word has the student's top score
+    hits += (scores.gather(1, t_arg) >= s_lmax).sum()
+    # sum over the block of p_T (t - s): one dot product, no product tensor
+    cross = torch.dot(p_t.view(-1), t_logits.sub_(scores).view(-1))
+    kl_sum += cross - lse_t.sum() + lse_s.sum()
+    max_sum += t_pmax.sum()
+    s_max_sum += s_pmax.sum()
+    usage += p_t.sum(dim=0)
+    return p_s, p_t
+
+
 class _FusedQuestKL(torch.autograd.Function):
     """KL(p_T || softmax(x W^T)) averaged over rows; p_T = softmax(-T ||f - c||^2)."""
 
@@ -72,7 +116,8 @@ class _FusedQuestKL(torch.autograd.Function):
         grad_student = torch.zeros_like(student) if want_s else None
         grad_weight = None
         grad_bias = torch.zeros_like(bias) if want_b and bias is not None else None
-        kl_sum, hits, max_sum, s_max_sum = (student.new_zeros(()) for _ in range(4))
+        # the block sums of KL, hits, max teacher and max student probability
+        sums = [student.new_zeros(()) for _ in range(4)]
         usage = student.new_zeros(k)
         # -T ||f - c||^2 = 2T f.c - T ||c||^2 - T ||f||^2; the last term is the same for every
         # word of a position, and neither the softmax nor KL = sum p_T (t - s) - lse_t + lse_s
@@ -88,43 +133,9 @@ class _FusedQuestKL(torch.autograd.Function):
         buffers = [student.new_empty(min(block, n), k) for _ in range(4)]
         for start in range(0, n, block):
             stop = min(start + block, n)
-            b_t, b_s, b_pt, b_ps = (b[: stop - start] for b in buffers)
             s_blk = student[start:stop]
-            t_logits = torch.addmm(c_bias, teacher[start:stop], ct, out=b_t)
-            if bias is None:
-                scores = torch.mm(s_blk, wt, out=b_s)
-            else:
-                scores = torch.addmm(bias, s_blk, wt, out=b_s)
-            t_lmax, t_arg = t_logits.max(dim=1, keepdim=True)
-            # the teacher logits are of size T ||c||^2 (10^5 at T = 500): they are shifted by
-            # their row's max first (exact for the words that carry probability), so that the
-            # KL below sums small numbers; summing p_T t and lse_t apart and subtracting lost
-            # up to 7e-3 of the value in float32 at T = 500 (tests/test_losses.py)
-            t_logits.sub_(t_lmax)
-            # exp() of a logit more than 80 below its row's max gives a denormal float or
-            # underflows, and x86 CPUs take a slow microcode path for each (the teacher's
-            # softmax ran 2.5x slower on near-hard targets). Raised to max - 80, such a word's
-            # probability stays below e^-80 (2e-35): invisible beside the row's max in float32
-            t_logits.clamp_(min=-_LOGIT_FLOOR)
-            p_t = _softmax_into(t_logits, b_pt)
-            p_s = _softmax_into(scores, b_ps)
-            # the max probability and the max logit give the log-partition back:
-            # lse = logit_max - log(p_max) (the shifted teacher's max logit is 0); amax
-            # (values only) runs ~4x faster than max with indices, so only the teacher's word
-            # is located
-            s_lmax = scores.amax(dim=1, keepdim=True)
-            t_pmax = p_t.gather(1, t_arg)
-            s_pmax = p_s.amax(dim=1, keepdim=True)
-            lse_t = -t_pmax.log()
-            lse_s = s_lmax - s_pmax.log()
-            # the student hits when the teacher's word has the student's top score
-            hits += (scores.gather(1, t_arg) >= s_lmax).sum()
-            # sum over the block of p_T (t - s): one dot product, no product tensor
-            cross = torch.dot(p_t.view(-1), t_logits.sub_(scores).view(-1))
-            kl_sum += cross - lse_t.sum() + lse_s.sum()
-            max_sum += t_pmax.sum()
-            s_max_sum += s_pmax.sum()
-            usage += p_t.sum(dim=0)
+            p_s, p_t = _block_kl(s_blk, teacher[start:stop], wt, bias, ct, c_bias,
+                                 [b[: stop - start] for b in buffers], sums, usage)
             if want_s or want_w or want_b:
                 _fold_gradients(p_s.sub_(p_t), weight, s_blk, start,
                                 grad_student, grad_weight_t, grad_bias)
@@ -132,6 +143,7 @@ class _FusedQuestKL(torch.autograd.Function):
             grad_weight = grad_weight_t.t().contiguous()
         ctx.grads = (grad_student, grad_weight, grad_bias)
         ctx.n = n
+        kl_sum, hits, max_sum, s_max_sum = sums
         ctx.mark_non_differentiable(hits, max_sum, usage, s_max_sum)
         return kl_sum / n, hits / n, max_sum / n, usage / n, s_max_sum / n
 

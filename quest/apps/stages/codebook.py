@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from quest.apps.provenance import code_fingerprint, machine
 from quest.apps.stages.common import resolve_device, write_csv_atomic
-from quest.core.codebook import codebook_stats, fit_kmeans, sample_training_set
+from quest.core.codebook import KMeansResult, codebook_stats, fit_kmeans, sample_training_set
 from quest.infra.config import Config
 from quest.infra.errors import QuestError
 from quest.infra.io_utils import file_sha256, read_json, save_npy_atomic, write_json_atomic
@@ -39,6 +40,28 @@ def run_codebook(cfg: Config, paths: Paths) -> dict[str, Any]:
     )
     stats = codebook_stats(sample, result.centroids, device=str(device))
     save_npy_atomic(paths.codebook, result.centroids.astype(np.float32))
+    write_json_atomic(paths.codebook_meta, _codebook_meta(cfg, paths, result, device))
+    metrics = {
+        "k": c.k,
+        "perplexity": stats["perplexity"],
+        "dead_words": stats["dead_words"],
+        "reseeded": result.reseeded,
+        "objective_mean": stats["objective_mean"],
+        "usage_max": stats["usage_max"],
+        "usage_min": stats["usage_min"],
+        "seconds": round(result.seconds, 2),
+        "backend": result.backend,
+    }
+    _write_metrics(paths, metrics, result.objective, stats["usage"])
+    log.info("codebook: perplexity %.1f of K=%d, %d dead words, %d re-seeded, %.1fs",
+             stats["perplexity"], c.k, stats["dead_words"], result.reseeded, result.seconds)
+    return metrics
+
+
+def _codebook_meta(cfg: Config, paths: Paths, result: KMeansResult,
+                   device: torch.device) -> dict[str, Any]:
+    """codebook_meta.json: what the words were fitted from and with, and on which machine."""
+    c = cfg.codebook
     feats_meta = read_json(paths.features_meta)
     meta = {
         "k": c.k,
@@ -64,22 +87,7 @@ def run_codebook(cfg: Config, paths: Paths) -> dict[str, Any]:
     }
     if result.backend == "faiss" and cfg.runtime.threads:
         meta["machine"]["faiss_threads"] = cfg.runtime.threads  # the fit's, restored after
-    write_json_atomic(paths.codebook_meta, meta)
-    metrics = {
-        "k": c.k,
-        "perplexity": stats["perplexity"],
-        "dead_words": stats["dead_words"],
-        "reseeded": result.reseeded,
-        "objective_mean": stats["objective_mean"],
-        "usage_max": stats["usage_max"],
-        "usage_min": stats["usage_min"],
-        "seconds": round(result.seconds, 2),
-        "backend": result.backend,
-    }
-    _write_metrics(paths, metrics, result.objective, stats["usage"])
-    log.info("codebook: perplexity %.1f of K=%d, %d dead words, %d re-seeded, %.1fs",
-             stats["perplexity"], c.k, stats["dead_words"], result.reseeded, result.seconds)
-    return metrics
+    return meta
 
 
 def _write_metrics(paths: Paths, metrics: dict[str, Any], objective: list[float],

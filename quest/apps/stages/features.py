@@ -151,7 +151,7 @@ def run_features(cfg: Config, paths: Paths) -> dict[str, Any]:
     model = to_device(model, device, cfg.runtime.channels_last).eval()
     layer = teacher_layer(cfg, str(meta["arch"]))
     f = cfg.features
-    if isinstance(ds, StreamData):
+    if ds.streamed:  # vectors appended as the stream is read (memory bounded)
         got = _run_stream_features(cfg, paths, ds, model, layer, device)
         return _write_meta(cfg, paths, meta, layer, got)
     mean, std = norm_stats(ds)

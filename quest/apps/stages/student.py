@@ -23,12 +23,11 @@ from quest.apps.stages.splits import val_loader
 from quest.core import distributed
 from quest.core.checkpoint import load_model_file, save_model_file
 from quest.core.data.prepared import data_hash
-from quest.core.data.stream import StreamData
 from quest.core.engine import Trainer, evaluate
 from quest.core.fastpath import autocast_step, describe, maybe_compile
 from quest.core.levels import LevelInputs, level_paths, quest_levels
 from quest.core.methods import MethodContext, get, resolve_settings
-from quest.core.models.taps import FeatureTap
+from quest.core.models.taps import tap_shapes
 from quest.core.models.zoo import build_model, count_parameters, default_feature_layer
 from quest.infra.config import Config, config_hash
 from quest.infra.errors import QuestError
@@ -39,14 +38,7 @@ from quest.infra.progress import log
 
 def student_channels(model: torch.nn.Module, layer: str, image_shape: tuple[int, ...]) -> int:
     """Channel count of a student's tapped layer, found with one dummy forward pass."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    with FeatureTap(model, [layer]) as tap, torch.no_grad():
-        model(torch.zeros(1, *image_shape, device=device))
-        channels = int(tap.outputs[layer].shape[1])
-    model.train(was_training)
-    return channels
+    return tap_shapes(model, [layer], image_shape)[0][0]
 
 
 # Students may be built in parallel threads (the Prefect flow); the global RNG must not interleave.
@@ -95,9 +87,8 @@ def _codebook_context(cfg: Config, paths: Paths, student: torch.nn.Module,
 
 def _train_labels(ds: Any) -> torch.Tensor | None:
     """The training split's labels in index order (prepared data; a stream does not hold them)."""
-    if isinstance(ds, StreamData):
-        return None
-    return torch.from_numpy(np.asarray(ds.train.labels)).long()
+    labels = ds.train_labels()
+    return None if labels is None else torch.from_numpy(np.asarray(labels)).long()
 
 
 def _build_distiller(cfg: Config, paths: Paths, method: str, ds: Any, num_classes: int,
@@ -190,7 +181,7 @@ def run_student(cfg: Config, paths: Paths, method: str, *, setting: str | None =
     if dist_info is not None:
         step, train_loader = distributed.data_parallel(
             distiller, device, train_loader, dist_info, s.train.batch_size,
-            presharded=isinstance(ds, StreamData))
+            presharded=ds.streamed)
     trainer = Trainer(distiller, s.train, checkpoint_path=paths.checkpoint(f"student-{method}"),
                       fingerprint=fingerprint, device=device, num_classes=len(ds.classes),
                       progress=cfg.runtime.progress, desc=f"student[{method}]",

@@ -57,6 +57,30 @@ def import_teacher(
     return model, {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint)}
 
 
+def _train_teacher(cfg: Config, paths: Paths, ds: Any, device: torch.device
+                   ) -> tuple[torch.nn.Module, Any, Trainer, list[dict[str, Any]]]:
+    """Train the teacher here (teacher.checkpoint unset): (model, test loader, trainer,
+    per-epoch history); the trainer is finished by the caller once the model is written."""
+    t = cfg.teacher
+    torch.manual_seed(t.train.seed)
+    model = to_device(build_model(t.arch, len(ds.classes)), device, cfg.runtime.channels_last)
+    train_loader, test_loader = make_loaders(ds, cfg, t.train, device)
+    fingerprint = config_hash({"teacher": config_hash(t), "data": data_hash(paths.prepared)})
+    trainer = Trainer(
+        Distiller(model),
+        t.train,
+        checkpoint_path=paths.checkpoint("teacher"),
+        fingerprint=fingerprint,
+        device=device,
+        num_classes=len(ds.classes),
+        progress=cfg.runtime.progress,
+        desc="teacher",
+    )
+    history = trainer.fit(train_loader, test_loader)
+    write_csv_atomic(paths.plots / "teacher.csv", history)
+    return model, test_loader, trainer, history
+
+
 def run_teacher(cfg: Config, paths: Paths) -> dict[str, Any]:
     """Import or train the teacher; evaluate it on the test split; write model and metrics."""
     device = resolve_device(cfg)
@@ -74,23 +98,8 @@ def run_teacher(cfg: Config, paths: Paths) -> dict[str, Any]:
         model = to_device(model, device, cfg.runtime.channels_last)
         _, test_loader = make_loaders(ds, cfg, t.train, device)
     else:
-        torch.manual_seed(t.train.seed)
-        model = to_device(build_model(t.arch, num_classes), device, cfg.runtime.channels_last)
-        train_loader, test_loader = make_loaders(ds, cfg, t.train, device)
-        fingerprint = config_hash({"teacher": config_hash(t), "data": data_hash(paths.prepared)})
-        trainer = Trainer(
-            Distiller(model),
-            t.train,
-            checkpoint_path=paths.checkpoint("teacher"),
-            fingerprint=fingerprint,
-            device=device,
-            num_classes=num_classes,
-            progress=cfg.runtime.progress,
-            desc="teacher",
-        )
-        history = trainer.fit(train_loader, test_loader)
+        model, test_loader, trainer, history = _train_teacher(cfg, paths, ds, device)
         source = {"trained": True, "epochs": t.train.epochs}
-        write_csv_atomic(paths.plots / "teacher.csv", history)
     ev = evaluate_splits(model, ds, cfg, device, test_loader)
     image_shape = ds.image_shape
     metrics = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -234,3 +235,33 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], l
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]
+
+
+class EpochLoader:
+    """Adapts a torch DataLoader to the loader protocol the Trainer uses (set_epoch, device)."""
+
+    def __init__(self, loader: Any, device: torch.device, channels_last: bool) -> None:
+        self.loader, self.device, self.channels_last = loader, device, channels_last
+        gen = loader.generator
+        self.base_seed = gen.initial_seed() if gen is not None else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the shuffling so that an epoch's order does not depend on earlier epochs."""
+        if self.loader.generator is not None:
+            self.loader.generator.manual_seed(self.base_seed * 1_000_003 + epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def last_batch(self) -> int:
+        """Size of an epoch's last batch (partial where it is kept)."""
+        dl = self.loader
+        return last_batch_size(len(dl.sampler), dl.batch_size, dl.drop_last)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        # training batches carry each sample's index after the labels (ArrayDataset)
+        for x, *rest in self.loader:
+            x = x.to(self.device).contiguous(memory_format=fmt)
+            yield (x, *(t.to(self.device) for t in rest))

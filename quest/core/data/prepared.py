@@ -6,10 +6,12 @@ import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from quest.core.data.loader import EpochLoader, InMemoryLoader, make_dataloader
+from quest.core.data.source import LoaderSettings, TrainOptions
 from quest.infra.errors import QuestError
 from quest.infra.io_utils import atomic_path, read_json, write_json_atomic
 
@@ -50,11 +52,62 @@ class PreparedDataset:
         """Number of classes."""
         return len(self.classes)
 
+    streamed: ClassVar[bool] = False  # quest.core.data.source.ImageData
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of every image."""
         c, h, w = self.train.images.shape[1:]
         return int(c), int(h), int(w)
+
+    def split_size(self, split: str) -> int:
+        """Number of images in the train, val or test split (0: no validation split)."""
+        part = getattr(self, split)
+        return 0 if part is None else len(part)
+
+    def sample_images(self, split: str, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Up to `n` images of a split (N x C x H x W, uint8) and their labels, a seeded choice
+        kept in index order."""
+        part = getattr(self, split)
+        k = len(part)
+        pick = np.sort(np.random.default_rng(seed).choice(k, size=min(n, k), replace=False))
+        return np.ascontiguousarray(part.images[pick]), np.asarray(part.labels[pick])
+
+    def train_labels(self) -> np.ndarray:
+        """The training split's labels in index order."""
+        return self.train.labels
+
+    def fault_summary(self) -> None:
+        """None: the prepare stage already skipped (or refused) the corrupt images."""
+        return None
+
+    def eval_loader(self, split: str, batch_size: int, s: LoaderSettings) -> InMemoryLoader:
+        """Un-augmented batches of a split from memory, in order."""
+        part = getattr(self, split)
+        return InMemoryLoader(part.images, part.labels, batch_size=batch_size, mean=s.mean,
+                              std=s.std, train=False, device=s.device,
+                              channels_last=s.channels_last)
+
+    def loaders(self, opt: TrainOptions, s: LoaderSettings) -> tuple[Any, Any]:
+        """Training and test loaders of the configured kind: batched tensors in memory, or a
+        torch DataLoader with per-sample transforms (`s.kind == "dataloader"`)."""
+        common = {"mean": s.mean, "std": s.std, "padding": s.padding, "flip": s.flip,
+                  "padding_mode": s.padding_mode}
+        if s.kind == "dataloader":
+            train = make_dataloader(self.train.images, self.train.labels,
+                                    batch_size=opt.batch_size, train=True, seed=opt.seed,
+                                    repeat=opt.repeat, drop_last=opt.drop_last, **common)
+            test = make_dataloader(self.test.images, self.test.labels, batch_size=256,
+                                   train=False, **common)
+            return (EpochLoader(train, s.device, s.channels_last),
+                    EpochLoader(test, s.device, s.channels_last))
+        cl = s.channels_last
+        train = InMemoryLoader(self.train.images, self.train.labels, batch_size=opt.batch_size,
+                               train=True, seed=opt.seed, device=s.device, channels_last=cl,
+                               repeat=opt.repeat, drop_last=opt.drop_last, **common)
+        test = InMemoryLoader(self.test.images, self.test.labels, batch_size=256, train=False,
+                              device=s.device, channels_last=cl, **common)
+        return train, test
 
 
 def class_counts(labels: np.ndarray, classes: list[str]) -> dict[str, int]:

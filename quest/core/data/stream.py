@@ -25,7 +25,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from quest.core.data.source import LoaderSettings, TrainOptions
 from quest.infra.errors import QuestError
 
 FORMAT = "stream"
@@ -514,6 +515,7 @@ class StreamData:
     meta: dict[str, Any]
     # file -> samples replaced, filled by this data's StreamLoaders (see StreamLoader._faults)
     faults: dict[str, int] = field(default_factory=dict)
+    streamed: ClassVar[bool] = True  # quest.core.data.source.ImageData
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -524,6 +526,33 @@ class StreamData:
     def count(self, split: str) -> int:
         """Number of images in a split."""
         return int(self.meta["counts"][split])
+
+    def split_size(self, split: str) -> int:
+        """Number of images in the train, val or test split (0: no such split indexed)."""
+        return self.count(split) if split in self.meta.get("counts", {}) else 0
+
+    def train_labels(self) -> None:
+        """None: a stream's labels are read with its images."""
+        return None
+
+    def fault_summary(self) -> dict[str, Any]:
+        """The corrupt samples this data's loaders replaced (see `fault_summary`)."""
+        return fault_summary(self)
+
+    def eval_loader(self, split: str, batch_size: int, s: LoaderSettings) -> StreamLoader:
+        """Un-augmented batches of a split, decoded by `s.workers` processes, in order."""
+        return StreamLoader(self, split, train=False, batch_size=batch_size, mean=s.mean,
+                            std=s.std, device=s.device, channels_last=s.channels_last,
+                            workers=s.workers)
+
+    def loaders(self, opt: TrainOptions, s: LoaderSettings) -> tuple[StreamLoader, StreamLoader]:
+        """This rank's training batches and the test batches."""
+        train = StreamLoader(self, "train", train=True, batch_size=opt.batch_size, mean=s.mean,
+                             std=s.std, seed=opt.seed, device=s.device,
+                             channels_last=s.channels_last, repeat=opt.repeat, rank=opt.rank,
+                             world=opt.world, workers=s.workers, flip=s.flip,
+                             drop_last=opt.drop_last)
+        return train, self.eval_loader("test", 256, s)
 
     def dataset(self, split: str, transform: Any, *, train: bool, seed: int, rank: int = 0,
                 world: int = 1) -> Dataset | IterableDataset:

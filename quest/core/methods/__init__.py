@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 from torch import Tensor, nn
 
+from quest.core.distill import Distiller
 from quest.infra.config import Config, QuestConfig, Section, StudentConfig, one_line_error
 from quest.infra.errors import QuestError
 
@@ -245,6 +246,38 @@ def load_plugins() -> list[str]:
 
 # the built-in methods register themselves on import (after the registry exists), in the order
 # tables list them; outside plug-ins come after them
+def build_distiller(
+    method: str,
+    student: nn.Module,
+    teacher: nn.Module | None = None,
+    *,
+    codebook: Tensor | None = None,
+    teacher_layer: str | None = None,
+    student_layer: str | None = None,
+    student_channels: int | None = None,
+    quest_temperature: float = 5.0,
+    quest_weight: float = 1.0,
+    init_scale: float = 3.0,
+    quest_predictor: str = "learned_scale",
+    kd_temperature: float = 4.0,
+    kd_ce_weight: float = 0.1,
+    kd_weight: float = 0.9,
+) -> Distiller:
+    """Build the distiller of a registered method from loose settings (scripts and tests; the
+    student stage passes its typed StudentConfig to the method's builder instead)."""
+    spec = get(method)
+    if spec.needs_teacher:
+        assert teacher is not None, f"method {method} needs a teacher"
+    settings = resolve_settings(StudentConfig.model_validate({
+        "kd": {"temperature": kd_temperature, "ce_weight": kd_ce_weight, "kd_weight": kd_weight},
+        "quest": QuestConfig(temperature=quest_temperature, weight=quest_weight,
+                             init_scale=init_scale, predictor=quest_predictor)}))
+    out = spec.build(MethodContext(student, teacher, settings, codebook, teacher_layer,
+                                   student_layer, student_channels))
+    assert isinstance(out, Distiller)
+    return out
+
+
 from quest.core.methods import ce, kd, quest, fitnet, at, dkd, crd  # noqa: E402,F401,I001
 
 load_plugins()

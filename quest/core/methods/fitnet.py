@@ -10,14 +10,13 @@ trained by the student's optimizer and never exported.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
 from quest.core.distill import Distiller, FrozenTeacher
 from quest.core.methods import MethodContext, MethodSpec, register
-from quest.core.models.taps import FeatureTap
+from quest.core.models.taps import FeatureTap, tap_shapes
 from quest.core.models.zoo import feature_stages
 from quest.infra.config import Section
 from quest.infra.errors import QuestError
@@ -53,19 +52,6 @@ class HintRegressor(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The student's hint mapped to the teacher's channels and size."""
         return F.relu(self.bn(self.conv(x)))
-
-
-def tap_shapes(model: nn.Module, layers: list[str], image_shape: tuple[int, ...]
-               ) -> list[tuple[int, ...]]:
-    """C x H x W of each tapped layer's output, from one dummy forward in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    with FeatureTap(model, layers) as tap, torch.no_grad():
-        model(torch.zeros(1, *image_shape, device=device))
-        shapes = [tuple(int(v) for v in tap.outputs[name].shape[1:]) for name in layers]
-    model.train(was_training)
-    return shapes
 
 
 def arch_of(model: nn.Module, role: str) -> str:

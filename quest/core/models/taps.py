@@ -137,6 +137,14 @@ def dummy_forward(model: nn.Module, input_size: tuple[int, int, int]) -> None:
         model.train(was_training)
 
 
+def tap_shapes(model: nn.Module, layers: list[str], input_size: tuple[int, ...]
+               ) -> list[tuple[int, ...]]:
+    """C x H x W (without batch) of each named layer's output, from one `dummy_forward`."""
+    with FeatureTap(model, layers) as tap:
+        dummy_forward(model, tuple(input_size))  # type: ignore[arg-type]
+        return [tuple(int(v) for v in tap.outputs[name].shape[1:]) for name in layers]
+
+
 def list_layers(
     model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)
 ) -> list[tuple[str, str, tuple[int, ...]]]:
