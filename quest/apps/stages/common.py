@@ -16,11 +16,15 @@ from quest.core.data.stream import FORMAT, open_stream
 from quest.infra.config import Config, OptimConfig
 from quest.infra.errors import QuestError
 from quest.infra.io_utils import atomic_path, read_json
+from quest.infra.malloc import keep_freed_memory
 from quest.infra.paths import Paths
 
 
 def resolve_device(cfg: Config) -> torch.device:
-    """The torch device to use (auto: CUDA when present), after applying the thread setting."""
+    """The torch device to use (auto: CUDA when present), after applying the thread setting
+    and glibc's allocator thresholds (quest/infra/malloc.py: freed activations are reused
+    instead of mapped afresh each step; benchmarks/malloc_step.py)."""
+    keep_freed_memory()
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     name = cfg.runtime.device
