@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from quest.apps import provenance
 from quest.apps.cli import main
 from quest.apps.provenance import (
     PACKAGE,
@@ -62,6 +63,25 @@ def test_processor_and_code_read_back_from_old_and_new_records() -> None:
     assert spans([milan, genoa]) == ["cpu"]
     assert spans([milan, milan]) == [] and spans([milan, old_amd]) == ["code?"]
     assert spans([milan, {**milan, "code_fingerprint": "b" * 16}]) == ["code"]
+
+
+def test_code_shown_equivalent_compares_as_one_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EQUIVALENT_CODE (a refactor shown to train the same bits) joins two fingerprints, chains
+    included; every equivalence the project declares has its evidence file, which says so."""
+    milan = {"machine": {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD family 25 model 1"},
+             "code_fingerprint": "a" * 16}
+    b, c = {**milan, "code_fingerprint": "b" * 16}, {**milan, "code_fingerprint": "c" * 16}
+    assert spans([milan, b]) == ["code"]
+    monkeypatch.setattr(provenance, "EQUIVALENT_CODE", {"b" * 16: "a" * 16, "c" * 16: "b" * 16})
+    assert provenance.code_version("c" * 16) == "a" * 16
+    assert spans([milan, b, c]) == [] and spans([milan, {**milan, "code_fingerprint": "d" * 16}
+                                                 ]) == ["code"]
+    monkeypatch.undo()
+    evidence = Path(__file__).resolve().parents[1] / "results" / "code-equivalence"
+    for new, old in provenance.EQUIVALENT_CODE.items():
+        report = json.loads((evidence / f"{new}-{old}.json").read_text())
+        assert report["identical"] is True and (report["old"], report["new"]) == (old, new)
+        assert len(report["students"]) >= 9 and all(report["students"].values())
 
 
 def test_an_old_record_rebuilds_its_config_with_the_same_settings_hash(

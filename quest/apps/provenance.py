@@ -30,6 +30,13 @@ FINGERPRINT_PARTS = ("core", "apps/stages/common.py", "apps/stages/prepare.py",
 
 UNKNOWN = "unknown"
 
+# Code versions shown to train the same bits as an earlier one: refactors of the fingerprinted
+# files that change no number. Each entry (new -> old) rests on a run of
+# scripts/code_equivalence.py whose JSON is results/code-equivalence/<new>-<old>.json: every
+# built-in method and a two-level QuEST, trained with both versions on the smoke preset, gave
+# byte-identical weights and equal metrics. Tables and --reproduce treat such versions as one.
+EQUIVALENT_CODE: dict[str, str] = {}
+
 # ISA extensions that decide which float kernels oneDNN, OpenBLAS and FAISS pick.
 _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni",
               "avx_vnni", "amx_tile")
@@ -151,6 +158,16 @@ def fingerprint_of(record: dict[str, Any]) -> str:
     return str(record.get("code_fingerprint") or UNKNOWN)
 
 
+def code_version(fingerprint: str) -> str:
+    """The earliest fingerprint `fingerprint` is shown equivalent to (EQUIVALENT_CODE), itself
+    when none: two records on one code version compare as one code."""
+    seen = set()
+    while fingerprint in EQUIVALENT_CODE and fingerprint not in seen:
+        seen.add(fingerprint)
+        fingerprint = EQUIVALENT_CODE[fingerprint]
+    return fingerprint
+
+
 def spans(records: list[dict[str, Any]]) -> list[str]:
     """What differs among `records` that should not: "cpu" when they ran on more than one CPU
     (or GPU) model, "code" when on more than one code fingerprint, "code?" when some fingerprint
@@ -160,7 +177,7 @@ def spans(records: list[dict[str, Any]]) -> list[str]:
     detailed = {cpu_key(r) for r in records if cpu_key(r) != cpu_name(r)}
     if len(names) > 1 or len(detailed) > 1:
         out.append("cpu")
-    prints = {fingerprint_of(r) for r in records}
+    prints = {code_version(fingerprint_of(r)) for r in records}
     if len(prints - {UNKNOWN}) > 1:
         out.append("code")
     elif UNKNOWN in prints:

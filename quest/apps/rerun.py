@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from quest.apps.provenance import UNKNOWN, code_fingerprint, cpu_key, fingerprint_of
+from quest.apps.provenance import UNKNOWN, code_fingerprint, code_version, cpu_key, fingerprint_of
 from quest.apps.results import load_records, params_hash
 from quest.apps.stages.common import resolve_location
 from quest.infra.config import ENV_OVERRIDES, Config, build_config, read_params
@@ -140,7 +140,7 @@ def comparison(record: dict[str, Any], again: dict[str, Any]) -> list[str]:
              f"settings hash: {record['params_hash']} recorded, {again['params_hash']} rerun "
              f"({same(record['params_hash'], again['params_hash'])})",
              f"code fingerprint: {fingerprint_of(record)} recorded, {code_fingerprint()} today "
-             f"({same(fingerprint_of(record), code_fingerprint())})",
+             f"({same(code_version(fingerprint_of(record)), code_version(code_fingerprint()))})",
              f"processor: {cpu_key(record)} recorded, {cpu_key(again)} here "
              f"({same(cpu_key(record), cpu_key(again))})",
              f"threads: {rec_threads if rec_threads is not None else UNKNOWN} recorded, "

@@ -9,7 +9,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from quest.apps.provenance import UNKNOWN, code_fingerprint, cpu_key, fingerprint_of, spans
+from quest.apps.provenance import (
+    UNKNOWN,
+    code_fingerprint,
+    code_version,
+    cpu_key,
+    fingerprint_of,
+    spans,
+)
 from quest.apps.results import has_val, params_hash, val_cell
 from quest.apps.stages.study import (
     Study,
@@ -267,7 +274,8 @@ def staleness(study: Study, root: Path, only: list[str] | None = None,
         if rec is None:
             continue
         fp = fingerprint_of(rec)
-        state = "unknown" if fp == UNKNOWN else "current" if fp == today else "stale"
+        state = ("unknown" if fp == UNKNOWN
+                 else "current" if code_version(fp) == code_version(today) else "stale")
         counts[state] += 1
         rows.append(f"| {state} | {setting.name} | {method} | {seed} | "
                     f"{str(rec.get('finished_at'))[:10]} | {fp} | {cpu_key(rec)} |")
