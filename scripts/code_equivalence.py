@@ -33,8 +33,8 @@ def fingerprint(tree: Path) -> str:
     """The code fingerprint of a checkout's quest package."""
     return subprocess.run([sys.executable, "-c", "from quest.apps.provenance import "
                            "code_fingerprint; print(code_fingerprint())"],
-                          env={**os.environ, "PYTHONPATH": str(tree)}, check=True,
-                          capture_output=True, text=True).stdout.strip()
+                          env={**os.environ, "PYTHONPATH": str(tree)}, cwd=tree.parent,
+                          check=True, capture_output=True, text=True).stdout.strip()
 
 
 def train(tree: Path, params: Path, shared: Path, root: Path, extra: list[str]) -> None:
@@ -48,7 +48,9 @@ def train(tree: Path, params: Path, shared: Path, root: Path, extra: list[str]) 
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "PYTHONPATH": str(tree), "DO_NOT_TRACK": "1"}
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    # cwd outside both trees: `python -m` puts the working directory first on sys.path
+    subprocess.run(cmd, env=env, cwd=root, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
 
 
 def weights_sha256(path: Path) -> str:
@@ -77,7 +79,8 @@ def students(root: Path) -> dict[str, dict[str, object]]:
     out = {}
     for f in sorted((root / "models" / "students").glob("*.pt")):
         m = json.loads((root / "metrics" / "students" / f"{f.stem}.json").read_text())
-        hist = [{k: v for k, v in row.items() if "second" not in k and "time" not in k}
+        # every number of the history but the clock's (epoch seconds, images per second)
+        hist = [{k: v for k, v in row.items() if k != "seconds" and not k.endswith("_per_s")}
                 for row in m.get("history", [])]
         out[f.stem] = {"weights_sha256": weights_sha256(f), "top1": m.get("top1"),
                        "val_top1": m.get("val_top1"), "history": hist}
@@ -106,6 +109,10 @@ def main() -> int:
                 for name, facts in students(root).items():
                     got.setdefault(f"{run}:{name}", {})[label] = facts
     same = {k: v.get("old") == v.get("new") and v.get("old") is not None for k, v in got.items()}
+    for k, v in got.items():
+        if not same[k]:
+            fields = [f for f in v.get("new", {}) if v.get("old", {}).get(f) != v["new"][f]]
+            print(f"{k}: differs in {', '.join(fields) or 'presence'}", file=sys.stderr)
     fp_old, fp_new = fingerprint(old), fingerprint(new)
     report = {"old": fp_old, "new": fp_new, "preset": "smoke", "threads": 1,
               "identical": all(same.values()), "students": same,

@@ -35,7 +35,10 @@ UNKNOWN = "unknown"
 # scripts/code_equivalence.py whose JSON is results/code-equivalence/<new>-<old>.json: every
 # built-in method and a two-level QuEST, trained with both versions on the smoke preset, gave
 # byte-identical weights and equal metrics. Tables and --reproduce treat such versions as one.
-EQUIVALENT_CODE: dict[str, str] = {}
+EQUIVALENT_CODE: dict[str, str] = {
+    # 2026-12-07: one data interface, tap_shapes, build_distiller in methods, split functions
+    "15a329b05e8793eb": "08e067efb3f417c3",
+}
 
 # ISA extensions that decide which float kernels oneDNN, OpenBLAS and FAISS pick.
 _ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni",
