@@ -46,10 +46,10 @@ docs: $(STAMP)
 
 # local servers listen on 127.0.0.1 only; QUEST_SERVER_HOST=<address> chooses another interface
 mlflow-ui: $(STAMP)
-	$(BIN)/python -m flows.servers mlflow
+	$(BIN)/python -m flows.local_servers mlflow
 
 prefect-server: $(STAMP)
-	$(BIN)/python -m flows.servers prefect
+	$(BIN)/python -m flows.local_servers prefect
 
 # the champion student (models:/quest-student@champion) over HTTP on 127.0.0.1:5001, WORKERS
 # processes (docs/serving.md):
@@ -57,7 +57,7 @@ prefect-server: $(STAMP)
 #      http://127.0.0.1:5001/invocations      (or {"inputs": uint8 N x H x W x C})
 WORKERS ?= 2
 serve: $(STAMP)
-	$(BIN)/python -m flows.servers model --workers $(WORKERS)
+	$(BIN)/python -m flows.local_servers model --workers $(WORKERS)
 
 # The published-length comparison on CUDA (studies/gpu-cifar10.yaml). Runs with any Python that
 # has torch, torchvision, numpy, pyyaml and pydantic (a GPU machine's own, without this venv;

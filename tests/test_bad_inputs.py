@@ -341,7 +341,7 @@ def test_two_runs_started_at_once_do_not_interleave(project: Path) -> None:
 
 
 def test_servers_bind_to_localhost_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.servers import server_command
+    from flows.local_servers import server_command
 
     monkeypatch.delenv("QUEST_SERVER_HOST", raising=False)
     for kind in ("mlflow", "prefect"):
@@ -353,13 +353,13 @@ def test_servers_bind_to_localhost_by_default(monkeypatch: pytest.MonkeyPatch) -
     cmd = server_command("prefect", root=REPO, host="10.1.2.3", port=4300)
     assert cmd[cmd.index("--host") + 1] == "10.1.2.3" and "4300" in cmd
     # every server command the project documents or runs binds to the loopback interface
-    for rel in ("Makefile", "README.md", "docs/operations.md", "flows/serve.py",
+    for rel in ("Makefile", "README.md", "docs/operations.md", "flows/deployments.py",
                 "flows/pipeline.py", "prefect.yaml"):
         text = (REPO / rel).read_text()
         assert all(h == "127.0.0.1" for h in re.findall(r"--host[ =](\S+)", text)), rel
         starts = re.findall(r"prefect server start[^\n]*", text)
         assert all("--host 127.0.0.1" in line for line in starts), rel
-    assert "flows.servers mlflow" in (REPO / "Makefile").read_text()
+    assert "flows.local_servers mlflow" in (REPO / "Makefile").read_text()
     # the temporary server Prefect starts when PREFECT_API_URL is unset binds the loopback too
     import importlib.util
 

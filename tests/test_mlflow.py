@@ -398,7 +398,7 @@ def _encoded_variants() -> list[str]:
 def test_make_serve_answers_like_the_pyfunc_and_rejects_malformed_bodies(
     tracked: dict[str, Any], gated: dict[str, Any]
 ) -> None:
-    """`make serve` (python -m flows.servers model --workers 2): the registry's champion over
+    """`make serve` (python -m flows.local_servers model --workers 2): the registry's champion over
     HTTP on 127.0.0.1, started without an activated venv (the venv's bin is not on PATH).
     Encoded images and uint8 tensors in, class names with probabilities out; a malformed body
     gets a 400 naming the expected input."""
@@ -415,7 +415,8 @@ def test_make_serve_answers_like_the_pyfunc_and_rejects_malformed_bodies(
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
                            if p != venv_bin)
     env = {**os.environ, **QUIET, "PATH": path, "MLFLOW_TRACKING_URI": tracked["uri"]}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.servers", "model", "--root", str(root),
+    proc = subprocess.Popen([sys.executable, "-m", "flows.local_servers", "model",
+                             "--root", str(root),
                              "--port", str(port), "--workers", "2"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"

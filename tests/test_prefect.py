@@ -331,8 +331,9 @@ def test_promotion_flow_fails_once_on_a_missing_registry(server: str, tmp_path: 
 
 
 def test_serve_deployments_match_prefect_yaml() -> None:
-    """flows/serve.py (no work pool) and prefect.yaml (work pool) define the same schedules."""
-    from flows.serve import build_deployments
+    """flows/deployments.py (no work pool) and prefect.yaml (work pool) define the same
+    schedules."""
+    from flows.deployments import build_deployments
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     from_yaml = {

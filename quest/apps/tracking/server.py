@@ -14,7 +14,7 @@ calls the registered model's own decoding and preprocessing (quest/apps/tracking
     -> 400 {"error": "expected ..."} for a malformed body
     GET /ping, /health -> 200 once the model is loaded
 
-Run it with `make serve WORKERS=4` (python -m flows.servers model --workers 4).
+Run it with `make serve WORKERS=4` (python -m flows.local_servers model --workers 4).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ Without a work pool or a worker (steps 3-5), this module serves both deployments
 long-running process against the server of steps 1-2 (same names and schedules; Ctrl-C stops it
 and pauses their schedules)::
 
-    python -m flows.serve                      # --preset tiny --root DIR --min-top1 0.5
+    python -m flows.deployments                # --preset tiny --root DIR --min-top1 0.5
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def build_deployments(
 
 def main(argv: list[str] | None = None) -> int:
     """Serve both deployments until interrupted."""
-    ap = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m flows.deployments", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default=".", help="project root the pipeline runs in")
     ap.add_argument("--preset", default=None, help="params.yaml preset for scheduled runs")

@@ -2,12 +2,13 @@
 
 From the repository root (or with --root)::
 
-    python -m flows.servers mlflow      # MLflow UI for the project's tracking store, :5000
-    python -m flows.servers prefect     # Prefect server (UI and API), :4200
-    python -m flows.servers model       # the champion student, :5001, --workers N processes
-                                        # (POST /invocations {"images": [base64 JPEG/PNG]}
-                                        #  or {"inputs": N x H x W x C uint8}; docs/serving.md)
-    python -m flows.servers mlflow-model  # the same model under `mlflow models serve`
+    python -m flows.local_servers mlflow        # MLflow UI for the tracking store, :5000
+    python -m flows.local_servers prefect       # Prefect server (UI and API), :4200
+    python -m flows.local_servers model         # the champion student, :5001, --workers N
+                                                # processes (POST /invocations {"images":
+                                                # [base64 JPEG/PNG]} or {"inputs": N x H x W x
+                                                # C uint8}; docs/serving.md)
+    python -m flows.local_servers mlflow-model  # the same model under `mlflow models serve`
 
 Both listen on 127.0.0.1, reachable from this machine only: neither server has authentication,
 and anyone who reaches MLflow can read or delete runs and models. To serve a trusted network,
@@ -74,7 +75,7 @@ def _is_loopback(host: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Replace this process with the chosen server."""
-    ap = argparse.ArgumentParser(prog="python -m flows.servers", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m flows.local_servers", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=sorted(DEFAULT_PORTS))
     ap.add_argument("--root", default=".", help="project root (holds mlflow.db)")
