@@ -63,7 +63,7 @@ def _env(work: Path) -> dict[str, str]:
 def _stage_upstream(work: Path) -> int:
     """Build the shared upstream outputs and stage every run (untimed); the number of runs."""
     os.environ.update({k: v for k, v in _env(work).items() if k.startswith("QUEST_")})
-    from quest.apps.stages.study import (
+    from quest.apps.study.runner import (
         load_study,
         planned_runs,
         stage_run,

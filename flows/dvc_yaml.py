@@ -1,5 +1,5 @@
 """dvc.yaml from the stage table: each stage's cmd, deps, params and outs are rewritten from
-quest/apps/stages/table.py, keeping the file's comments, order and everything else (metrics, plots).
+quest/apps/stage_table.py, keeping the file's comments, order and everything else (metrics, plots).
 
 Code deps are the stage's import closure, the same files whose content is in its Prefect cache
 key (flows/cache.py `code_files`), a package directory standing for all of its files when the
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.cache import code_files
+from quest.apps.stage_table import STAGES, Stage
 from quest.apps.stages.dvc_file import stage_data_entry
-from quest.apps.stages.table import STAGES, Stage
 
 REPO = Path(__file__).resolve().parents[1]
 

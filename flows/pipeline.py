@@ -44,7 +44,7 @@ from flows.cache import (
     outputs_match,
     outputs_present,
 )
-from quest.apps.stages.table import STAGES, stage_for
+from quest.apps.stage_table import STAGES, stage_for
 from quest.core.levels import level_names
 from quest.core.methods import needs_codebook
 from quest.infra.config import Config, build_config, load_config, read_params
@@ -106,7 +106,7 @@ _SUITE_SUMMARY = ("suite", "success", "evaluated", "passed", "failed")
 
 
 def _stage_task(family: str, keyed: bool, name: str | None = None) -> Any:
-    """The Prefect task of one stage family of the stage table (quest/apps/stages/table.py): it runs
+    """The Prefect task of one stage family of the stage table (quest/apps/stage_table.py): it runs
     the table's function and returns its summary with the hashes of the files it wrote. Keyed
     tasks take the method, level or suite as `key` and show it in their run name."""
 

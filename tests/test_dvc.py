@@ -412,7 +412,7 @@ def test_one_table_drives_dvc_params_and_the_prefect_key(monkeypatch: pytest.Mon
     import dataclasses
 
     import flows.cache as fc
-    import quest.apps.stages.table as table
+    import quest.apps.stage_table as table
     from flows.dvc_yaml import render
     from quest.infra.config import load_config
     from quest.infra.paths import Paths

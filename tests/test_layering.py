@@ -92,7 +92,7 @@ def test_core_and_stages_import_without_outer_layers() -> None:
         "import sys\n"
         "import quest, quest.apps.cli, quest.core.engine, quest.core.distill\n"
         "import quest.core.losses, quest.core.codebook, quest.core.models, quest.core.data\n"
-        "import quest.apps.stages.pipeline\n"
+        "import quest.apps.pipeline\n"
         f"bad = [m for m in {OUTER!r} if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

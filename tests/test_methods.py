@@ -97,7 +97,7 @@ def test_unregistered_methods_are_one_line_errors(smoke_root: Path,
 def test_everything_method_shaped_derives_from_the_registry(toy: methods.MethodSpec) -> None:
     from quest.apps.cli import build_parser
     from quest.apps.results import history_keys
-    from quest.apps.stages.table import method_params
+    from quest.apps.stage_table import method_params
     from quest.core.methods.kd import KDSettings
 
     # the registered loss terms are the record's history keys: fitnet's and at's included
@@ -134,7 +134,7 @@ def test_a_section_owned_twice_or_shadowing_a_field_is_refused() -> None:
 
 
 def test_cache_keys_read_a_method_section_with_its_defaults() -> None:
-    from quest.apps.stages.table import get_param
+    from quest.apps.stage_table import get_param
     from quest.infra.config import build_config
 
     cfg = build_config({"student": {"dkd": {"beta": 2.0}}})  # no crd section given at all

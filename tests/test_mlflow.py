@@ -40,7 +40,7 @@ def tracked(
     tmp_path_factory: pytest.TempPathFactory, cifar_archive: Path, teacher_checkpoint: Path
 ) -> Iterator[dict[str, Any]]:
     """The tiny chain run once, then `quest track` into a fresh SQLite store (all in tmp)."""
-    from quest.apps.stages.pipeline import run_pipeline
+    from quest.apps.pipeline import run_pipeline
     from quest.infra.config import load_config
     from quest.infra.paths import Paths
 

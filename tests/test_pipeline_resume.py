@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from quest.apps.stage_table import BY_NAME
 from quest.apps.stages.resume import StageRecords, record_dir
-from quest.apps.stages.table import BY_NAME
 from quest.infra.config import load_config
 from quest.infra.paths import Paths
 

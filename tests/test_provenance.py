@@ -119,8 +119,8 @@ def _write_study(root: Path) -> None:
 
 def test_table_marks_deltas_across_processors_and_code_and_reports_staleness(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from quest.apps.stages.study import load_study, planned_runs
-    from quest.apps.study_table import render, staleness
+    from quest.apps.study.runner import load_study, planned_runs
+    from quest.apps.study.table import render, staleness
 
     _write_study(tmp_path)
     study = load_study(tmp_path / "studies" / "marks.yaml", tmp_path)

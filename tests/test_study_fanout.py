@@ -21,7 +21,7 @@ import pytest
 
 from quest.apps.cli import main
 from quest.apps.results import load_records
-from quest.apps.stages.study import load_study, run_study
+from quest.apps.study.runner import load_study, run_study
 from quest.infra.errors import QuestError
 
 FANOUT_STUDY = """
@@ -168,7 +168,7 @@ def test_interrupted_fan_out_resumes_and_a_locked_run_is_not_trained_twice(
     from distributed import LocalCluster
 
     import quest.apps.stages.student as student_stage
-    from quest.apps.stages.study import planned_runs, stage_run, study_results_dir, train_run
+    from quest.apps.study.runner import planned_runs, stage_run, study_results_dir, train_run
     from quest.infra.runlock import file_lock
 
     real = student_stage.run_student
@@ -256,7 +256,7 @@ def test_a_run_lock_is_refused_while_held_and_names_its_holder(tmp_path: Path) -
 
 
 def test_a_malformed_scheduler_address_is_one_line() -> None:
-    from quest.apps.study_fanout import _check_scheduler
+    from quest.apps.study.fanout import _check_scheduler
 
     with pytest.raises(QuestError, match=r"cannot reach the Dask scheduler at nonsense "
                                          r"\(missing port number"):

@@ -340,8 +340,8 @@ def _dispatch(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
 
 
 def _run_table_stage(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
-    """A single stage of the stage table (quest/apps/stages/table.py), as `quest run` runs it."""
-    from quest.apps.stages.table import BY_NAME
+    """A single stage of the stage table (quest/apps/stage_table.py), as `quest run` runs it."""
+    from quest.apps.stage_table import BY_NAME
 
     if args.command == "student":
         from quest.core.methods import get
@@ -359,8 +359,8 @@ def _run_table_stage(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
 
 def _cmd_run(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
     """`quest run`: every stage in order, the suites between them, then the accuracy table."""
+    from quest.apps.pipeline import run_pipeline
     from quest.apps.stages.evaluate import format_table
-    from quest.apps.stages.pipeline import run_pipeline
     from quest.apps.stages.resume import StageRecords
 
     checks = None
@@ -382,7 +382,7 @@ def _dispatch_outputs(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
     """The commands that read a run's outputs: sweep, report, evaluate, validate, track."""
     if args.command == "sweep":
         from quest.apps.results import load_records, results_table
-        from quest.apps.stages.sweep import run_sweep
+        from quest.apps.study.sweep import run_sweep
 
         run_sweep(cfg, paths, args.seeds, args.method or list(cfg.student.methods))
         print(results_table(load_records(paths.results)))
@@ -435,8 +435,8 @@ def _cmd_promote(args: argparse.Namespace) -> None:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from quest.apps.stages.study import load_study, run_study
-    from quest.apps.study_table import update_tables
+    from quest.apps.study.runner import load_study, run_study
+    from quest.apps.study.table import update_tables
     from quest.infra.progress import setup_logging
 
     root = Path(args.root).resolve()
@@ -465,7 +465,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
                      else root / "results" / "runs" / f"reproduce-{study.name}")
         stale = None
         if again is not None:  # which committed records today's code would not reproduce
-            from quest.apps.study_table import staleness
+            from quest.apps.study.table import staleness
 
             stale = staleness(study, root, args.setting, args.seed, args.method)
             print(stale)
@@ -475,7 +475,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
         if args.dry_run:
             return 0
         if again is not None:
-            from quest.apps.stages.study import reproduction_table
+            from quest.apps.study.runner import reproduction_table
             from quest.infra.io_utils import write_text_atomic
 
             table = reproduction_table(study, root, again, args.setting, args.seed)
@@ -485,7 +485,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
             print(f"wrote {again / 'REPRODUCE.md'}")
             return 0
     else:
-        from quest.apps.stages.study import planned_runs, write_aliases
+        from quest.apps.study.runner import planned_runs, write_aliases
 
         write_aliases(study, root, planned_runs(study, root))
     for path in update_tables(study, root):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import subprocess
@@ -15,6 +14,7 @@ from typing import Any
 import torch
 
 from quest.apps.provenance import code_fingerprint, machine
+from quest.apps.stats import mean_std
 from quest.core.methods import get as get_method
 from quest.core.methods import logged_keys, settings_dict
 from quest.core.methods import names as method_names
@@ -248,13 +248,6 @@ def load_records(results_dir: Path, *, recursive: bool = False,
     return sorted(records, key=lambda r: str(r.get("finished_at", "")))
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
 def has_val(record: dict[str, Any]) -> bool:
     """Whether a record holds a validation accuracy (older records and runs without a
     validation split do not)."""
@@ -267,7 +260,7 @@ def val_cell(runs: list[dict[str, Any]]) -> str:
     vals = [100 * r["val_top1"] for r in runs if has_val(r)]
     if not vals:
         return "no val"
-    m, sd = _mean_std(vals)
+    m, sd = mean_std(vals)
     return f"{m:.2f} ± {sd:.2f}" + ("" if len(vals) == len(runs) else f" ({len(vals)} with val)")
 
 
@@ -285,8 +278,8 @@ def results_table(records: Iterable[dict[str, Any]]) -> str:
     for (group, pair, method, _), by_seed in sorted(
             groups.items(), key=lambda kv: (kv[0][0], kv[0][1], order.get(kv[0][2], 9))):
         runs = [by_seed[s] for s in sorted(by_seed)]
-        t1 = _mean_std([100 * r["top1"] for r in runs])
-        t5 = _mean_std([100 * r["top5"] for r in runs])
+        t1 = mean_std([100 * r["top1"] for r in runs])
+        t5 = mean_std([100 * r["top5"] for r in runs])
         seeds = ",".join(str(r["seed"]) for r in runs)
         lines.append(f"| {group} | {pair} | {method} | {seeds} | {val_cell(runs)} "
                      f"| {t1[0]:.2f} ± {t1[1]:.2f} | {t5[0]:.2f} ± {t5[1]:.2f} |")

@@ -1,4 +1,4 @@
-"""dvc.yaml entries from the stage table (quest/apps/stages/table.py): each stage's cmd, data
+"""dvc.yaml entries from the stage table (quest/apps/stage_table.py): each stage's cmd, data
 deps, params and outs, and a whole dvc.yaml for a project outside the repository (`quest init`).
 
 flows/dvc_yaml.py adds each stage's code deps (its import closure) for the repository's own
@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from quest.apps.stages.table import LEVEL_ITEM, METHOD_ITEM, STAGES, Stage
+from quest.apps.stage_table import LEVEL_ITEM, METHOD_ITEM, STAGES, Stage
 from quest.infra.paths import Paths
 
 # what the "foreach" of a per-method or per-level stage iterates over in params.yaml

@@ -18,7 +18,7 @@ run id, so it never reuses anything across runs):
     every stage's version (conservative, never stale).
 
 The settings, the input files and the module whose closure is the code all come from the stage
-table (quest/apps/stages/table.py), which also writes dvc.yaml's params, deps and outs
+table (quest/apps/stage_table.py), which also writes dvc.yaml's params, deps and outs
 (flows/dvc_yaml.py): DVC and Prefect rerun a stage for the same changes.
 
 A key alone cannot tell whether the files a cached run wrote are still on disk (DVC checkouts,
@@ -40,9 +40,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from quest.apps.stage_table import LEVEL_ITEM, LOCATION_PARAMS, get_param, stage_for
+from quest.apps.stage_table import STAGES as TABLE
 from quest.apps.stages.common import resolve_location
-from quest.apps.stages.table import LEVEL_ITEM, LOCATION_PARAMS, get_param, stage_for
-from quest.apps.stages.table import STAGES as TABLE
 from quest.core.levels import level_names, level_paths
 from quest.core.methods import get as get_method
 from quest.infra.config import Config, build_config, config_hash

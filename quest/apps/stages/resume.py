@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from quest.apps.stage_table import Key, Stage
 from quest.apps.stages.keys import output_digests, outputs_match, outputs_present, stage_key_for
-from quest.apps.stages.table import Key, Stage
 from quest.infra.config import Config
 from quest.infra.io_utils import read_json, write_json_atomic
 from quest.infra.paths import Paths

@@ -8,7 +8,7 @@ must see the project root at the same path (a shared filesystem) and run this pa
     dask worker tcp://HOST:8786 --nthreads 1 --nworkers 2    # on each machine
     quest study studies/main-job.yaml --dask-address tcp://HOST:8786
 
-The study runner (quest/apps/stages/study.py) has already built the shared upstream outputs
+The study runner (quest/apps/study/runner.py) has already built the shared upstream outputs
 (prepared data, teacher, features, codebooks) and staged every run before the fan-out, so a
 task only trains its run and writes its record (atomically, under a unique name). Each run
 holds its own lock while it trains, so two runners never train the same run; a finished run is
@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from quest.apps.stages.study import RunJob, train_run
+from quest.apps.study.runner import RunJob, train_run
 from quest.infra.errors import QuestError
 from quest.infra.malloc import keep_freed_memory
 from quest.infra.progress import log, setup_logging

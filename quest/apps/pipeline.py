@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from quest.apps.stage_table import STAGES, Stage
 from quest.apps.stages.resume import StageRecords
-from quest.apps.stages.table import STAGES, Stage
 from quest.core import methods
 from quest.core.levels import level_names
 from quest.infra.config import Config
@@ -50,7 +50,7 @@ def run_pipeline(cfg: Config, paths: Paths,
     quantize = methods.needs_codebook(cfg.student.methods)
     evaluation: dict[str, Any] = {}
     gated: str | None = None  # the stage a suite of the table checks: the one just before it
-    for spec in STAGES:  # the stage table's order (quest/apps/stages/table.py)
+    for spec in STAGES:  # the stage table's order (quest/apps/stage_table.py)
         if spec.needs_codebook and not quantize:
             continue
         if spec.suite is not None:

@@ -18,7 +18,8 @@ from quest.apps.provenance import (
     spans,
 )
 from quest.apps.results import has_val, params_hash, val_cell
-from quest.apps.stages.study import (
+from quest.apps.stats import mean_std, pearson, t975
+from quest.apps.study.runner import (
     Study,
     planned_runs,
     recorded_runs,
@@ -38,11 +39,6 @@ EPOCHS_KEY = "student.train.epochs"
 # the fewest settings a word-accuracy correlation is reported over (fewer say little)
 MIN_WORD_POINTS = 5
 
-# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (then the normal's).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
 
 def _order(method: str) -> int:
     """Registry order (the built-ins in registration order, then plug-ins)."""
@@ -50,19 +46,6 @@ def _order(method: str) -> int:
 
     order = names()
     return order.index(method) if method in order else len(order)
-
-
-def t975(dof: int) -> float:
-    """The 97.5 % quantile of Student's t with `dof` degrees of freedom (dof >= 1)."""
-    return _T975[dof - 1] if dof <= len(_T975) else 1.960
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
 def paired_diff(a: dict[int, float], b: dict[int, float]) -> tuple[float, float | None, int]:
@@ -303,15 +286,6 @@ class WordPoint:
     top1: float
     seeds: int
     group: str  # the data and schedule it trained on (points of one group are comparable)
-
-
-def pearson(xs: list[float], ys: list[float]) -> float:
-    """Pearson's correlation coefficient (nan when either side is constant)."""
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
-    sxx = sum((x - mx) ** 2 for x in xs)
-    syy = sum((y - my) ** 2 for y in ys)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
 
 
 def word_points(study: Study, root: Path) -> list[WordPoint]:

@@ -40,8 +40,9 @@ import yaml
 from pydantic import BaseModel
 
 from quest.apps.results import has_val, load_records, params_hash
+from quest.apps.stage_table import LEVEL_ITEM, STAGES, Stage, get_param
 from quest.apps.stages.common import resolve_location
-from quest.apps.stages.table import LEVEL_ITEM, STAGES, Stage, get_param
+from quest.apps.stats import mean_std
 from quest.core.methods import get as get_method
 from quest.core.methods import names as method_names
 from quest.infra.config import (
@@ -181,7 +182,9 @@ def recorded_runs(root: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
     return out
 
 
-def _link(src: Path, dst: Path) -> None:
+def link(src: Path, dst: Path) -> None:
+    """Make `dst` a symlink to `src` (a stale link is replaced; a real file there is an
+    error: the scratch root holding it is the user's to remove)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.is_symlink():
         if dst.resolve() == src.resolve():
@@ -214,7 +217,7 @@ def _stage_key(spec: Stage, cfg: Config, item: str | None, upstream: list[str]) 
 
 def prepare_upstream(cfg: Config, root: Path, needs_codebook: bool, needs_teacher: bool) -> Path:
     """Build (once) the shared upstream outputs a setting needs, stage by stage in the stage
-    table's order (quest/apps/stages/table.py); return a root linking them."""
+    table's order (quest/apps/stage_table.py); return a root linking them."""
     from quest.core.levels import level_names
 
     cache = root / ".quest" / "study-cache"
@@ -229,7 +232,7 @@ def prepare_upstream(cfg: Config, root: Path, needs_codebook: bool, needs_teache
             key = _stage_key(spec, cfg, item, keys)
             stage_root = cache / key
             for src, rel in links:  # earlier stages' outputs are this stage's inputs
-                _link(src, stage_root / rel)
+                link(src, stage_root / rel)
             if not (stage_root / ".done").is_file():
                 # another runner building the same stage: wait for it, then use its output
                 with file_lock(cache / f"{key}.lock", f"shared stage {key}", wait=True):
@@ -242,7 +245,7 @@ def prepare_upstream(cfg: Config, root: Path, needs_codebook: bool, needs_teache
                       for out in spec.outs(Paths(stage_root), item) if out.exists()]
     work = cache / ("work-" + config_hash(keys))
     for src, rel in links:
-        _link(src, work / rel)
+        link(src, work / rel)
     return work
 
 
@@ -274,7 +277,7 @@ def run_study(study: Study, root: Path, *, dry_run: bool = False,
 
     The shared upstream outputs are built first, here; then the runs train one after another
     in this process, or, with `workers` or `dask_address`, at once on Dask through Prefect
-    (quest/apps/study_fanout.py). Either way a run trains under its own lock (`train_run`), so
+    (quest/apps/study/fanout.py). Either way a run trains under its own lock (`train_run`), so
     two runners never train the same run."""
     plan = planned_runs(study, root)
     if only:
@@ -317,7 +320,7 @@ def run_study(study: Study, root: Path, *, dry_run: bool = False,
                           missing_val=missing_val)
                 for setting, method, seed, cfg, h in todo]
         if fan_out:
-            from quest.apps.study_fanout import fan_out_runs
+            from quest.apps.study.fanout import fan_out_runs
 
             out = fan_out_runs(study.name, jobs, workers, dask_address)
         else:
@@ -334,8 +337,6 @@ def reproduction_table(study: Study, root: Path, reproduce: Path,
     and seed, with the spread of the committed seeds of that setting and method for scale
     (different CPUs run different float kernels: a reproduction is expected to differ by about
     as much as seeds differ from each other, not to match digit for digit)."""
-    import math
-
     committed = recorded_runs(root)
     again = {(r["params_hash"], r["method"], r["seed"]): r for r in load_records(reproduce)}
     lines = ["| setting | method | seed | committed top-1 % | reproduced top-1 % | Δ | "
@@ -350,8 +351,7 @@ def reproduction_table(study: Study, root: Path, reproduce: Path,
         if new is None:
             continue
         tops = [100 * r["top1"] for (hh, m, _), r in committed.items() if hh == h and m == method]
-        sd = (math.sqrt(sum((t - sum(tops) / len(tops)) ** 2 for t in tops) / (len(tops) - 1))
-              if len(tops) > 1 else float("nan"))
+        sd = mean_std(tops)[1] if tops else 0.0
         old_t = f"{100 * old['top1']:.2f}" if old else "–"
         delta = f"{100 * (new['top1'] - old['top1']):+.2f}" if old else "–"
         sd_t = f"{sd:.2f} (n={len(tops)})" if len(tops) > 1 else "–"
@@ -377,11 +377,25 @@ class RunJob:
     lock: Path  # its lock file: one runner at a time
     reproduce: bool  # a reproduction: done when `results` holds it, not results/
     missing_val: bool = False  # retraining a run whose record lacks val: only a val record counts
+    labelled: bool = True  # its record names its study and setting (`quest sweep`'s do not)
 
     @property
     def label(self) -> str:
         """How logs and Prefect name the run."""
         return f"{self.setting}-{self.method}-s{self.seed}"
+
+
+def link_inputs(cfg: Config, upstream: Path, run_root: Path) -> None:
+    """Link the upstream outputs a student reads (prepared data, teacher, features, codebook,
+    extra levels) that exist under `upstream` into the run's scratch root."""
+    from quest.core.levels import level_names
+
+    levels = [(top, "levels", name) for name in level_names(cfg) for top in ("data", "models")]
+    for parts in (("data", "prepared"), ("models", "teacher"), ("data", "features"),
+                  ("models", "codebook"), *levels):
+        src = upstream.joinpath(*parts)
+        if src.exists():
+            link(src, run_root.joinpath(*parts))
 
 
 def stage_run(study: Study, root: Path, setting: Setting, method: str, seed: int, cfg: Config,
@@ -392,7 +406,6 @@ def stage_run(study: Study, root: Path, setting: Setting, method: str, seed: int
     unset trains on one thread: a Dask worker is one slot of a core, so N runs on N cores
     do not oversubscribe them (runtime.threads is not part of the params hash)."""
     from quest.core.checks import check_runnable
-    from quest.core.levels import level_names
 
     try:
         check_runnable(cfg)
@@ -401,12 +414,7 @@ def stage_run(study: Study, root: Path, setting: Setting, method: str, seed: int
     spec = get_method(method)
     upstream = prepare_upstream(cfg, root, spec.needs_codebook, spec.needs_teacher)
     run_root = root / ".quest" / "studies" / study.name / setting.name / f"seed-{seed}"
-    levels = [(top, "levels", name) for name in level_names(cfg) for top in ("data", "models")]
-    for parts in (("data", "prepared"), ("models", "teacher"), ("data", "features"),
-                  ("models", "codebook"), *levels):
-        src = upstream.joinpath(*parts)
-        if src.exists():
-            _link(src, run_root.joinpath(*parts))
+    link_inputs(cfg, upstream, run_root)
     if one_thread and not cfg.runtime.threads:
         cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"threads": 1})})
     # the lock names the run itself (settings hash, method, seed), not the study: two studies
@@ -446,8 +454,9 @@ def _train_locked(job: RunJob) -> dict[str, Any] | None:
         return None
     log.info("study %s: %s %s seed %d (params %s)", job.study, job.setting, job.method,
              job.seed, job.params_hash)
+    labels = {"setting": job.setting, "study": job.study} if job.labelled else {}
     metrics = run_student(job.cfg, Paths(job.run_root, results_dir=job.results), job.method,
-                          setting=job.setting, study=job.study)
+                          **labels)
     return {**metrics, "setting": job.setting, "seed": job.seed}
 
 

@@ -5,7 +5,7 @@ upstream files and directories it reads (deps), what it writes (outs), the modul
 closure is its code, and whether it runs once per method or per extra QuEST level. The order of
 `STAGES` is the order they run in. This one table drives:
 
-- `quest run` (quest/apps/stages/pipeline.py): the stages in order, the Great Expectations suites
+- `quest run` (quest/apps/pipeline.py): the stages in order, the Great Expectations suites
   after the stage they check;
 - the Prefect flow (flows/pipeline.py): one task per stage family, made by one factory;
 - the Prefect cache keys (flows/cache.py): params' values, deps' contents, code closure;
