@@ -63,12 +63,8 @@ def _env(work: Path) -> dict[str, str]:
 def _stage_upstream(work: Path) -> int:
     """Build the shared upstream outputs and stage every run (untimed); the number of runs."""
     os.environ.update({k: v for k, v in _env(work).items() if k.startswith("QUEST_")})
-    from quest.apps.study.runner import (
-        load_study,
-        planned_runs,
-        stage_run,
-        study_results_dir,
-    )
+    from quest.apps.study.runs import stage_run
+    from quest.apps.study.spec import load_study, planned_runs, study_results_dir
 
     study = load_study(work / "studies" / f"{STUDY_NAME}.yaml", work)
     plan = planned_runs(study, work)

@@ -98,3 +98,93 @@ def test_core_and_stages_import_without_outer_layers() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+REPO = QUEST.parent
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(files: list[Path], root: Path = REPO) -> dict[str, set[str]]:
+    """module -> the modules of `files` (under `root`) it imports, lazy imports included.
+    Importing a module also runs its packages' __init__ files, so they count as imported too,
+    except the importer's own packages (already running when it imports)."""
+    mods = {_module_name(p, root): p for p in files}
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        is_pkg = path.name == "__init__.py"
+        parts = name.split(".")
+        own = {".".join(parts[:i]) for i in range(1, len(parts) + is_pkg)}
+        targets = []
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the importer's package
+                    up = parts[:len(parts) - node.level + is_pkg]
+                    base = ".".join([*up, *([node.module] if node.module else [])])
+                # `from pkg import name`: the submodule pkg.name when there is one
+                targets += [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base
+                            for a in node.names]
+        edges = set()
+        for target in targets:
+            t = target.split(".")
+            edges |= {".".join(t[:i]) for i in range(1, len(t) + 1)} & mods.keys()
+        graph[name] = edges - own - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles: every strongly connected group of two or more modules (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_apps_and_flows_import_without_cycles() -> None:
+    """No module of quest/apps or flows/ imports, at any depth or through a package's
+    __init__, a module that imports it back: each piece sits below what uses it."""
+    files = sorted([*(QUEST / "apps").rglob("*.py"), *(REPO / "flows").rglob("*.py")])
+    graph = import_graph(files)
+    assert "quest.apps.study.table" in graph["quest.apps.report.build"]  # lazy imports count
+    found = cycles(graph)
+    assert found == [], "\n".join(
+        " <-> ".join(group) + ": " + "; ".join(f"{m} imports {sorted(graph[m] & set(group))}"
+                                               for m in group) for group in found)
+
+
+def test_the_cycle_check_catches_a_lazy_cycle_through_a_package(tmp_path: Path) -> None:
+    pkg = tmp_path / "quest" / "apps" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from quest.apps.pkg.build import x\n")
+    (pkg / "build.py").write_text("def x():\n    from quest.apps.other import y\n")
+    (tmp_path / "quest" / "apps" / "other.py").write_text("from quest.apps.pkg.figures import z\n")
+    (pkg / "figures.py").write_text("z = 1\n")
+    found = cycles(import_graph(sorted((tmp_path / "quest").rglob("*.py")), tmp_path))
+    assert found == [["quest.apps.other", "quest.apps.pkg", "quest.apps.pkg.build"]]

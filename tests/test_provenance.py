@@ -119,7 +119,7 @@ def _write_study(root: Path) -> None:
 
 def test_table_marks_deltas_across_processors_and_code_and_reports_staleness(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from quest.apps.study.runner import load_study, planned_runs
+    from quest.apps.study.spec import load_study, planned_runs
     from quest.apps.study.table import render, staleness
 
     _write_study(tmp_path)

@@ -229,7 +229,7 @@ def test_patch_geometry() -> None:
 
 
 def test_spread_labels_lifts_only_labels_that_collide() -> None:
-    from quest.apps.report.figures import spread_labels
+    from quest.apps.study.figures import spread_labels
 
     # three labels on one spot, one beside them and one far away
     boxes = [(10.0, 10.0, 60.0, 17.0), (12.0, 11.0, 70.0, 18.0), (11.0, 10.5, 40.0, 17.5),

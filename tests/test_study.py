@@ -16,7 +16,7 @@ from scipy import stats
 
 from quest.apps.cli import main
 from quest.apps.results import load_records
-from quest.apps.study.runner import Study
+from quest.apps.study.spec import Study
 from quest.apps.study.table import markers, mean_std, paired_diff, t975
 from quest.infra.config import Config
 
@@ -170,7 +170,7 @@ def test_bad_study_files_are_one_line_errors(study_root: Path,
 def test_study_wide_set_is_under_every_settings_own(tmp_path: Path) -> None:
     """The study's `set:` frames every setting (a pinned K keeps its records when params.yaml's
     default changes); a setting's own override wins over it."""
-    from quest.apps.study.runner import load_study, setting_config
+    from quest.apps.study.spec import load_study, setting_config
 
     path = tmp_path / "frame.yaml"
     path.write_text("set: {codebook.k: 96, student.quest.weight: 2.0}\n"
@@ -224,7 +224,7 @@ def test_gpu_study_is_the_published_protocol_and_runs_on_the_tiny_preset(
         study_root: Path) -> None:
     """studies/gpu-cifar10.yaml: CUDA, bf16, channels_last, compile, the cifar10-full schedule;
     tried here on the CPU with the tiny preset (device, compile and the length swapped)."""
-    from quest.apps.study.runner import load_study, setting_config
+    from quest.apps.study.spec import load_study, setting_config
 
     study = load_study(REPO / "studies" / "gpu-cifar10.yaml", REPO)
     published = setting_config(study, study.settings[1], REPO)
@@ -251,7 +251,7 @@ def test_gpu_study_is_the_published_protocol_and_runs_on_the_tiny_preset(
 def _records_study(root: Path, name: str, text: str) -> tuple[Study, Path]:
     """A study file `name` with the repository's params under `root`, loaded, and the empty
     folder its records go to (the figure and table tests write records there, not train)."""
-    from quest.apps.study.runner import load_study
+    from quest.apps.study.spec import load_study
 
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     (root / "studies").mkdir()
@@ -269,7 +269,7 @@ def test_size_study_figure_and_report_section(tmp_path: Path) -> None:
 
     from quest.apps.report.build import study_sections
     from quest.apps.report.render import markdown_to_html
-    from quest.apps.study.runner import planned_runs
+    from quest.apps.study.spec import planned_runs
     from quest.apps.study.table import SIZE_FIGURE, update_tables
 
     study, out = _records_study(tmp_path, "sizes",
@@ -311,7 +311,7 @@ def test_word_accuracy_correlation_and_figure(tmp_path: Path) -> None:
     from PIL import Image
 
     from quest.apps.report.build import study_sections
-    from quest.apps.study.runner import load_study, planned_runs
+    from quest.apps.study.spec import load_study, planned_runs
     from quest.apps.study.table import WORD_FIGURE, update_tables, word_points
 
     weights = [0.3, 1.0, 3.0, 10.0, 30.0]
@@ -366,7 +366,7 @@ def test_training_length_series_and_figure(tmp_path: Path) -> None:
     from PIL import Image
 
     from quest.apps.report.build import study_sections
-    from quest.apps.study.runner import load_study, planned_runs
+    from quest.apps.study.spec import load_study, planned_runs
     from quest.apps.study.table import LENGTH_FIGURE, length_series, update_tables
 
     settings = ("  - name: default\n"  # params.yaml's 6 epochs

@@ -21,7 +21,8 @@ import pytest
 
 from quest.apps.cli import main
 from quest.apps.results import load_records
-from quest.apps.study.runner import load_study, run_study
+from quest.apps.study.runner import run_study
+from quest.apps.study.spec import load_study
 from quest.infra.errors import QuestError
 
 FANOUT_STUDY = """
@@ -168,7 +169,8 @@ def test_interrupted_fan_out_resumes_and_a_locked_run_is_not_trained_twice(
     from distributed import LocalCluster
 
     import quest.apps.stages.student as student_stage
-    from quest.apps.study.runner import planned_runs, stage_run, study_results_dir, train_run
+    from quest.apps.study.runs import stage_run, train_run
+    from quest.apps.study.spec import planned_runs, study_results_dir
     from quest.infra.runlock import file_lock
 
     real = student_stage.run_student

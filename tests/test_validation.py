@@ -63,7 +63,8 @@ def _copy(chain: dict[str, Any], dest: Path, *rels: str) -> Paths:
 
 def _fails(what: str, cfg: Config, paths: Paths) -> str:
     """Run a suite that must fail; return its message after checking the files it left."""
-    from quest.apps.validation import report_files, run_validation
+    from quest.apps.stage_table import report_files
+    from quest.apps.validation import run_validation
 
     with pytest.raises(QuestError) as err:
         run_validation(what, cfg, paths)
@@ -79,7 +80,8 @@ def _fails(what: str, cfg: Config, paths: Paths) -> str:
 
 @pytest.mark.slow
 def test_every_suite_passes_on_the_smoke_chain(chain: dict[str, Any]) -> None:
-    from quest.apps.validation import report_files, run_validation
+    from quest.apps.stage_table import report_files
+    from quest.apps.validation import run_validation
 
     paths = chain["paths"]
     for what in SUITES:

@@ -166,7 +166,7 @@ settings:
 def test_best_of_rows_choose_on_validation_only(tmp_path: Path) -> None:
     """w1's QuEST leads on test, w3's on validation: the best-of row takes w3; KD has no run
     with val (recorded before the split), so its row says so instead of choosing on test."""
-    from quest.apps.study.runner import load_study, planned_runs
+    from quest.apps.study.spec import load_study, planned_runs
     from quest.apps.study.table import render
 
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")

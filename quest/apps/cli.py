@@ -435,7 +435,8 @@ def _cmd_promote(args: argparse.Namespace) -> None:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from quest.apps.study.runner import load_study, run_study
+    from quest.apps.study.runner import run_study
+    from quest.apps.study.spec import load_study
     from quest.apps.study.table import update_tables
     from quest.infra.progress import setup_logging
 
@@ -485,7 +486,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
             print(f"wrote {again / 'REPRODUCE.md'}")
             return 0
     else:
-        from quest.apps.study.runner import planned_runs, write_aliases
+        from quest.apps.study.runner import write_aliases
+        from quest.apps.study.spec import planned_runs
 
         write_aliases(study, root, planned_runs(study, root))
     for path in update_tables(study, root):

@@ -95,7 +95,8 @@ def rerun_record(path: str | os.PathLike[str], root: Path) -> tuple[dict[str, An
     """Retrain the run a record describes (in its own scratch root, upstream stages shared with
     studies); return (the record, the rerun's record)."""
     from quest.apps.stages.student import run_student
-    from quest.apps.study.runner import Setting, Study, stage_run
+    from quest.apps.study.runs import stage_run
+    from quest.apps.study.spec import Setting, Study
     from quest.infra.paths import Paths
 
     file = Path(path)

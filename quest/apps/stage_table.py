@@ -118,16 +118,24 @@ def _student_deps(cfg: Config | None, paths: Paths, method: Key) -> list[Path]:
     return out
 
 
-def _gate(paths: Paths, suite: str) -> Path:
-    from quest.apps.validation import report_files
+def validation_dir(paths: Paths) -> Path:
+    """reports/validation/ under the project root."""
+    return paths.root / "reports" / "validation"
 
+
+def report_files(paths: Paths, what: str) -> dict[str, Path]:
+    """The files one suite writes: JSON report, Data Docs directory and the pass gate."""
+    base = validation_dir(paths)
+    return {"report": base / f"{what}.json", "docs": base / "docs" / what,
+            "passed": base / f"{what}.passed"}
+
+
+def _gate(paths: Paths, suite: str) -> Path:
     return report_files(paths, suite)["passed"]
 
 
 def _suite_outs(suite: str) -> Callable[[Paths, Key], list[Path]]:
     def outs(paths: Paths, key: Key) -> list[Path]:
-        from quest.apps.validation import report_files
-
         files = report_files(paths, suite)
         return [files["report"], files["docs"], files["passed"]]
 
@@ -167,9 +175,10 @@ def _run_level(module: str, function: str) -> Callable[[Config, Paths, Key], Any
 
 def _run_suite(suite: str) -> Callable[[Config, Paths, Key], Any]:
     def run(cfg: Config, paths: Paths, key: Key) -> Any:
-        from quest.apps.validation import run_validation
+        import importlib
 
-        return run_validation(suite, cfg, paths)
+        # by name, like the stages' modules: the table sits below what it runs
+        return importlib.import_module("quest.apps.validation").run_validation(suite, cfg, paths)
 
     return run
 

@@ -182,7 +182,7 @@ def study_sections(root: Path) -> list[tuple[str, str, str, list[Plot]]]:
     per class when its settings vary the training-set size; top-1 against visual-word accuracy
     when enough of its settings train QuEST on the same data and steps; top-1 against epochs
     when a method is trained at three or more lengths)."""
-    from quest.apps.study.runner import STUDIES_DIR, load_study
+    from quest.apps.study.spec import STUDIES_DIR, load_study
     from quest.apps.study.table import (
         length_figure,
         length_series,

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from quest.apps.study.runner import RunJob, train_run
+from quest.apps.study.runs import RunJob, train_run
 from quest.infra.errors import QuestError
 from quest.infra.malloc import keep_freed_memory
 from quest.infra.progress import log, setup_logging

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from quest.apps.results import load_records, params_hash
-from quest.apps.study.runner import RunJob, link_inputs, train_run
+from quest.apps.study.runs import RunJob, link_inputs, train_run
 from quest.core.methods import needs_codebook
 from quest.infra.config import Config
 from quest.infra.errors import QuestError

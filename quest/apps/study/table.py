@@ -19,13 +19,8 @@ from quest.apps.provenance import (
 )
 from quest.apps.results import has_val, params_hash, val_cell
 from quest.apps.stats import mean_std, pearson, t975
-from quest.apps.study.runner import (
-    Study,
-    planned_runs,
-    recorded_runs,
-    setting_config,
-    study_results_dir,
-)
+from quest.apps.study.runs import recorded_runs
+from quest.apps.study.spec import Study, planned_runs, setting_config, study_results_dir
 from quest.core.methods import get as get_method
 from quest.infra.config import Config
 from quest.infra.io_utils import write_bytes_atomic, write_text_atomic
@@ -320,7 +315,7 @@ def word_figure(study: Study, root: Path,
     points = word_points(study, root) if points is None else points
     if not points:
         return None
-    from quest.apps.report.figures import study_word_figure
+    from quest.apps.study.figures import study_word_figure
 
     return study_word_figure([(p.setting if p.method == "quest" else f"{p.setting} ({p.method})",
                                p.word_accuracy, p.top1) for p in points],
@@ -350,7 +345,7 @@ def size_figure(study: Study, root: Path,
                 series: dict[str, dict[int, list[float]]] | None = None) -> bytes | None:
     """The PNG of top-1 against images per class for every method, or None.
     `series`: size_series(study, root) when the caller already has it."""
-    from quest.apps.report.figures import study_size_figure
+    from quest.apps.study.figures import study_size_figure
 
     series = size_series(study, root) if series is None else series
     return study_size_figure(series, f"study {study.name}")
@@ -403,7 +398,7 @@ def length_figure(study: Study, root: Path,
                   series: dict[str, dict[int, list[float]]] | None = None) -> bytes | None:
     """The PNG of top-1 against training epochs for every method trained at three or more
     lengths, or None. `series`: length_series(study, root) when the caller already has it."""
-    from quest.apps.report.figures import study_size_figure
+    from quest.apps.study.figures import study_size_figure
 
     series = length_series(study, root) if series is None else series
     return study_size_figure(series, f"study {study.name}: training length",

@@ -10,7 +10,6 @@ Each suite writes ``reports/validation/<what>.json``, Data Docs HTML under
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from quest.infra.config import Config
@@ -24,18 +23,6 @@ SUITES: dict[str, str] = {
     "codebook": "codebook",
     "predictions": "evaluate",
 }
-
-
-def validation_dir(paths: Paths) -> Path:
-    """reports/validation/ under the project root."""
-    return paths.root / "reports" / "validation"
-
-
-def report_files(paths: Paths, what: str) -> dict[str, Path]:
-    """The files one suite writes: JSON report, Data Docs directory and the pass gate."""
-    base = validation_dir(paths)
-    return {"report": base / f"{what}.json", "docs": base / "docs" / what,
-            "passed": base / f"{what}.passed"}
 
 
 def run_validation(what: str, cfg: Config, paths: Paths) -> dict[str, Any]:

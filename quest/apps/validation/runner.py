@@ -14,7 +14,8 @@ from typing import Any
 import great_expectations as gx
 import numpy as np
 
-from quest.apps.validation import SUITES, report_files
+from quest.apps.stage_table import report_files
+from quest.apps.validation import SUITES
 from quest.apps.validation.suites import BUILDERS, Suite, Table
 from quest.infra.config import Config
 from quest.infra.errors import QuestError
