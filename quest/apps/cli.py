@@ -1,15 +1,19 @@
-"""The `quest` command line: one subcommand per pipeline stage, plus the zoo listing."""
+"""The `quest` command line: one table of subcommands (`COMMANDS`: name -> help, options,
+handler), the pipeline's stages first."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,86 +55,77 @@ def _methods_epilog() -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="quest",
-        description="QuEST knowledge distillation: quantized teacher features as student targets.",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    _add_stage_commands(sub)
-    _add_registry_commands(sub)
-    _add_study_commands(sub)
-    _add_tool_commands(sub)
-    return parser
+def _config_command(p: argparse.ArgumentParser) -> None:
+    """A stage command's options: the configuration and the project root."""
+    _add_config_args(p)
 
 
-def _add_stage_commands(sub: Any) -> None:
-    """The pipeline's stage commands, each taking the config options."""
-    def stage(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        _add_config_args(p)
-        return p
+LEVEL_HELP = ("an extra QuEST level named in student.quest.extra_levels (default: the first "
+              "level; its files go under data/levels/NAME and models/levels/NAME)")
 
-    stage("prepare", "read the configured data source into data/prepared/")
-    stage("teacher", "import or train the teacher; evaluate it; write models/teacher/")
-    level_help = ("an extra QuEST level named in student.quest.extra_levels (default: the "
-                  "first level; its files go under data/levels/NAME and models/levels/NAME)")
-    p = stage("features", "extract the teacher's spatial feature vectors into data/features/")
-    p.add_argument("--level", default="", metavar="NAME", help=level_help)
-    p = stage("codebook", "fit the k-means visual-word vocabulary into models/codebook/")
-    p.add_argument("--level", default="", metavar="NAME", help=level_help)
-    p = stage("student", f"train a student with one method ({', '.join(_method_names())})")
+
+def _level_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--level", default="", metavar="NAME", help=LEVEL_HELP)
+
+
+def _student_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
     p.epilog = _methods_epilog()
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--method", action="append", default=None,
                    help="method to train (repeatable; default: every one in student.methods)")
-    p = stage("sweep", "retrain students with several seeds; record each run in results/")
+
+
+def _sweep_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="student seeds (default: 0 1 2); recorded pairs are skipped")
     p.add_argument("--method", action="append", default=None,
                    help="method to sweep (repeatable; default: every one in student.methods)")
-    stage("evaluate", "evaluate teacher and students into metrics/evaluation.json")
-    p = stage("report", "write reports/report.html (self-contained) and reports/report.md: "
-                        "accuracy, curves, codebook, visual-word gallery")
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
     p.add_argument("--compare", metavar="OTHER_ROOT", default=None,
                    help="another finished run's project root: side-by-side table and curves")
-    p = stage("validate", "run a Great Expectations suite over a stage's output; writes "
-                          "reports/validation/ and fails (exit 2) listing failed expectations")
+
+
+def _validate_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
     p.add_argument("--what", required=True, choices=("data", "features", "codebook", "predictions"),
                    help="data (after prepare), features, codebook, or predictions (after evaluate)")
-    p = stage("run", "run the whole pipeline and print the accuracy table")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
     p.add_argument("--no-validate", action="store_true",
                    help="skip the Great Expectations suites between stages (e.g. where "
                         "great-expectations is not installed)")
     p.add_argument("--force", action="store_true",
                    help="rerun every stage, even those whose outputs exist and whose inputs, "
                         "settings and code are unchanged since they ran")
-    p = stage("config", "print the resolved, validated configuration (JSON or YAML)")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
     # YAML output is a complete, preset-free params file for DVC; redirect it to a new file: a
     # shell truncates `> params.yaml` before quest reads it
     p.add_argument("--format", choices=("json", "yaml"), default="json",
                    help="output format; yaml is a resolved params file, e.g. "
                         "`quest config --preset tiny --format yaml > tiny.yaml && "
                         "mv tiny.yaml params.yaml`")
-    p = stage("track", "log the finished pipeline to MLflow (parent run + a child run per stage) "
-                       "and register the teacher and students")
+
+
+def _track_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
     _add_tracking_args(p)
     p.add_argument("--experiment", default="quest", help="MLflow experiment name (default: quest)")
     p.add_argument("--no-register", action="store_true",
                    help="log runs, metrics and artifacts only; do not register models")
 
 
-def _add_registry_commands(sub: Any) -> None:
-    """`quest promote`: the gated champion alias."""
-    p = sub.add_parser(
-        "promote", help="move the 'champion' alias to a candidate student if it is better",
-        description="Gated promotion: point quest-student@champion at the candidate (default: "
-                    "the @challenger set by `quest track`) only if its val_top1 tag beats the "
-                    "current champion's and clears --min-top1; otherwise change nothing and say "
-                    "why.")
+def _promote_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     _add_tracking_args(p)
     p.add_argument("--min-top1", type=float, default=None,
@@ -142,13 +137,7 @@ def _add_registry_commands(sub: Any) -> None:
                    help="candidate version (default: the one with the 'challenger' alias)")
 
 
-def _add_study_commands(sub: Any) -> None:
-    """`quest study`: resumable settings x methods x seeds."""
-    p = sub.add_parser(
-        "study", help="run a study (settings x methods x seeds) resumably; write its table",
-        description="Train every run of a study file not yet recorded under results/ (an "
-                    "interrupted study resumes), then regenerate its table in docs/evidence.md and "
-                    "results/<study>/TABLE.md.")
+def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("study", nargs="?", default=None,
                    help="study file, e.g. studies/strength.yaml (not with --rerun-record)")
     p.add_argument("--root", default=".", help="project root (default: .)")
@@ -171,6 +160,11 @@ def _add_study_commands(sub: Any) -> None:
                    help="train again the selected runs whose record has no validation accuracy "
                         "(recorded before the validation split); the new record replaces the "
                         "old one in the tables, the old file stays")
+    _study_run_args(p)
+
+
+def _study_run_args(p: argparse.ArgumentParser) -> None:
+    """`quest study`'s options of where runs train and what it writes."""
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="train N runs at once on a local Dask cluster of N single-threaded "
                         "worker processes, through Prefect (default: one run at a time here)")
@@ -183,36 +177,25 @@ def _add_study_commands(sub: Any) -> None:
                    help="train nothing; exit 1 when the study's table in docs/evidence.md is stale")
 
 
-def _add_tool_commands(sub: Any) -> None:
-    """`quest init`, `quest models`, `quest bench` and `quest torchrun`."""
-    p = sub.add_parser(
-        "init", help="write a new project (params.yaml, dvc.yaml, prefect.yaml, ...) into DIR",
-        description="Write a working project into DIR: params.yaml (the active configuration, "
-                    "the data and teacher keys to fill in commented), dvc.yaml, prefect.yaml, "
-                    ".gitignore, .dvcignore and a README. Then edit params.yaml and run `quest "
-                    "run` or `dvc repro` there.")
+def _init_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="the new project's folder (created; must be empty)")
     p.add_argument("--preset", default=None,
                    help="start from this preset (the official ones are packaged with quest)")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty DIR, overwriting quest's files there")
-    p = sub.add_parser(
-        "torchrun", help="torchrun around a stage command; a rank's error stays one line",
-        description="quest torchrun [TORCHRUN OPTIONS] -- STAGE [ARGS]: runs `torchrun OPTIONS "
-                    "-m quest STAGE ARGS`, passes the ranks' output through, and ends a user's "
-                    "error in any rank with one line (no launcher traceback) and exit code 2")
+
+
+def _torchrun_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="torchrun's options, --, the stage")
-    p = sub.add_parser("models", help="list the model zoo, or a model's tappable layers",
-                       description="list the model zoo, or a model's tappable layers")
+
+
+def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", metavar="ARCH", help="list the layers of ARCH with output shapes")
     p.add_argument("--input-size", type=int, default=32, help="image side for --layers")
     p.add_argument("--num-classes", type=int, default=100, help="classes for --layers")
-    p = sub.add_parser(
-        "bench", help="measure loader, training steps, features and k-means; write JSON",
-        description="Benchmark in one process: in-memory loader vs DataLoader, ce/kd/quest "
-                    "training steps, teacher feature extraction, FAISS vs torch k-means, peak "
-                    "memory; writes benchmarks/results/bench-<device>.json. Uses data/prepared "
-                    "or the configured archive, else random images.")
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--quick", action="store_true", help="small sizes (about a minute on 2 cores)")
     p.add_argument("--images", type=int, default=None, help="images (default 2560; quick 1024)")
@@ -224,11 +207,9 @@ def _add_tool_commands(sub: Any) -> None:
     p.add_argument("--kmeans-iterations", type=int, default=20, help="k-means iterations")
     p.add_argument("--synthetic", action="store_true", help="random CIFAR-shaped images")
     p.add_argument("--out-dir", default="benchmarks/results", help="where the JSON goes")
-    p = sub.add_parser(
-        "shards", help="write WebDataset tar shards from an image folder",
-        description="Write SRC's train/<class>/<image> and test/<class>/<image> as WebDataset "
-                    "shards OUT/train-000000.tar, ... (KEY.jpg + KEY.cls) and OUT/classes.txt, "
-                    "for data.format: stream with data.location: OUT.")
+
+
+def _shards_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="image folder with train/ and test/")
     p.add_argument("out", help="empty folder for the shards")
     p.add_argument("--size", type=int, default=1000, help="samples per shard (default 1000)")
@@ -278,30 +259,41 @@ def _load_cfg(args: argparse.Namespace) -> Any:
     return load_config(Path(args.root) / args.params, args.preset, args.overrides)
 
 
+def _cmd_config(args: argparse.Namespace) -> None:
+    """`quest config`: the resolved configuration, checked as a stage's start would."""
+    from quest.core.checks import check_runnable
+    from quest.core.methods import config_dict
+
+    cfg = _load_cfg(args)
+    check_runnable(cfg)  # `quest config` checks everything a stage's start would
+    # every registered method's section (plug-ins included), its defaults filled in
+    resolved = config_dict(cfg)
+    if args.format == "yaml":
+        import yaml
+
+        # block style, keys in definition order: readable and diff-friendly for DVC params
+        print(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False), end="")
+    else:
+        print(json.dumps(resolved, indent=2))
+
+
 TORCHRUN_STAGES = ("prepare", "teacher", "features", "codebook", "student", "evaluate",
                    "validate")
 
+ProjectHandler = Callable[[argparse.Namespace, Any, Any], None]
 
-def _run_stage(args: argparse.Namespace) -> None:
+
+def _in_project(handler: ProjectHandler) -> Callable[[argparse.Namespace], None]:
+    """A command that works on a project: `handler(args, cfg, paths)` runs with the config
+    loaded, a log file under logs/ and the project's run lock held (see `_run_in_project`)."""
+    return functools.partial(_run_in_project, handler)
+
+
+def _run_in_project(handler: ProjectHandler, args: argparse.Namespace) -> None:
     from quest.infra.paths import Paths
     from quest.infra.progress import setup_logging
 
     cfg = _load_cfg(args)
-    if args.command == "config":
-        from quest.core.checks import check_runnable
-        from quest.core.methods import config_dict
-
-        check_runnable(cfg)  # `quest config` checks everything a stage's start would
-        # every registered method's section (plug-ins included), its defaults filled in
-        resolved = config_dict(cfg)
-        if args.format == "yaml":
-            import yaml
-
-            # block style, keys in definition order: readable and diff-friendly for DVC params
-            print(yaml.safe_dump(resolved, sort_keys=False, default_flow_style=False), end="")
-        else:
-            print(json.dumps(resolved, indent=2))
-        return
     paths = Paths(Path(args.root).resolve())
     stamp = time.strftime("%Y%m%d-%H%M%S")
     from quest.core.distributed import env_info
@@ -326,17 +318,7 @@ def _run_stage(args: argparse.Namespace) -> None:
     lock = (run_lock(paths.root, f"quest {args.command}")
             if dist_info is None or dist_info.is_main else contextlib.nullcontext())
     with lock:
-        _dispatch(args, cfg, paths)
-
-
-def _dispatch(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
-    """Run one stage command (the caller holds the project's run lock)."""
-    if args.command in ("prepare", "teacher", "features", "codebook", "student"):
-        _run_table_stage(args, cfg, paths)
-    elif args.command == "run":
-        _cmd_run(args, cfg, paths)
-    else:
-        _dispatch_outputs(args, cfg, paths)
+        handler(args, cfg, paths)
 
 
 def _run_table_stage(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
@@ -378,44 +360,52 @@ def _cmd_run(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
     print(f"total wall time: {time.perf_counter() - t0:.1f}s")
 
 
-def _dispatch_outputs(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
-    """The commands that read a run's outputs: sweep, report, evaluate, validate, track."""
-    if args.command == "sweep":
-        from quest.apps.results import load_records, results_table
-        from quest.apps.study.sweep import run_sweep
+def _cmd_sweep(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
+    """`quest sweep`: the study runner over the project's own outputs (quest/apps/study/sweep.py),
+    then the table of the project's run records."""
+    from quest.apps.results import load_records, results_table
+    from quest.apps.study.sweep import run_sweep
 
-        run_sweep(cfg, paths, args.seeds, args.method or list(cfg.student.methods))
-        print(results_table(load_records(paths.results)))
-    elif args.command == "report":
-        from quest.apps.report import run_report
+    run_sweep(cfg, paths, args.seeds, args.method or list(cfg.student.methods))
+    print(results_table(load_records(paths.results)))
 
-        out = run_report(cfg, paths, Path(args.compare) if args.compare else None)
-        print(f"report: {out['html']} and {out['markdown']} "
-              f"({len(out['figures'])} figures, {out['gallery_words']} gallery words)")
-    elif args.command == "evaluate":
-        from quest.apps.stages.evaluate import format_table, run_evaluate
 
-        print(format_table(run_evaluate(cfg, paths)))
-    elif args.command == "validate":
-        from quest.apps.validation import run_validation
+def _cmd_report(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
+    from quest.apps.report import run_report
 
-        rep = run_validation(args.what, cfg, paths)
-        print(f"{args.what} validation passed: {rep['passed']} of {rep['evaluated']} "
-              f"expectations (reports/validation/{args.what}.json, {rep['data_docs']})")
-    elif args.command == "track":
-        from quest.apps.tracking import track_pipeline
+    out = run_report(cfg, paths, Path(args.compare) if args.compare else None)
+    print(f"report: {out['html']} and {out['markdown']} "
+          f"({len(out['figures'])} figures, {out['gallery_words']} gallery words)")
 
-        out = track_pipeline(cfg, paths, args.tracking_uri, args.experiment,
-                             register=not args.no_register)
-        print(f"MLflow run {out['parent_run_id']} ({len(out['child_run_ids'])} stage runs) "
-              f"in experiment '{out['experiment']}' at {out['tracking_uri']}")
-        if "challenger" in out:
-            versions = ", ".join(f"{m} v{v}" for m, v in out["student_versions"].items())
-            ch = out["challenger"]
-            pick = (f"challenger (best val top-1 {ch['val_top1']:.4f}): {ch['method']} "
-                    f"v{ch['version']}" if ch else out["challenger_note"])
-            print(f"registered quest-teacher v{out['teacher_version']}; quest-student {versions}; "
-                  f"{pick}")
+
+def _cmd_evaluate(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
+    from quest.apps.stages.evaluate import format_table, run_evaluate
+
+    print(format_table(run_evaluate(cfg, paths)))
+
+
+def _cmd_validate(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
+    from quest.apps.validation import run_validation
+
+    rep = run_validation(args.what, cfg, paths)
+    print(f"{args.what} validation passed: {rep['passed']} of {rep['evaluated']} "
+          f"expectations (reports/validation/{args.what}.json, {rep['data_docs']})")
+
+
+def _cmd_track(args: argparse.Namespace, cfg: Any, paths: Any) -> None:
+    from quest.apps.tracking import track_pipeline
+
+    out = track_pipeline(cfg, paths, args.tracking_uri, args.experiment,
+                         register=not args.no_register)
+    print(f"MLflow run {out['parent_run_id']} ({len(out['child_run_ids'])} stage runs) "
+          f"in experiment '{out['experiment']}' at {out['tracking_uri']}")
+    if "challenger" in out:
+        versions = ", ".join(f"{m} v{v}" for m, v in out["student_versions"].items())
+        ch = out["challenger"]
+        pick = (f"challenger (best val top-1 {ch['val_top1']:.4f}): {ch['method']} "
+                f"v{ch['version']}" if ch else out["challenger_note"])
+        print(f"registered quest-teacher v{out['teacher_version']}; quest-student {versions}; "
+              f"{pick}")
 
 
 def _cmd_promote(args: argparse.Namespace) -> None:
@@ -435,10 +425,9 @@ def _cmd_promote(args: argparse.Namespace) -> None:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from quest.apps.study.runner import run_study
-    from quest.apps.study.spec import load_study
+    from quest.apps.study.runner import write_aliases
+    from quest.apps.study.spec import load_study, planned_runs
     from quest.apps.study.table import update_tables
-    from quest.infra.progress import setup_logging
 
     root = Path(args.root).resolve()
     if args.rerun_record:
@@ -456,42 +445,50 @@ def _cmd_study(args: argparse.Namespace) -> int:
                   f"{args.study} --table-only`", file=sys.stderr)
         return 1 if stale else 0
     if not args.table_only:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        setup_logging(str(root / "logs" / f"study-{study.name}-{stamp}.log"), args.debug)
-        # no project lock: a study may run beside everyday commands on the project, and
-        # beside other runners of studies; each run and each shared stage has its own lock
-        again = None
-        if args.reproduce is not None:
-            again = (Path(args.reproduce).resolve() if args.reproduce
-                     else root / "results" / "runs" / f"reproduce-{study.name}")
-        stale = None
-        if again is not None:  # which committed records today's code would not reproduce
-            from quest.apps.study.table import staleness
-
-            stale = staleness(study, root, args.setting, args.seed, args.method)
-            print(stale)
-        run_study(study, root, dry_run=args.dry_run, only=args.setting, seeds=args.seed,
-                  reproduce=again, methods=args.method, missing_val=args.missing_val,
-                  workers=args.workers, dask_address=args.dask_address)
-        if args.dry_run:
-            return 0
-        if again is not None:
-            from quest.apps.study.runner import reproduction_table
-            from quest.infra.io_utils import write_text_atomic
-
-            table = reproduction_table(study, root, again, args.setting, args.seed)
-            write_text_atomic(again / "REPRODUCE.md", f"# Reproduction of study {study.name}\n\n"
-                              f"{table}\n\n{stale}\n")
-            print(table)
-            print(f"wrote {again / 'REPRODUCE.md'}")
-            return 0
+        trained = _study_train(args, study, root)
+        if trained is not None:
+            return trained
     else:
-        from quest.apps.study.runner import write_aliases
-        from quest.apps.study.spec import planned_runs
-
         write_aliases(study, root, planned_runs(study, root))
     for path in update_tables(study, root):
         print(f"wrote {path}")
+    return 0
+
+
+def _study_train(args: argparse.Namespace, study: Any, root: Path) -> int | None:
+    """Train a study's runs; the exit code when the command ends here (a dry run, a
+    reproduction), else None: the tables are regenerated next."""
+    from quest.apps.study.runner import reproduction_table, run_study
+    from quest.infra.progress import setup_logging
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    setup_logging(str(root / "logs" / f"study-{study.name}-{stamp}.log"), args.debug)
+    # no project lock: a study may run beside everyday commands on the project, and
+    # beside other runners of studies; each run and each shared stage has its own lock
+    again = None
+    if args.reproduce is not None:
+        again = (Path(args.reproduce).resolve() if args.reproduce
+                 else root / "results" / "runs" / f"reproduce-{study.name}")
+    stale = None
+    if again is not None:  # which committed records today's code would not reproduce
+        from quest.apps.study.table import staleness
+
+        stale = staleness(study, root, args.setting, args.seed, args.method)
+        print(stale)
+    run_study(study, root, dry_run=args.dry_run, only=args.setting, seeds=args.seed,
+              reproduce=again, methods=args.method, missing_val=args.missing_val,
+              workers=args.workers, dask_address=args.dask_address)
+    if args.dry_run:
+        return 0
+    if again is None:
+        return None
+    from quest.infra.io_utils import write_text_atomic
+
+    table = reproduction_table(study, root, again, args.setting, args.seed)
+    write_text_atomic(again / "REPRODUCE.md", f"# Reproduction of study {study.name}\n\n"
+                      f"{table}\n\n{stale}\n")
+    print(table)
+    print(f"wrote {again / 'REPRODUCE.md'}")
     return 0
 
 
@@ -511,6 +508,124 @@ def _cmd_rerun(args: argparse.Namespace, root: Path) -> int:
     for line in comparison(record, again):
         print(f"  {line}")
     return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> None:
+    from quest.apps.project import init_project
+
+    files = init_project(args.dir, args.preset, args.force)
+    print(f"wrote {len(files)} files into {args.dir}: fill in params.yaml's FILL IN "
+          "lines, then `quest run` (or `git init && dvc init && dvc repro`) there")
+
+
+def _cmd_torchrun(args: argparse.Namespace) -> int:
+    # `main` hands `quest torchrun ...` to the launcher before parsing; this is the path of
+    # options before it (e.g. `quest --debug torchrun ...`)
+    from quest.apps.launch import run_torchrun
+
+    return run_torchrun(args.rest)
+
+
+def _cmd_shards(args: argparse.Namespace) -> None:
+    from quest.apps.shards import write_shards
+
+    write_shards(Path(args.src), Path(args.out), args.size, args.seed)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its one-line help (a function where it lists the registered methods),
+    what adds its options, what runs it (returning an exit code, or None for 0) and its
+    longer description (default: the help)."""
+
+    help: str | Callable[[], str]
+    args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+    description: str = ""
+
+
+# every subcommand, in the order `quest --help` lists them
+COMMANDS: dict[str, Command] = {
+    "prepare": Command("read the configured data source into data/prepared/",
+                       _config_command, _in_project(_run_table_stage)),
+    "teacher": Command("import or train the teacher; evaluate it; write models/teacher/",
+                       _config_command, _in_project(_run_table_stage)),
+    "features": Command("extract the teacher's spatial feature vectors into data/features/",
+                        _level_args, _in_project(_run_table_stage)),
+    "codebook": Command("fit the k-means visual-word vocabulary into models/codebook/",
+                        _level_args, _in_project(_run_table_stage)),
+    "student": Command(lambda: f"train a student with one method ({', '.join(_method_names())})",
+                       _student_args, _in_project(_run_table_stage)),
+    "sweep": Command("retrain students with several seeds; record each run in results/",
+                     _sweep_args, _in_project(_cmd_sweep)),
+    "evaluate": Command("evaluate teacher and students into metrics/evaluation.json",
+                        _config_command, _in_project(_cmd_evaluate)),
+    "report": Command("write reports/report.html (self-contained) and reports/report.md: "
+                      "accuracy, curves, codebook, visual-word gallery",
+                      _report_args, _in_project(_cmd_report)),
+    "validate": Command("run a Great Expectations suite over a stage's output; writes "
+                        "reports/validation/ and fails (exit 2) listing failed expectations",
+                        _validate_args, _in_project(_cmd_validate)),
+    "run": Command("run the whole pipeline and print the accuracy table",
+                   _run_args, _in_project(_cmd_run)),
+    "config": Command("print the resolved, validated configuration (JSON or YAML)",
+                      _config_args, _cmd_config),
+    "track": Command("log the finished pipeline to MLflow (parent run + a child run per stage) "
+                     "and register the teacher and students",
+                     _track_args, _in_project(_cmd_track)),
+    "promote": Command(
+        "move the 'champion' alias to a candidate student if it is better", _promote_args,
+        _cmd_promote,
+        "Gated promotion: point quest-student@champion at the candidate (default: the "
+        "@challenger set by `quest track`) only if its val_top1 tag beats the current "
+        "champion's and clears --min-top1; otherwise change nothing and say why."),
+    "study": Command(
+        "run a study (settings x methods x seeds) resumably; write its table", _study_args,
+        _cmd_study,
+        "Train every run of a study file not yet recorded under results/ (an interrupted study "
+        "resumes), then regenerate its table in docs/evidence.md and results/<study>/TABLE.md."),
+    "init": Command(
+        "write a new project (params.yaml, dvc.yaml, prefect.yaml, ...) into DIR", _init_args,
+        _cmd_init,
+        "Write a working project into DIR: params.yaml (the active configuration, the data and "
+        "teacher keys to fill in commented), dvc.yaml, prefect.yaml, .gitignore, .dvcignore "
+        "and a README. Then edit params.yaml and run `quest run` or `dvc repro` there."),
+    "torchrun": Command(
+        "torchrun around a stage command; a rank's error stays one line", _torchrun_args,
+        _cmd_torchrun,
+        "quest torchrun [TORCHRUN OPTIONS] -- STAGE [ARGS]: runs `torchrun OPTIONS -m quest "
+        "STAGE ARGS`, passes the ranks' output through, and ends a user's error in any rank "
+        "with one line (no launcher traceback) and exit code 2"),
+    "models": Command("list the model zoo, or a model's tappable layers", _models_args,
+                      _cmd_models),
+    "bench": Command(
+        "measure loader, training steps, features and k-means; write JSON", _bench_args,
+        _cmd_bench,
+        "Benchmark in one process: in-memory loader vs DataLoader, ce/kd/quest training "
+        "steps, teacher feature extraction, FAISS vs torch k-means, peak memory; writes "
+        "benchmarks/results/bench-<device>.json. Uses data/prepared or the configured "
+        "archive, else random images."),
+    "shards": Command(
+        "write WebDataset tar shards from an image folder", _shards_args, _cmd_shards,
+        "Write SRC's train/<class>/<image> and test/<class>/<image> as WebDataset shards "
+        "OUT/train-000000.tar, ... (KEY.jpg + KEY.cls) and OUT/classes.txt, for data.format: "
+        "stream with data.location: OUT."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand of `COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="quest",
+        description="QuEST knowledge distillation: quantized teacher features as student targets.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        help_text = command.help() if callable(command.help) else command.help
+        p = sub.add_parser(name, help=help_text, description=command.description or help_text)
+        command.args(p)
+    return parser
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -539,26 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        if args.command == "models":
-            _cmd_models(args)
-        elif args.command == "init":
-            from quest.apps.project import init_project
-
-            files = init_project(args.dir, args.preset, args.force)
-            print(f"wrote {len(files)} files into {args.dir}: fill in params.yaml's FILL IN "
-                  "lines, then `quest run` (or `git init && dvc init && dvc repro`) there")
-        elif args.command == "bench":
-            _cmd_bench(args)
-        elif args.command == "shards":
-            from quest.apps.shards import write_shards
-
-            write_shards(Path(args.src), Path(args.out), args.size, args.seed)
-        elif args.command == "promote":
-            _cmd_promote(args)
-        elif args.command == "study":
-            return _cmd_study(args)
-        else:
-            _run_stage(args)
+        return COMMANDS[args.command].run(args) or 0
     except QuestError as exc:
         if args.debug:
             raise
@@ -569,7 +665,6 @@ def main(argv: list[str] | None = None) -> int:
               "to resume",
               file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":
