@@ -16,6 +16,29 @@ from quest.infra.errors import QuestError
 from quest.infra.paths import RUNS_DIR
 from quest.infra.progress import log
 
+Plan = list[tuple[Setting, str, int, Config, str]]  # (setting, method, seed, config, params hash)
+
+
+def select_runs(study: Study, plan: Plan, only: list[str] | None, seeds: list[int] | None,
+                methods: list[str] | None) -> Plan:
+    """The planned runs of the settings in `only`, the `seeds` and the `methods` (each when
+    given); an unknown setting, or a method no selected setting runs, is a QuestError."""
+    if only:
+        unknown = set(only) - {s.name for s in study.settings}
+        if unknown:
+            raise QuestError(f"{study.path} has no setting {sorted(unknown)[0]!r}: choose from "
+                             + ", ".join(s.name for s in study.settings))
+        plan = [p for p in plan if p[0].name in only]
+    if seeds:
+        plan = [p for p in plan if p[2] in seeds]
+    if methods:
+        unknown = set(methods) - {p[1] for p in plan}
+        if unknown:
+            raise QuestError(f"no selected setting of {study.path} runs method "
+                             f"{sorted(unknown)[0]!r}: check --method and the study's methods")
+        plan = [p for p in plan if p[1] in methods]
+    return plan
+
 
 def run_study(study: Study, root: Path, *, dry_run: bool = False,
               only: list[str] | None = None, seeds: list[int] | None = None,
@@ -36,21 +59,7 @@ def run_study(study: Study, root: Path, *, dry_run: bool = False,
     in this process, or, with `workers` or `dask_address`, at once on Dask through Prefect
     (quest/apps/study/fanout.py). Either way a run trains under its own lock (`train_run`), so
     two runners never train the same run."""
-    plan = planned_runs(study, root)
-    if only:
-        unknown = set(only) - {s.name for s in study.settings}
-        if unknown:
-            raise QuestError(f"{study.path} has no setting {sorted(unknown)[0]!r}: choose from "
-                             + ", ".join(s.name for s in study.settings))
-        plan = [p for p in plan if p[0].name in only]
-    if seeds:
-        plan = [p for p in plan if p[2] in seeds]
-    if methods:
-        unknown = set(methods) - {p[1] for p in plan}
-        if unknown:
-            raise QuestError(f"no selected setting of {study.path} runs method "
-                             f"{sorted(unknown)[0]!r}: check --method and the study's methods")
-        plan = [p for p in plan if p[1] in methods]
+    plan = select_runs(study, planned_runs(study, root), only, seeds, methods)
     if reproduce is None:
         done = {key: r for key, r in recorded_runs(root).items()
                 if not missing_val or has_val(r)}

@@ -163,8 +163,35 @@ def render(study: Study, root: Path, points: list[WordPoint] | None = None) -> s
              "",
              "| setting | method | seeds | val top-1 % | top-1 % | Δ vs CE | Δ vs KD "
              "| wall s/run |",
-             "|---|---|---|---|---|---|---|---|"]
-    base = baselines(study, root)
+             "|---|---|---|---|---|---|---|---|",
+             *_setting_rows(study, data, baselines(study, root))]
+    rows = _best_rows(study, root, data)
+    if rows:
+        lines += ["", "Best of each method over the study's settings of one schedule, chosen on "
+                  "the validation split (the highest mean val top-1 among the settings with the "
+                  "most seeds recorded with val; runs without val are not candidates), beside the "
+                  "best KD of that schedule; the test top-1 is reported, never chosen on:", "",
+                  "| schedule | method | best setting (on val) | seeds | val top-1 % | top-1 % "
+                  "| Δ vs best KD |", "|---|---|---|---|---|---|---|", *rows]
+    lines += _diagnostics(study, data)
+    points = word_points(study, root) if points is None else points
+    if points:
+        xs = [p.word_accuracy for p in points]
+        ys = [p.top1 for p in points]
+        lines += ["", f"Top-1 against the visual-word accuracy the student reached, over the "
+                  f"{len(points)} settings of QuEST-based methods that train on the same data "
+                  f"for the same steps ({points[0].group}; mean over seeds each): Pearson r = "
+                  f"{pearson(xs, ys):.2f} (word accuracy {min(xs):.3f} to {max(xs):.3f}, "
+                  f"top-1 {min(ys):.2f} to {max(ys):.2f} %)."]
+    return "\n".join(lines)
+
+
+Runs = dict[str, dict[str, dict[int, dict[str, Any]]]]  # setting -> method -> seed -> record
+
+
+def _setting_rows(study: Study, data: Runs, base: Runs) -> list[str]:
+    """The main table's rows: each setting's methods (or "not run yet")."""
+    lines = []
     for s in study.settings:
         by_m = data.get(s.name, {})
         ce, kd = base.get(s.name, {}).get("ce", {}), base.get(s.name, {}).get("kd", {})
@@ -180,10 +207,16 @@ def render(study: Study, root: Path, points: list[WordPoint] | None = None) -> s
             val = val_cell([by_m[method][x] for x in sorted(by_m[method])])
             lines.append(f"| {s.name} | {method} | {seeds} | {val} | {m:.2f} ± {sd:.2f} "
                          f"| {vs_ce} | {vs_kd} | {_wall(by_m[method])} |")
+    return lines
+
+
+def _best_rows(study: Study, root: Path, data: Runs) -> list[str]:
+    """The best-of table's rows: per schedule that ran KD and a QuEST method, each method's
+    best setting on val beside the best KD."""
     # every method the study ran, the feature baselines (FitNets, AT) included; best-of rows
     # compare settings of one schedule (a 12-epoch KD is no baseline for a 6-epoch FitNets)
     ran = sorted({m for by_m in data.values() for m in by_m}, key=_order)
-    groups: dict[str, dict[str, dict[str, dict[int, dict[str, Any]]]]] = {}
+    groups: dict[str, Runs] = {}
     for s in study.settings:
         if s.name in data:
             groups.setdefault(schedule_group(setting_config(study, s, root)),
@@ -205,35 +238,25 @@ def render(study: Study, root: Path, points: list[WordPoint] | None = None) -> s
             rows.append(f"| {group} | {method} | {entry[0]} | "
                         f"{','.join(str(x) for x in sorted(t))} | {vm:.2f} ± {vsd:.2f} | "
                         f"{m:.2f} ± {sd:.2f} | {vs} |")
-    if rows:
-        lines += ["", "Best of each method over the study's settings of one schedule, chosen on "
-                  "the validation split (the highest mean val top-1 among the settings with the "
-                  "most seeds recorded with val; runs without val are not candidates), beside the "
-                  "best KD of that schedule; the test top-1 is reported, never chosen on:", "",
-                  "| schedule | method | best setting (on val) | seeds | val top-1 % | top-1 % "
-                  "| Δ vs best KD |", "|---|---|---|---|---|---|---|", *rows]
+    return rows
+
+
+def _diagnostics(study: Study, data: Runs) -> list[str]:
+    """The QuEST diagnostics table (none when no codebook method ran)."""
     diag = [(s.name, m, runs) for s in study.settings for m, runs in data.get(s.name, {}).items()
             if get_method(m).needs_codebook]
-    if diag:
-        lines += ["", "QuEST diagnostics at the last epoch (mean over seeds): visual-word "
-                  "accuracy, the teacher's mean max assignment, the student's mean max predicted "
-                  "probability, the predictor's scale, and the training loss terms.", "",
-                  "| setting | method | word acc | teacher max | student max | scale | QuEST term "
-                  "| CE term |", "|---|---|---|---|---|---|---|---|"]
-        for name, method, runs in diag:
-            cells = [_diag(runs, k) for k in ("word_accuracy", "mean_max_assignment",
-                                             "student_mean_max", "predictor_scale", "quest", "ce")]
-            lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
-    points = word_points(study, root) if points is None else points
-    if points:
-        xs = [p.word_accuracy for p in points]
-        ys = [p.top1 for p in points]
-        lines += ["", f"Top-1 against the visual-word accuracy the student reached, over the "
-                  f"{len(points)} settings of QuEST-based methods that train on the same data "
-                  f"for the same steps ({points[0].group}; mean over seeds each): Pearson r = "
-                  f"{pearson(xs, ys):.2f} (word accuracy {min(xs):.3f} to {max(xs):.3f}, "
-                  f"top-1 {min(ys):.2f} to {max(ys):.2f} %)."]
-    return "\n".join(lines)
+    if not diag:
+        return []
+    lines = ["", "QuEST diagnostics at the last epoch (mean over seeds): visual-word "
+             "accuracy, the teacher's mean max assignment, the student's mean max predicted "
+             "probability, the predictor's scale, and the training loss terms.", "",
+             "| setting | method | word acc | teacher max | student max | scale | QuEST term "
+             "| CE term |", "|---|---|---|---|---|---|---|---|"]
+    for name, method, runs in diag:
+        cells = [_diag(runs, k) for k in ("word_accuracy", "mean_max_assignment",
+                                         "student_mean_max", "predictor_scale", "quest", "ce")]
+        lines.append(f"| {name} | {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def staleness(study: Study, root: Path, only: list[str] | None = None,

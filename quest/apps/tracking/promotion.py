@@ -92,16 +92,22 @@ def promote(
         client.set_model_version_tag(model_name, str(version), "promoted_from",
                                      str(champion) if champion is not None else "none")
         out["promoted"] = True
-        if champion is None:
-            why = f"version {version} val_top1 {candidate:.4f} is the first champion"
-        elif champ_top1 is None:
-            why = (f"version {version} val_top1 {candidate:.4f} replaces champion version "
-                   f"{champion}, which has no val_top1 (registered before the validation split)")
-        else:
-            why = (f"version {version} val_top1 {candidate:.4f} beats champion version "
-                   f"{champion} ({champ_top1:.4f})")
-        out["reason"] = why + f" and clears min_top1 {min_top1:.4f}"
+        out["reason"] = _promotion_reason(version, candidate, champion, champ_top1, min_top1)
         return out
+
+
+def _promotion_reason(version: int, candidate: float, champion: int | None,
+                      champ_top1: float | None, min_top1: float) -> str:
+    """Why the candidate became champion, in one line."""
+    if champion is None:
+        why = f"version {version} val_top1 {candidate:.4f} is the first champion"
+    elif champ_top1 is None:
+        why = (f"version {version} val_top1 {candidate:.4f} replaces champion version "
+               f"{champion}, which has no val_top1 (registered before the validation split)")
+    else:
+        why = (f"version {version} val_top1 {candidate:.4f} beats champion version "
+               f"{champion} ({champ_top1:.4f})")
+    return why + f" and clears min_top1 {min_top1:.4f}"
 
 
 def _refusal(version: int, candidate: float, champion: int | None, champ_top1: float | None,

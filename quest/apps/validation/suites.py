@@ -209,34 +209,12 @@ def _stream_view(ds: Any) -> Any:
                            train=splits["train"], test=splits["test"])
 
 
-def data_suite(cfg: Config, paths: Paths) -> Suite:
-    """Prepared data: array shape and dtype, label range, class balance, duplicates, pixels
-    (for a stream: the same checks on a sample of its crops, class balance on the index)."""
-    from quest.apps.stages.common import load_data
-    from quest.core.data.stream import StreamData
-
-    ds = load_data(paths, mmap=True)
-    full: dict[str, dict[str, int]] | None = None
-    faults: dict[str, int] = {}  # a stream's images that failed to decode in the sample
-    if isinstance(ds, StreamData):
-        full = {k: {str(c): int(n) for c, n in v.items()}
-                for k, v in ds.meta["class_counts"].items()}
-        stream, ds = ds, _stream_view(ds)
-        faults = dict(stream.faults)
+def _data_observed(ds: Any, f: Any, splits: dict[str, Any],
+                   full: dict[str, dict[str, int]] | None,
+                   faults: dict[str, int]) -> dict[str, Any]:
+    """What the data report shows beside the expectations: classes, the validation split's
+    draw, images and class counts per split, duplicates, unreadable images, pixel statistics."""
     skipped = ds.meta.get("skipped")
-    v = cfg.validation.data
-    f = _data_frames(ds)
-    if full is not None:
-        for row in f.classes:
-            counts = full[row["split"]]
-            mean_count = sum(counts.values()) / max(len(counts), 1)
-            row["count"] = counts[row["class"]]
-            row["share_of_mean"] = row["count"] / mean_count if mean_count else 0.0
-    class_exps = [gxe.ExpectColumnValuesToBeBetween(
-        column="share_of_mean", min_value=v.min_class_share,
-        description=f"every class holds at least {v.min_class_share:.0%} of its split's mean "
-                    "class count")]
-    splits = _splits(ds)
     names = tuple(splits)
     frame = f.images
     if "validation" in ds.meta:  # how the split was drawn, for the data report
@@ -261,6 +239,38 @@ def data_suite(cfg: Config, paths: Paths) -> Suite:
         "pixel_std": {name: float(frame.loc[frame.split == name, "pixel_std"].mean())
                       for name in names},
     }
+    return observed
+
+
+def data_suite(cfg: Config, paths: Paths) -> Suite:
+    """Prepared data: array shape and dtype, label range, class balance, duplicates, pixels
+    (for a stream: the same checks on a sample of its crops, class balance on the index)."""
+    from quest.apps.stages.common import load_data
+    from quest.core.data.stream import StreamData
+
+    ds = load_data(paths, mmap=True)
+    full: dict[str, dict[str, int]] | None = None
+    faults: dict[str, int] = {}  # a stream's images that failed to decode in the sample
+    if isinstance(ds, StreamData):
+        full = {k: {str(c): int(n) for c, n in v.items()}
+                for k, v in ds.meta["class_counts"].items()}
+        stream, ds = ds, _stream_view(ds)
+        faults = dict(stream.faults)
+    v = cfg.validation.data
+    f = _data_frames(ds)
+    if full is not None:
+        for row in f.classes:
+            counts = full[row["split"]]
+            mean_count = sum(counts.values()) / max(len(counts), 1)
+            row["count"] = counts[row["class"]]
+            row["share_of_mean"] = row["count"] / mean_count if mean_count else 0.0
+    class_exps = [gxe.ExpectColumnValuesToBeBetween(
+        column="share_of_mean", min_value=v.min_class_share,
+        description=f"every class holds at least {v.min_class_share:.0%} of its split's mean "
+                    "class count")]
+    splits = _splits(ds)
+    frame = f.images
+    observed = _data_observed(ds, f, splits, full, faults)
     return Suite(
         tables=[Table("arrays", pd.DataFrame(f.arrays), _array_expectations(cfg, f.train_hw),
                       ["split"]),
