@@ -300,3 +300,15 @@ def test_progress_lines_and_one_log_file_per_run(tmp_path: Path,
         h.close()
     assert "two" not in (tmp_path / "first.log").read_text()
     assert "two" in (tmp_path / "second.log").read_text()
+
+
+def test_report_templates_are_package_data() -> None:
+    """An installed quest renders reports too: pyproject ships every template file."""
+    import fnmatch
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["quest.apps.report"]
+    templates = REPO / "quest" / "apps" / "report" / "templates"
+    files = [p.relative_to(templates.parent).as_posix() for p in templates.iterdir()]
+    assert files and all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files)
