@@ -7,7 +7,7 @@ from quest.apps.plotting import figure, plain_ticks, png
 from quest.apps.stats import mean_std
 
 
-def study_sizefigure(series: dict[str, dict[int, list[float]]], title: str,
+def study_size_figure(series: dict[str, dict[int, list[float]]], title: str,
                       xlabel: str = "training images per class") -> bytes | None:
     """Top-1 against training images per class (or another count on a log axis, `xlabel`): a
     line per series (method or variant), the mean over seeds with the sample std as error
@@ -37,7 +37,7 @@ def study_sizefigure(series: dict[str, dict[int, list[float]]], title: str,
     return png(fig)
 
 
-def study_wordfigure(points: list[tuple[str, float, float]], title: str) -> bytes | None:
+def study_word_figure(points: list[tuple[str, float, float]], title: str) -> bytes | None:
     """Top-1 against visual-word accuracy: a labelled point per setting (mean over seeds)."""
     if not points:
         return None
