@@ -61,7 +61,7 @@ def run_study(study: Study, root: Path, *, dry_run: bool = False,
     two runners never train the same run."""
     plan = select_runs(study, planned_runs(study, root), only, seeds, methods)
     if reproduce is None:
-        done = {key: r for key, r in recorded_runs(root).items()
+        done = {key: r for key, r in recorded_runs(root, study.name).items()
                 if not missing_val or has_val(r)}
     else:
         done = {(r["params_hash"], r["method"], r["seed"]): r for r in load_records(reproduce)}
@@ -103,7 +103,7 @@ def reproduction_table(study: Study, root: Path, reproduce: Path,
     and seed, with the spread of the committed seeds of that setting and method for scale
     (different CPUs run different float kernels: a reproduction is expected to differ by about
     as much as seeds differ from each other, not to match digit for digit)."""
-    committed = recorded_runs(root)
+    committed = recorded_runs(root, study.name)
     again = {(r["params_hash"], r["method"], r["seed"]): r for r in load_records(reproduce)}
     lines = ["| setting | method | seed | committed top-1 % | reproduced top-1 % | Δ | "
              "committed seeds' std |", "|---|---|---|---|---|---|---|"]

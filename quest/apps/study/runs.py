@@ -21,14 +21,22 @@ from quest.infra.paths import RUNS_DIR, Paths
 from quest.infra.progress import log
 from quest.infra.runlock import LockBusy, file_lock
 
+# folders under results/ that hold no run records: single runs, and the evidence that two code
+# versions train the same bits (scripts/code_equivalence.py)
+NOT_RECORDS = (RUNS_DIR, "code-equivalence")
 
-def recorded_runs(root: Path) -> dict[tuple[str, str, int], dict[str, Any]]:
-    """Committed-evidence records under results/ (every study, not results/runs/), keyed by
-    (params hash, method, seed); a later record of the same key replaces an earlier one."""
-    out = {}
-    for r in load_records(root / "results", recursive=True, exclude=(RUNS_DIR,)):
-        out[(r["params_hash"], r["method"], r["seed"])] = r
-    return out
+
+def recorded_runs(root: Path, study: str | None = None
+                  ) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Committed-evidence records under results/ (every study, not results/runs/ nor the
+    code-equivalence evidence), keyed by (params hash, method, seed); a later record of the same
+    key replaces an earlier one, except that `study`'s own records win over another study's:
+    when a study reruns settings that another shares (main-job-val reruns main-job's defaults
+    with a validation split), each table keeps its own evidence."""
+    records = load_records(root / "results", recursive=True, exclude=NOT_RECORDS)
+    if study is not None:  # stable: the study's own records last, so they win
+        records.sort(key=lambda r: r.get("study") == study)
+    return {(r["params_hash"], r["method"], r["seed"]): r for r in records}
 
 
 def link(src: Path, dst: Path) -> None:
@@ -167,7 +175,7 @@ def _recorded(job: RunJob) -> bool:
     if job.reproduce:
         return any((r["params_hash"], r["method"], r["seed"]) ==
                    (job.params_hash, job.method, job.seed) for r in load_records(job.results))
-    rec = recorded_runs(job.root).get((job.params_hash, job.method, job.seed))
+    rec = recorded_runs(job.root, job.study).get((job.params_hash, job.method, job.seed))
     return rec is not None and (not job.missing_val or has_val(rec))
 
 

@@ -58,7 +58,7 @@ def paired_diff(a: dict[int, float], b: dict[int, float]) -> tuple[float, float 
 
 def collect(study: Study, root: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
     """setting -> method -> seed -> record, for every planned run that is recorded."""
-    records = recorded_runs(root)
+    records = recorded_runs(root, study.name)
     out: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     for setting, method, seed, _, h in planned_runs(study, root):
         rec = records.get((h, method, seed))
@@ -71,7 +71,7 @@ def baselines(study: Study, root: Path) -> dict[str, dict[str, dict[int, dict[st
     """setting -> {"ce", "kd"} -> seed -> record: the CE and KD runs with this setting's
     settings, wherever recorded. A setting that only runs QuEST is still compared with them:
     their results do not depend on QuEST's knobs, so they are the same runs."""
-    records = recorded_runs(root)
+    records = recorded_runs(root, study.name)
     out: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     for setting in study.settings:
         for seed in setting.seeds:
@@ -263,7 +263,7 @@ def staleness(study: Study, root: Path, only: list[str] | None = None,
               seeds: list[int] | None = None, methods: list[str] | None = None) -> str:
     """Markdown: which committed records of the selected runs are stale against today's code
     (another code fingerprint), current, or unknown (recorded before fingerprints)."""
-    records = recorded_runs(root)
+    records = recorded_runs(root, study.name)
     today = code_fingerprint()
     rows, counts, seen = [], {"current": 0, "stale": 0, "unknown": 0}, set()
     for setting, method, seed, _, h in planned_runs(study, root):
@@ -383,7 +383,7 @@ def length_series(study: Study, root: Path) -> dict[str, dict[int, list[float]]]
     one series). Series made of the same runs count once, and one whose runs are all in a
     larger series is left out; a method with two series is labelled with the setting's name.
     """
-    records = recorded_runs(root)
+    records = recorded_runs(root, study.name)
     lengths = sorted({setting_config(study, s, root).student.train.epochs
                       for s in study.settings})
     if len(lengths) < MIN_LENGTHS:

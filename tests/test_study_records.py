@@ -1,0 +1,31 @@
+"""Which record a study's table reads when several studies recorded the same run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from quest.apps.study.runs import recorded_runs
+
+
+def _record(root: Path, folder: str, study: str, finished: str, top1: float) -> None:
+    path = root / "results" / folder / f"{finished.replace(':', '')}-quest-s0.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"params_hash": "h", "method": "quest", "seed": 0,
+                                "study": study, "finished_at": finished, "top1": top1}))
+
+
+def test_a_study_reads_its_own_record_first_and_the_latest_otherwise(tmp_path: Path) -> None:
+    _record(tmp_path, "main-job", "main-job", "2026-11-28T00:00:00Z", 0.74)
+    _record(tmp_path, "main-job-val", "main-job-val", "2026-12-07T00:00:00Z", 0.73)
+    # an older alias of the main-job record inside the rerunning study's folder
+    _record(tmp_path, "main-job-val", "main-job", "2026-11-28T00:00:01Z", 0.74)
+    # neither a single run nor the code-equivalence evidence is a study record
+    _record(tmp_path, "runs", "main-job", "2026-12-08T00:00:00Z", 0.10)
+    evidence = tmp_path / "results" / "code-equivalence" / "b-a.json"
+    evidence.write_text(json.dumps({"old": "a", "new": "b", "identical": True}))
+    key = ("h", "quest", 0)
+    assert recorded_runs(tmp_path, "main-job")[key]["top1"] == 0.74
+    assert recorded_runs(tmp_path, "main-job-val")[key]["top1"] == 0.73
+    assert recorded_runs(tmp_path)[key]["top1"] == 0.73  # no study: the latest
+    assert recorded_runs(tmp_path, "low-data")[key]["top1"] == 0.73
