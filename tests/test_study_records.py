@@ -23,6 +23,7 @@ def test_a_study_reads_its_own_record_first_and_the_latest_otherwise(tmp_path: P
     # neither a single run nor the code-equivalence evidence is a study record
     _record(tmp_path, "runs", "main-job", "2026-12-08T00:00:00Z", 0.10)
     evidence = tmp_path / "results" / "code-equivalence" / "b-a.json"
+    evidence.parent.mkdir()
     evidence.write_text(json.dumps({"old": "a", "new": "b", "identical": True}))
     key = ("h", "quest", 0)
     assert recorded_runs(tmp_path, "main-job")[key]["top1"] == 0.74
