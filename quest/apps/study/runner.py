@@ -9,11 +9,10 @@ from typing import Any
 
 from quest.apps.results import has_val, load_records
 from quest.apps.stats import mean_std
-from quest.apps.study.runs import recorded_runs, stage_run, train_run
+from quest.apps.study.runs import NOT_RECORDS, recorded_runs, stage_run, train_run
 from quest.apps.study.spec import Setting, Study, planned_runs, study_results_dir
 from quest.infra.config import Config
 from quest.infra.errors import QuestError
-from quest.infra.paths import RUNS_DIR
 from quest.infra.progress import log
 
 Plan = list[tuple[Setting, str, int, Config, str]]  # (setting, method, seed, config, params hash)
@@ -137,7 +136,7 @@ def write_aliases(study: Study, root: Path,
 
     results = study_results_dir(root, study)
     by_key: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
-    for r in load_records(root / "results", recursive=True, exclude=(RUNS_DIR,)):
+    for r in load_records(root / "results", recursive=True, exclude=NOT_RECORDS):
         by_key.setdefault((r["params_hash"], r["method"], r["seed"]), []).append(r)
     written = []
     for setting, method, seed, _, h in plan:
