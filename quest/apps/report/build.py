@@ -107,7 +107,6 @@ def _gallery(cfg: Config, paths: Paths, run: RunData) -> tuple[Any, str]:
     from quest.apps.report.gallery import build_gallery
     from quest.apps.stages.common import load_data, norm_stats, resolve_device
     from quest.core.checkpoint import load_model_file
-    from quest.core.data.stream import StreamData
 
     if run.codebook_meta is None or not paths.codebook.is_file():
         return None, ("no codebook in this run (no QuEST method, or `quest codebook` not run): "
@@ -118,13 +117,7 @@ def _gallery(cfg: Config, paths: Paths, run: RunData) -> tuple[Any, str]:
     ds = load_data(paths, mmap=True)
     mean, std = norm_stats(ds)
     r = cfg.report
-    if isinstance(ds, StreamData):
-        images, _ = ds.sample_images("test", r.gallery_images, r.seed)
-    else:
-        n = len(ds.test.labels)
-        pick = np.sort(np.random.default_rng(r.seed).choice(n, size=min(r.gallery_images, n),
-                                                            replace=False))
-        images = np.ascontiguousarray(ds.test.images[pick])
+    images, _ = ds.sample_images("test", r.gallery_images, r.seed)
     codebook = np.load(paths.codebook)
     layer = str(run.codebook_meta["layer"])
     g = build_gallery(teacher, layer, codebook, images, mean, std,

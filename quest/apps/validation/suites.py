@@ -246,12 +246,11 @@ def data_suite(cfg: Config, paths: Paths) -> Suite:
     """Prepared data: array shape and dtype, label range, class balance, duplicates, pixels
     (for a stream: the same checks on a sample of its crops, class balance on the index)."""
     from quest.apps.stages.common import load_data
-    from quest.core.data.stream import StreamData
 
     ds = load_data(paths, mmap=True)
     full: dict[str, dict[str, int]] | None = None
     faults: dict[str, int] = {}  # a stream's images that failed to decode in the sample
-    if isinstance(ds, StreamData):
+    if ds.streamed:
         full = {k: {str(c): int(n) for c, n in v.items()}
                 for k, v in ds.meta["class_counts"].items()}
         stream, ds = ds, _stream_view(ds)
@@ -304,7 +303,6 @@ def features_suite(cfg: Config, paths: Paths) -> Suite:
     """Teacher features: finite, vector norms in range, as many vectors as configured."""
     from quest.apps.stages.common import load_data, split_size
     from quest.apps.stages.features import stream_keep
-    from quest.core.data.stream import StreamData
 
     _need(paths.features, "run `quest features` first")
     _need(paths.features_meta, "run `quest features` first")
@@ -318,7 +316,7 @@ def features_suite(cfg: Config, paths: Paths) -> Suite:
     ds = load_data(paths, mmap=True)
     positions = split_size(ds, "train") * h * w
     mv = cfg.features.max_vectors
-    if isinstance(ds, StreamData):
+    if ds.streamed:
         expected = stream_keep(cfg, positions)
     else:
         expected = positions if mv is None else min(mv, positions)
