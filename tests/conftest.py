@@ -13,6 +13,14 @@ import pytest
 
 from quest.infra.errors import QuestError
 
+# One intra-op thread for torch, FAISS and OpenMP in this process and in every process a test
+# starts (they inherit the environment): the tests' batches are tiny, and on a shared 2-core
+# machine a second spinning OpenMP thread burns CPU time for nothing. Set before anything imports
+# torch; a value already in the environment wins. Tests about thread counts set their own.
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+for _var in THREAD_VARS:
+    os.environ.setdefault(_var, "1")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from quest.apps.cli import main
 from quest.apps.stage_table import BY_NAME
 from quest.apps.stages.resume import StageRecords, record_dir
 from quest.infra.config import load_config
@@ -32,7 +33,8 @@ def _run_cmd(root: Path, *extra: str) -> list[str]:
 
 
 def test_a_killed_run_reruns_only_the_unfinished_work(
-        smoke_root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+        smoke_root: Path, tmp_path_factory: pytest.TempPathFactory,
+        capsys: pytest.CaptureFixture[str]) -> None:
     reference = tmp_path_factory.mktemp("reference")
     shutil.copy(smoke_root / "params.yaml", reference / "params.yaml")
     shutil.copytree(smoke_root / "data", reference / "data")
@@ -67,10 +69,13 @@ def test_a_killed_run_reruns_only_the_unfinished_work(
                 "models/students/ce.pt", "models/students/kd.pt"):
         assert (smoke_root / rel).read_bytes() == (reference / rel).read_bytes(), rel
 
-    again = subprocess.run(_run_cmd(smoke_root), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr
-    assert "stage evaluate skipped" in again.stderr and "done in" not in again.stderr
-    assert "top-1" in again.stdout or "top1" in again.stdout  # the table, from evaluation.json
+    # the third run through the same entry point in this process: the process boundary (a
+    # killed run, its stale lock) is what the runs above are for; this one only reads records
+    capsys.readouterr()
+    assert main(_run_cmd(smoke_root)[3:]) == 0
+    again = capsys.readouterr()
+    assert "stage evaluate skipped" in again.err and "done in" not in again.err
+    assert "top-1" in again.out or "top1" in again.out  # the table, from evaluation.json
 
 
 def test_records_follow_the_key_and_force_ignores_them(smoke_root: Path) -> None:

@@ -196,8 +196,8 @@ def test_committed_study_tables_are_current(study: Path) -> None:
 def test_make_run_then_the_table_checks_pass(tmp_path: Path, cifar_archive: Path,
                                              teacher_checkpoint: Path) -> None:
     """The README's two commands in the order a new user types them: `make run` (here on the
-    smoke preset) writes its records apart from the committed evidence, so the tables stay
-    current for `make test`."""
+    tiny preset: the test checks where the records go, not what they hold) writes its records
+    apart from the committed evidence, so the tables stay current for `make test`."""
     # the checkout as a fresh clone has it (plus files not yet committed, on a work tree)
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
@@ -207,7 +207,7 @@ def test_make_run_then_the_table_checks_pass(tmp_path: Path, cifar_archive: Path
             (clone / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, clone / rel)
     venv = Path(sys.prefix)
-    env = {**os.environ, "QUEST_PRESET": "smoke", "QUEST_DATA_LOCATION": str(cifar_archive),
+    env = {**os.environ, "QUEST_PRESET": "tiny", "QUEST_DATA_LOCATION": str(cifar_archive),
            "QUEST_TEACHER_CHECKPOINT": str(teacher_checkpoint)}
     # -o: never remake the venv's install stamp, which would point the shared venv's
     # editable install at this temporary clone

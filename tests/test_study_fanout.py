@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import THREAD_VARS
 
 from quest.apps.cli import main
 from quest.apps.results import load_records
@@ -81,12 +82,15 @@ def dask_cluster(tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Popen[by
     logs = tmp_path / "dask-logs"
     logs.mkdir()
     dask = [sys.executable, "-m", "dask"]
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(args: list[str], name: str) -> subprocess.Popen[bytes]:
         with open(logs / f"{name}.log", "wb") as out:
+            # without the suite's OMP_NUM_THREADS=1 (conftest.py): the one thread per run
+            # checked below must come from the fan-out, not from the test's environment
             proc = subprocess.Popen(dask + args, stdout=out, stderr=subprocess.STDOUT,
-                                    cwd=tmp_path)
+                                    cwd=tmp_path, env=env)
         procs.append(proc)
         return proc
 
