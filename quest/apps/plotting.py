@@ -37,3 +37,12 @@ def plain_ticks() -> Any:
     fmt = ScalarFormatter()
     fmt.set_scientific(False)
     return fmt
+
+
+def finish_axes(ax: Any, title: str, xlabel: str, ylabel: str) -> None:
+    """Title, axis labels, a light grid and a small legend: how every line plot here ends."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)

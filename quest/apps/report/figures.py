@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from quest.apps.plotting import figure, png
+from quest.apps.plotting import figure, finish_axes, png
 from quest.apps.report.inputs import RunData, loss_terms
 
 STYLES = ("-", "--", ":", "-.")
@@ -47,11 +47,7 @@ def _curves(runs: list[RunData], panels: list[Panel]) -> bytes | None:
                 y = np.array([r[key] for r in hist], dtype=float) * scale
                 label = method if len(runs) == 1 else f"{method} ({run.label})"
                 ax.plot(x, y, style, color=colors[method], marker="o", markersize=3, label=label)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        finish_axes(ax, title, "epoch", ylabel)
     return png(fig)
 
 

@@ -3,7 +3,7 @@ epochs) and against visual-word accuracy."""
 
 from __future__ import annotations
 
-from quest.apps.plotting import figure, plain_ticks, png
+from quest.apps.plotting import figure, finish_axes, plain_ticks, png
 from quest.apps.stats import mean_std
 
 
@@ -29,11 +29,7 @@ def study_size_figure(series: dict[str, dict[int, list[float]]], title: str,
     from matplotlib.ticker import NullFormatter
 
     ax.get_xaxis().set_minor_formatter(NullFormatter())  # only the measured counts are labelled
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("test top-1 %")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    finish_axes(ax, title, xlabel, "test top-1 %")
     return png(fig)
 
 
