@@ -70,3 +70,24 @@ def test_names_only_the_core_knows_are_checked_when_a_stage_starts() -> None:
     with pytest.raises(QuestError, match=r"student.arch is 'resnet21': choose one of"):
         check_runnable(arch)
     check_runnable(load_config(REPO / "params.yaml"))  # the main job passes
+
+
+def test_a_preset_replaces_the_quantized_levels_whole() -> None:
+    """The main job's layer2 level (params.yaml) never leaks into a preset that names its own
+    levels: `{}` gives one level, a transfer preset's layer3 replaces it; a preset silent on
+    levels keeps the base's."""
+    from quest.infra.config import apply_preset
+
+    base = {"student": {"quest": {"weight": 10.0, "extra_levels": {"l2": {"k": 8}}}}}
+    one = apply_preset(base, {"student": {"quest": {"extra_levels": {}, "weight": 1.0}}})
+    assert one["student"]["quest"] == {"weight": 1.0, "extra_levels": {}}
+    other = apply_preset(base, {"student": {"quest": {"extra_levels": {"l3": {"k": 4}}}}})
+    assert other["student"]["quest"]["extra_levels"] == {"l3": {"k": 4}}
+    silent = apply_preset(base, {"codebook": {"k": 16}})
+    assert silent["student"]["quest"]["extra_levels"] == {"l2": {"k": 8}}
+    assert base["student"]["quest"]["extra_levels"] == {"l2": {"k": 8}}  # the base is untouched
+    # the repository's own: two levels for the main job, one for every preset named here
+    main_job = load_config(REPO / "params.yaml")
+    assert list(main_job.student.quest.extra_levels) == ["l2"]
+    for preset in ("smoke", "tiny", "stream-tiny", "cifar10-full", "cifar100"):
+        assert load_config(REPO / "params.yaml", preset).student.quest.extra_levels == {}, preset

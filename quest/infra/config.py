@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import os
 import types
 import typing
@@ -354,6 +355,26 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Settings a preset that names them replaces whole instead of merging into: a preset's quantized
+# levels are its own set, so the main job's layer2 level never leaks into a single-level preset
+# (which says `extra_levels: {}`) nor joins a transfer preset's layer3 level.
+PRESET_REPLACES = ("student.quest.extra_levels",)
+_ABSENT = object()
+
+
+def apply_preset(base: dict[str, Any], preset: dict[str, Any]) -> dict[str, Any]:
+    """`preset` merged into a copy of `base` (`deep_merge`), except the PRESET_REPLACES keys the
+    preset names, which it replaces whole."""
+    out = deep_merge(base, preset)
+    for dotted in PRESET_REPLACES:
+        node: Any = preset
+        for key in dotted.split("."):
+            node = node.get(key, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            set_dotted(out, dotted, copy.deepcopy(node))
+    return out
+
+
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     """Set `tree[a][b][c] = value` for the dotted key "a.b.c", creating sections on the way."""
     node = tree
@@ -373,11 +394,22 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
+# libyaml's loader where PyYAML was built with it (the safe subset either way): the pure-Python
+# one spends ~30 ms on params.yaml, and a study resolves it once for every planned run
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_yaml(text: str) -> Any:
+    """The parsed document of `text`, kept per text; callers get a deep copy to mutate."""
+    return yaml.load(text, Loader=_SAFE_LOADER)  # noqa: S506 - a safe loader
+
+
 def _read_mapping(p: Path, what: str, holds: str) -> dict[str, Any]:
     """Parse the YAML file `p` (a `what` holding `holds`, for messages) into a dict; an empty
     file gives an empty dict."""
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        raw = copy.deepcopy(_parse_yaml(p.read_text(encoding="utf-8"))) or {}
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
@@ -469,7 +501,7 @@ def resolve_raw(
     the project's `preset_dir` (None: none), then in the packaged official presets."""
     raw = copy.deepcopy(raw)
     if preset:
-        raw = deep_merge(raw, find_preset(raw, preset, preset_dir))
+        raw = apply_preset(raw, find_preset(raw, preset, preset_dir))
     raw.pop("presets", None)
     for env, dotted in ENV_OVERRIDES.items():
         if os.environ.get(env):
