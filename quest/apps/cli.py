@@ -296,11 +296,14 @@ def _run_in_project(handler: ProjectHandler, args: argparse.Namespace) -> None:
     cfg = _load_cfg(args)
     paths = Paths(Path(args.root).resolve())
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    from quest.core.distributed import env_info
-
     # a torchrun job: students train on every rank, the other stages run on rank 0 alone (see
-    # Stage.start); rank 0 holds the lock
-    dist_info = env_info()
+    # Stage.start); rank 0 holds the lock. Only a job imports torch here (WORLD_SIZE > 1, as
+    # env_info reads it): a validation or report process never needs it
+    dist_info = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from quest.core.distributed import env_info
+
+        dist_info = env_info()
     if dist_info is not None and args.command not in TORCHRUN_STAGES:
         raise QuestError(f"torchrun runs the stage commands ({', '.join(TORCHRUN_STAGES)}), "
                          f"not `quest {args.command}`: run it in one process")
@@ -613,8 +616,10 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand of `COMMANDS`."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every subcommand of `COMMANDS`; with `only`, the other
+    subcommands are names alone (their arguments and registry-built help texts are skipped:
+    listing the methods imports the core, torch included, ~2 CPU-s a process)."""
     parser = argparse.ArgumentParser(
         prog="quest",
         description="QuEST knowledge distillation: quantized teacher features as student targets.",
@@ -622,10 +627,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name)
+            continue
         help_text = command.help() if callable(command.help) else command.help
         p = sub.add_parser(name, help=help_text, description=command.description or help_text)
         command.args(p)
     return parser
+
+
+def _named_command(argv: list[str]) -> str | None:
+    """The subcommand `argv` runs, when it names one before any option but --debug (else None:
+    the full parser answers, --help and mistakes included)."""
+    for arg in argv:
+        if arg == "--debug":
+            continue
+        return arg if arg in COMMANDS else None
+    return None
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -644,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"quest: error: {exc}", file=sys.stderr)
             return 2
     try:
-        parser = build_parser()  # its help lists the registered methods: plug-ins load here
+        # the named command's help lists the registered methods: plug-ins load there
+        parser = build_parser(_named_command(argv))
     except QuestError as exc:
         print(f"quest: error: {exc}", file=sys.stderr)
         return 2
