@@ -1,0 +1,77 @@
+"""The README's headline numbers, recomputed from the run records alone.
+
+Reads results/main-job-val/*.json with the standard library and scipy only (no quest code), keeps
+the runs recorded with a validation split, and prints per setting the mean ± sample std of val
+and test top-1 over seeds and the test difference to KD paired per seed with its 95 % t
+interval. A reviewer's check of the README table, and tests/test_headline.py's.
+
+    python scripts/headline.py [RESULTS_DIR]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from scipy import stats
+
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "main-job-val"
+KD = "kd-T4"
+
+
+def load(folder: Path) -> dict[tuple[str, int], dict]:
+    """(setting, seed) -> record, for the records that carry a validation accuracy."""
+    out = {}
+    for path in sorted(folder.glob("*.json")):
+        rec = json.loads(path.read_text())
+        if rec.get("val_top1") is not None:
+            out[(rec["setting"], rec["seed"])] = rec
+    return out
+
+
+def summary(recs: dict[tuple[str, int], dict], setting: str) -> dict:
+    """Seeds, machines, code versions, val/test mean ± std (points) and Δ test vs KD."""
+    runs = {seed: r for (s, seed), r in recs.items() if s == setting}
+    seeds = sorted(runs)
+    test = [100 * runs[s]["top1"] for s in seeds]
+    val = [100 * runs[s]["val_top1"] for s in seeds]
+    paired = [100 * (runs[s]["top1"] - recs[(KD, s)]["top1"]) for s in seeds if (KD, s) in recs]
+    delta = None
+    if len(paired) > 1:
+        half = stats.t.ppf(0.975, len(paired) - 1) * statistics.stdev(paired) / len(paired) ** 0.5
+        delta = (statistics.mean(paired), half)
+    elif paired:
+        delta = (paired[0], None)
+    return {
+        "seeds": seeds,
+        "cpus": sorted({r["machine"]["cpu_id"] for r in runs.values()}),
+        "code": sorted({r["code_fingerprint"] for r in runs.values()}),
+        "val": (statistics.mean(val), statistics.stdev(val) if len(val) > 1 else None),
+        "test": (statistics.mean(test), statistics.stdev(test) if len(test) > 1 else None),
+        "delta_kd": delta,
+    }
+
+
+def cell(pair: tuple[float, float | None], signed: bool = False) -> str:
+    """'79.15 ± 0.57' (one seed: '79.15'); signed: '+14.52 ± 1.78', with a true minus sign."""
+    mean, spread = pair
+    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    text = text.replace("-", "\N{MINUS SIGN}")
+    return text if spread is None else f"{text} ± {spread:.2f}"
+
+
+def main(argv: list[str]) -> int:
+    folder = Path(argv[0]) if argv else RESULTS
+    recs = load(folder)
+    for setting in sorted({s for s, _ in recs}):
+        row = summary(recs, setting)
+        delta = cell(row["delta_kd"], signed=True) if row["delta_kd"] else ""
+        print(f"{setting:18s} seeds {row['seeds']}  val {cell(row['val'])}  "
+              f"test {cell(row['test'])}  Δ vs KD {delta}  cpu {row['cpus']} code {row['code']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
