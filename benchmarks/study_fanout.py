@@ -1,19 +1,19 @@
 """Study fan-out throughput: a fixed 8-run study on the smoke slice, serial against --workers N.
 
 The study (CE, KD, QuEST and QuEST+KD, seeds 0 and 1, the `smoke` preset: 30 training images
-per class, 2 epochs) runs twice in one project root, each time as the user runs it, in a child
-process: `quest study FILE` (one run at a time, torch on every core) and then
-`quest study FILE --workers N` (N runs at once through Prefect on a local Dask cluster of N
-single-threaded worker processes; a temporary Prefect server starts, as it does for a user
-without PREFECT_API_URL). The shared upstream outputs (prepared data, teacher, features,
-codebook) are built once before either is timed, as the study runner does before its
+per class, 2 epochs, or --epochs N for longer runs) runs twice in one project root, each time as
+the user runs it, in a child process: `quest study FILE` (one run at a time, torch on every
+core) and then `quest study FILE --workers N` (N runs at once through Prefect on a local Dask
+cluster of N single-threaded worker processes; a temporary Prefect server starts, as it does
+for a user without PREFECT_API_URL). The shared upstream outputs (prepared data, teacher,
+features, codebook) are built once before either is timed, as the study runner does before its
 fan-out; between the two, the records and the runs' scratch roots are removed so that the
 second trains all 8 runs again. The wall times include the process start, the Prefect server
-and the Dask cluster. Writes benchmarks/results/study-fanout-<cpus>cpu.json with both times,
-their ratio (serial / fan-out: the throughput ratio) and the load average before and after
-(the machine may be shared).
+and the Dask cluster. Writes benchmarks/results/study-fanout-<cpus>cpu[-<N>ep].json with both
+times, their ratio (serial / fan-out: the throughput ratio) and the load average before and
+after (the machine may be shared).
 
-    .venv/bin/python benchmarks/study_fanout.py [--workers 2] [--workdir DIR]
+    .venv/bin/python benchmarks/study_fanout.py [--workers 2] [--epochs 2] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -36,10 +36,15 @@ from quest.apps.bench import machine_info  # noqa: E402
 from quest.infra.io_utils import write_json_atomic  # noqa: E402
 
 STUDY_NAME = "fanout-bench"
-STUDY = f"""
+
+
+def study_text(epochs: int) -> str:
+    """The fixed 8-run study; `epochs` sets the students' length (the smoke preset's is 2)."""
+    return f"""
 name: {STUDY_NAME}
 description: the fixed 8-run study of benchmarks/study_fanout.py
 preset: smoke
+set: {{student.train.epochs: {epochs}}}
 methods: [ce, kd, quest, quest+kd]
 seeds: [0, 1]
 settings:
@@ -92,13 +97,14 @@ def _records(work: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
 
 
-def run(workers: int, work: Path) -> dict[str, Any]:
+def run(workers: int, work: Path, epochs: int = 2) -> dict[str, Any]:
     """Serial, then fanned out, on the same staged project; both wall times and their ratio."""
     import torch
 
+    study = study_text(epochs)
     (work / "studies").mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "params.yaml", work / "params.yaml")
-    (work / "studies" / f"{STUDY_NAME}.yaml").write_text(STUDY)
+    (work / "studies" / f"{STUDY_NAME}.yaml").write_text(study)
     (work / "README.md").write_text("# study fan-out benchmark\n")
     runs = _stage_upstream(work)
     load_before = os.getloadavg()
@@ -121,8 +127,9 @@ def run(workers: int, work: Path) -> dict[str, Any]:
 
     return {
         "benchmark": "study fan-out: serial `quest study` against `quest study --workers N`",
-        "command": f"python benchmarks/study_fanout.py --workers {workers}",
-        "study": STUDY.strip(),
+        "command": f"python benchmarks/study_fanout.py --workers {workers} --epochs {epochs}",
+        "study": study.strip(),
+        "epochs": epochs,
         "runs": runs,
         "workers": workers,
         "serial_seconds": round(serial, 1),
@@ -147,13 +154,17 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="project root to use (default: a temp dir)")
+    ap.add_argument("--epochs", type=int, default=2,
+                    help="the students' epochs (default 2, the smoke preset's: seconds a run, "
+                         "so fixed start-up costs dominate; more epochs, longer runs)")
     args = ap.parse_args()
     if args.workdir:
-        out = run(args.workers, Path(args.workdir).resolve())
+        out = run(args.workers, Path(args.workdir).resolve(), args.epochs)
     else:
         with tempfile.TemporaryDirectory(prefix="study-fanout-") as tmp:
-            out = run(args.workers, Path(tmp))
-    path = ROOT / "benchmarks" / "results" / f"study-fanout-{os.cpu_count()}cpu.json"
+            out = run(args.workers, Path(tmp), args.epochs)
+    suffix = "" if args.epochs == 2 else f"-{args.epochs}ep"
+    path = ROOT / "benchmarks" / "results" / f"study-fanout-{os.cpu_count()}cpu{suffix}.json"
     write_json_atomic(path, out)
     print(json.dumps({k: out[k] for k in ("runs", "workers", "serial_seconds", "fanout_seconds",
                                           "throughput_ratio", "load_average_before",
