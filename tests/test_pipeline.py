@@ -123,6 +123,21 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         assert "usage: quest" in capsys.readouterr().out
 
 
+def test_a_command_parses_without_importing_the_core() -> None:
+    """Only the named command's arguments are built: `quest track ...` (or any command that
+    does not train) starts without torch, which the method listing of `quest student`'s help
+    would import (~2 CPU-s in every DVC stage process); the full parser still lists every
+    method."""
+    code = ("import sys; from quest.apps.cli import COMMANDS, _named_command, build_parser; "
+            "assert _named_command(['--debug', 'track', '--root', '.']) == 'track'; "
+            "assert _named_command(['--help']) is None; "
+            "args = build_parser('track').parse_args(['track', '--root', 'x']); "
+            "assert args.command == 'track' and args.root == 'x', args; "
+            "assert 'torch' not in sys.modules, 'the track parser imported torch'; "
+            "build_parser(); assert 'torch' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+
+
 @pytest.mark.slow
 def test_models_listing_shows_counts_and_layers(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models"]) == 0
