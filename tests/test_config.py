@@ -76,7 +76,10 @@ def test_a_preset_replaces_the_quantized_levels_whole() -> None:
     """The main job's layer2 level (params.yaml) never leaks into a preset that names its own
     levels: `{}` gives one level, a transfer preset's layer3 replaces it; a preset silent on
     levels keeps the base's."""
-    from quest.infra.config import apply_preset
+    from quest.infra.config import PRESET_REPLACES, deep_merge
+
+    def apply_preset(base: dict, preset: dict) -> dict:
+        return deep_merge(base, preset, PRESET_REPLACES)
 
     base = {"student": {"quest": {"weight": 10.0, "extra_levels": {"l2": {"k": 8}}}}}
     one = apply_preset(base, {"student": {"quest": {"extra_levels": {}, "weight": 1.0}}})

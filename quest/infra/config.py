@@ -344,35 +344,26 @@ def one_line_error(exc: ValidationError, root: type[BaseModel] = Config,
                       "fix it in params.yaml")
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge `over` into a copy of `base` (mappings merge, everything else replaces)."""
+def deep_merge(base: dict[str, Any], over: dict[str, Any], whole: tuple[str, ...] = (),
+               prefix: str = "") -> dict[str, Any]:
+    """Recursively merge `over` into a copy of `base`: mappings merge, everything else replaces,
+    and so does a mapping at a dotted key listed in `whole` (`prefix`: the dotted key of
+    `base` itself, for the recursion)."""
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and dotted not in whole:
+            out[key] = deep_merge(out[key], value, whole, dotted + ".")
         else:
             out[key] = copy.deepcopy(value)
     return out
 
 
-# Settings a preset that names them replaces whole instead of merging into: a preset's quantized
-# levels are its own set, so the main job's layer2 level never leaks into a single-level preset
-# (which says `extra_levels: {}`) nor joins a transfer preset's layer3 level.
+# Settings a preset that names them replaces whole instead of merging into (`deep_merge`'s
+# `whole`): a preset's quantized levels are its own set, so the main job's layer2 level never
+# leaks into a single-level preset (which says `extra_levels: {}`) nor joins a transfer preset's
+# layer3 level.
 PRESET_REPLACES = ("student.quest.extra_levels",)
-_ABSENT = object()
-
-
-def apply_preset(base: dict[str, Any], preset: dict[str, Any]) -> dict[str, Any]:
-    """`preset` merged into a copy of `base` (`deep_merge`), except the PRESET_REPLACES keys the
-    preset names, which it replaces whole."""
-    out = deep_merge(base, preset)
-    for dotted in PRESET_REPLACES:
-        node: Any = preset
-        for key in dotted.split("."):
-            node = node.get(key, _ABSENT) if isinstance(node, dict) else _ABSENT
-        if node is not _ABSENT:
-            set_dotted(out, dotted, copy.deepcopy(node))
-    return out
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -501,7 +492,7 @@ def resolve_raw(
     the project's `preset_dir` (None: none), then in the packaged official presets."""
     raw = copy.deepcopy(raw)
     if preset:
-        raw = apply_preset(raw, find_preset(raw, preset, preset_dir))
+        raw = deep_merge(raw, find_preset(raw, preset, preset_dir), PRESET_REPLACES)
     raw.pop("presets", None)
     for env, dotted in ENV_OVERRIDES.items():
         if os.environ.get(env):
