@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
+import tarfile
 import time
 import urllib.request
 from pathlib import Path
@@ -23,6 +25,17 @@ for _var in THREAD_VARS:
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Every Prefect server the tests start (a module's `prefect server start`, the test harness, the
+# temporary server of a fan-out) inherits these. Its loop services poll the database every 5-20 s,
+# about 6 CPU-s a minute per idle server, and no test needs them: no scheduled or late runs, no
+# paused or cancelled runs, no automations, no dashboard. The services that record task states
+# and persist events stay on. A value already in the environment wins.
+PREFECT_TEST_SERVICES_OFF = ("CANCELLATION_CLEANUP", "FOREMAN", "LATE_RUNS", "SCHEDULER",
+                             "PAUSE_EXPIRATIONS", "REPOSSESSOR", "CLEANUP_RECONCILER", "TRIGGERS")
+for _service in PREFECT_TEST_SERVICES_OFF:
+    os.environ.setdefault(f"PREFECT_SERVER_SERVICES_{_service}_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_UI_ENABLED", "false")
+
 
 def shared_dir() -> Path:
     """../shared beside the repository (QUEST_SHARED_DIR overrides)."""
@@ -37,9 +50,47 @@ def shared() -> Path:
     return path
 
 
+# Images per class and split in the tests' slice of the real archive: enough for every preset
+# and test (smoke: 30 train + 5 validation, 10 test; the largest test subset takes 50 train).
+SLICE_PER_CLASS = {"train": 60, "test": 20}
+
+
+def _write_slice(full: Path, target: Path) -> None:
+    """The first SLICE_PER_CLASS images of each class and split of `full`, with its folders,
+    in one streaming pass, written atomically as `target`."""
+    kept: dict[tuple[str, str], int] = {}
+    tmp = target.with_name(target.name + ".tmp")
+    with tarfile.open(full, "r|gz") as src, tarfile.open(tmp, "w:gz", compresslevel=1) as dst:
+        for member in src:
+            parts = member.name.split("/")  # cifar10-jpeg/<split>/<class>/<file>
+            if member.isfile() and len(parts) == 4:
+                key = (parts[1], parts[2])
+                if kept.get(key, 0) >= SLICE_PER_CLASS[parts[1]]:
+                    continue
+                kept[key] = kept.get(key, 0) + 1
+                dst.addfile(member, src.extractfile(member))
+            elif member.isdir():
+                dst.addfile(member)
+    os.replace(tmp, target)
+
+
 @pytest.fixture(scope="session")
-def cifar_archive(shared: Path) -> Path:
-    return shared / "data" / "cifar10-jpeg.tar.gz"
+def cifar_archive(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A slice of the real CIFAR-10 JPEG archive, same name and layout, made once per session.
+
+    Indexing the full archive (60,000 members) costs ~2.5 CPU-s per open, and the suite opens
+    it about 20 times for presets that use at most 60 images per class and split. The slice is
+    shared by the xdist workers (built under a lock in their common temporary folder);
+    tests/test_data_sources.py reads the full archive itself."""
+    base = tmp_path_factory.getbasetemp()
+    common = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    target = common / "cifar-slice" / "cifar10-jpeg.tar.gz"
+    target.parent.mkdir(exist_ok=True)
+    with open(common / "cifar-slice.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.is_file():
+            _write_slice(shared / "data" / "cifar10-jpeg.tar.gz", target)
+    return target
 
 
 @pytest.fixture(scope="session")

@@ -349,16 +349,6 @@ def test_student_param_experiment_reruns_students_and_evaluate(project: Project)
     assert status_clean(project)
 
 
-def test_codebook_k_reruns_codebook_students_and_evaluate(project: Project) -> None:
-    project.set_param("codebook.k", 16)
-    out = project.dvc("repro", label="repro: codebook.k")
-    assert ran_stages(out) == {"codebook", *STUDENTS, "evaluate", "report",
-                               "validate-codebook", "validate-predictions"}
-    assert json.loads((project.root / "metrics" / "codebook.json").read_text())["k"] == 16
-    project.commit("codebook k 16")
-    assert status_clean(project)
-
-
 def test_push_then_pull_in_a_fresh_clone(project: Project, tmp_path: Path) -> None:
     project.dvc("push", label="push")
     clone = tmp_path / "clone"
@@ -378,7 +368,11 @@ def test_push_then_pull_in_a_fresh_clone(project: Project, tmp_path: Path) -> No
         assert (clone / rel).read_bytes() == (project.root / rel).read_bytes(), rel
 
 
-def test_an_extra_quest_level_gets_its_own_stages(project: Project) -> None:
+def test_codebook_k_and_an_extra_quest_level_rerun_only_their_stages(project: Project) -> None:
+    # Two changes, one repro (each stage process costs seconds): `dvc status` first shows what
+    # each change makes stale on its own, then one repro runs exactly the union downstream.
+    project.set_param("codebook.k", 16)
+    assert set(json.loads(project.dvc("status", "--json"))) == {"codebook"}
     # the official transfer setting's second level: layer2 of both nets, its own K and T
     project.set_param("student.quest.extra_levels",
                       {"l2": {"teacher_layer": "layer2", "student_layer": "layer2", "k": 16,
@@ -387,16 +381,26 @@ def test_an_extra_quest_level_gets_its_own_stages(project: Project) -> None:
     edges = set(re.findall(r'"([^"]+)" -> "([^"]+)"', dot))
     assert {("teacher", "features-level@l2"), ("features-level@l2", "codebook-level@l2"),
             ("codebook-level@l2", "student@quest+kd")} <= edges
-    out = project.dvc("repro", label="repro: extra level")
+    out = project.dvc("repro", label="repro: codebook.k + extra level")
     # a foreach template has one deps list: every student depends on models/levels
-    assert ran_stages(out) == {"features-level@l2", "codebook-level@l2", *STUDENTS, "evaluate",
-                               "report", "validate-predictions"}
+    assert ran_stages(out) == {"codebook", "validate-codebook", "features-level@l2",
+                               "codebook-level@l2", *STUDENTS, "evaluate", "report",
+                               "validate-predictions"}
+    assert json.loads((project.root / "metrics" / "codebook.json").read_text())["k"] == 16
     meta = json.loads((project.root / "models/levels/l2/codebook.json").read_text())
     assert (meta["layer"], meta["k"]) == ("layer2", 16)
+    # dvc.lock: each student read the new k = 16 codebook (its dependency's hash is the
+    # codebook stage's output hash), so a clean status below means no student kept the old one
+    lock = yaml.safe_load((project.root / "dvc.lock").read_text())["stages"]
+    out_md5 = {o["path"]: o["md5"] for o in lock["codebook"]["outs"]}
+    for student in STUDENTS:
+        deps = {d["path"]: d["md5"] for d in lock[student]["deps"]}
+        shared = set(deps) & set(out_md5)
+        assert shared and all(deps[p] == out_md5[p] for p in shared), student
     metrics = project.root / "metrics" / "students" / "quest+kd.json"
     history = json.loads(metrics.read_text())["history"]
     assert history[-1]["quest_l2"] > 0
-    project.commit("extra level l2")
+    project.commit("codebook k 16, extra level l2")
     assert status_clean(project)
 
 

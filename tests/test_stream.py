@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from quest.apps.cli import main as quest_main
 from quest.apps.shards import make_image_folder, write_shards
 from quest.core.data.stream import (
     RankSampler,
@@ -264,11 +265,15 @@ def _quest(args: list[str], cwd: Path, env_extra: dict[str, str] | None = None) 
 
 
 @pytest.mark.slow
-def test_streaming_pipeline_under_two_torchrun_processes(folder: Path, tmp_path: Path) -> None:
+def test_streaming_pipeline_under_two_torchrun_processes(folder: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """An ImageNet-shaped folder (10 classes, 64-160 px of mixed aspect) through prepare,
-    features, codebook, a QuEST student epoch and evaluation, every stage launched by torchrun
-    with 2 CPU processes: the student trains on both ranks, each reading its own share; the
-    other stages run once, on rank 0. (Shards take the same stages: the loader tests above.)"""
+    features, codebook, a QuEST student epoch and evaluation. torchrun with 2 CPU processes
+    launches features and the student: the student trains on both ranks, each reading its own
+    share; features runs once, on rank 0, as every stage but the student does (one branch of
+    the CLI for all of them). Prepare, codebook and evaluate run in this process: a torchrun
+    launch costs three interpreters and torch imports, and checks nothing more for them.
+    (Shards take the same stages: the loader tests above.)"""
     from quest.core.checkpoint import save_model_file
     from quest.core.models.zoo import build_model
 
@@ -281,8 +286,13 @@ def test_streaming_pipeline_under_two_torchrun_processes(folder: Path, tmp_path:
                     arch="resnet20", num_classes=10, classes=classes, mean=MEAN, std=STD)
     run = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "quest"]
+    for key in ("QUEST_DATA_LOCATION", "QUEST_TEACHER_CHECKPOINT", "QUEST_PRESET"):
+        monkeypatch.delenv(key, raising=False)  # params.yaml alone, as in the torchrun stages
     for stage in ("prepare", "features", "codebook", "student", "evaluate"):
-        _quest([*run, stage], tmp_path)
+        if stage in ("features", "student"):
+            _quest([*run, stage], tmp_path)
+        else:
+            assert quest_main([stage, "--root", str(tmp_path)]) == 0, stage
     meta = read_json(tmp_path / "data" / "prepared" / "meta.json")
     assert (meta["format"], meta["kind"]) == ("stream", "folder")
     feats = np.load(tmp_path / "data" / "features" / "teacher_features.npy", mmap_mode="r")
