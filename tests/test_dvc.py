@@ -331,24 +331,6 @@ def test_metrics_and_plots_show(project: Project) -> None:
     assert {"test_accuracy", "train_accuracy"} <= fields
 
 
-def test_student_param_experiment_reruns_students_and_evaluate(project: Project) -> None:
-    # each test that changes the project commits and checks `dvc status` at its end
-    out = project.dvc("exp", "run", "-S", "student.train.lr=0.02", label="exp run: student lr")
-    assert ran_stages(out) == {*STUDENTS, "evaluate", "report", "validate-predictions"}
-    assert project.params()["student"]["train"]["lr"] == 0.02
-    exps = json.loads(project.dvc("exp", "show", "--json"))
-    found = []
-    for row in exps:
-        for exp in row.get("experiments") or []:
-            for rev in exp["revs"]:
-                params = rev["data"]["params"]["params.yaml"]["data"]
-                metrics = rev["data"]["metrics"]["metrics/evaluation.json"]["data"]
-                found.append((params["student"]["train"]["lr"], sorted(metrics["models"])))
-    assert found == [(0.02, sorted(["teacher", *METHODS]))]
-    project.commit("student lr 0.02")
-    assert status_clean(project)
-
-
 def test_push_then_pull_in_a_fresh_clone(project: Project, tmp_path: Path) -> None:
     project.dvc("push", label="push")
     clone = tmp_path / "clone"
@@ -368,11 +350,17 @@ def test_push_then_pull_in_a_fresh_clone(project: Project, tmp_path: Path) -> No
         assert (clone / rel).read_bytes() == (project.root / rel).read_bytes(), rel
 
 
-def test_codebook_k_and_an_extra_quest_level_rerun_only_their_stages(project: Project) -> None:
-    # Two changes, one repro (each stage process costs seconds): `dvc status` first shows what
-    # each change makes stale on its own, then one repro runs exactly the union downstream.
-    project.set_param("codebook.k", 16)
-    assert set(json.loads(project.dvc("status", "--json"))) == {"codebook"}
+def test_an_experiment_of_three_changes_reruns_only_their_stages(project: Project) -> None:
+    """A student setting, the codebook's K and an extra QuEST level, in one `dvc exp run`:
+    `dvc status` first shows what each change alone makes stale (each stage process costs
+    seconds, so one run checks the three), then the experiment runs exactly the union of their
+    downstream stages, and every student reads the new codebook."""
+    base = (project.root / "params.yaml").read_text()
+    for dotted, value, stale in (("student.train.lr", 0.02, STUDENTS),
+                                 ("codebook.k", 16, {"codebook"})):
+        project.set_param(dotted, value)
+        assert set(json.loads(project.dvc("status", "--json"))) == stale, dotted
+        (project.root / "params.yaml").write_text(base)
     # the official transfer setting's second level: layer2 of both nets, its own K and T
     project.set_param("student.quest.extra_levels",
                       {"l2": {"teacher_layer": "layer2", "student_layer": "layer2", "k": 16,
@@ -381,16 +369,29 @@ def test_codebook_k_and_an_extra_quest_level_rerun_only_their_stages(project: Pr
     edges = set(re.findall(r'"([^"]+)" -> "([^"]+)"', dot))
     assert {("teacher", "features-level@l2"), ("features-level@l2", "codebook-level@l2"),
             ("codebook-level@l2", "student@quest+kd")} <= edges
-    out = project.dvc("repro", label="repro: codebook.k + extra level")
+    out = project.dvc("exp", "run", "-S", "student.train.lr=0.02", "-S", "codebook.k=16",
+                      label="exp run: lr, codebook.k, extra level")
     # a foreach template has one deps list: every student depends on models/levels
     assert ran_stages(out) == {"codebook", "validate-codebook", "features-level@l2",
                                "codebook-level@l2", *STUDENTS, "evaluate", "report",
                                "validate-predictions"}
+    params = project.params()
+    assert (params["student"]["train"]["lr"], params["codebook"]["k"]) == (0.02, 16)
+    exps = json.loads(project.dvc("exp", "show", "--json"))
+    found = []
+    for row in exps:
+        for exp in row.get("experiments") or []:
+            for rev in exp["revs"]:
+                shown = rev["data"]["params"]["params.yaml"]["data"]
+                metrics = rev["data"]["metrics"]["metrics/evaluation.json"]["data"]
+                found.append((shown["student"]["train"]["lr"], shown["codebook"]["k"],
+                              sorted(metrics["models"])))
+    assert found == [(0.02, 16, sorted(["teacher", *METHODS]))]
     assert json.loads((project.root / "metrics" / "codebook.json").read_text())["k"] == 16
     meta = json.loads((project.root / "models/levels/l2/codebook.json").read_text())
     assert (meta["layer"], meta["k"]) == ("layer2", 16)
     # dvc.lock: each student read the new k = 16 codebook (its dependency's hash is the
-    # codebook stage's output hash), so a clean status below means no student kept the old one
+    # codebook stage's output hash), so the clean status below means no student kept the old one
     lock = yaml.safe_load((project.root / "dvc.lock").read_text())["stages"]
     out_md5 = {o["path"]: o["md5"] for o in lock["codebook"]["outs"]}
     for student in STUDENTS:
@@ -398,9 +399,8 @@ def test_codebook_k_and_an_extra_quest_level_rerun_only_their_stages(project: Pr
         shared = set(deps) & set(out_md5)
         assert shared and all(deps[p] == out_md5[p] for p in shared), student
     metrics = project.root / "metrics" / "students" / "quest+kd.json"
-    history = json.loads(metrics.read_text())["history"]
-    assert history[-1]["quest_l2"] > 0
-    project.commit("codebook k 16, extra level l2")
+    assert json.loads(metrics.read_text())["history"][-1]["quest_l2"] > 0
+    project.commit("lr 0.02, codebook k 16, extra level l2")
     assert status_clean(project)
 
 
