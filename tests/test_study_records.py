@@ -30,3 +30,16 @@ def test_a_study_reads_its_own_record_first_and_the_latest_otherwise(tmp_path: P
     assert recorded_runs(tmp_path, "main-job-val")[key]["top1"] == 0.73
     assert recorded_runs(tmp_path)[key]["top1"] == 0.73  # no study: the latest
     assert recorded_runs(tmp_path, "low-data")[key]["top1"] == 0.73
+
+
+def test_a_resumed_run_counts_its_training_time_whole() -> None:
+    """wall_seconds covers the process that finished a run; the table sums the epochs' seconds,
+    which count the part of an epoch done before a resume too."""
+    from quest.apps.study.table import run_seconds
+
+    resumed = {"wall_seconds": 151.8,
+               "history": [{"seconds": 224.0}, {"seconds": 619.0}, {"seconds": 146.0}]}
+    assert run_seconds(resumed) == 989.0
+    # records without per-epoch seconds fall back to the wall clock; none at all: no number
+    assert run_seconds({"wall_seconds": 42.0, "history": [{"loss": 1.0}]}) == 42.0
+    assert run_seconds({"history": []}) is None

@@ -141,9 +141,19 @@ def _diag(runs: dict[int, dict[str, Any]], key: str) -> str:
     return f"{sum(vals) / len(vals):.3f}"
 
 
+def run_seconds(record: dict[str, Any]) -> float | None:
+    """A run's training time: its epochs' seconds summed (each epoch counts the part done before
+    a resume), else the record's wall_seconds. wall_seconds covers only the process that
+    finished the run, so a resumed run's would count its last epochs alone."""
+    history = record.get("history") or []
+    if history and all("seconds" in epoch for epoch in history):
+        return float(sum(epoch["seconds"] for epoch in history))
+    return float(record["wall_seconds"]) if record.get("wall_seconds") else None
+
+
 def _wall(runs: dict[int, dict[str, Any]]) -> str:
-    """Mean wall-clock seconds of a setting's runs (the machine and its load vary: a guide)."""
-    walls = [float(r["wall_seconds"]) for r in runs.values() if r.get("wall_seconds")]
+    """Mean training seconds of a setting's runs (the machine and its load vary: a guide)."""
+    walls = [s for s in map(run_seconds, runs.values()) if s is not None]
     return f"{sum(walls) / len(walls):.0f}" if walls else "–"
 
 
@@ -155,14 +165,14 @@ def render(study: Study, root: Path, points: list[WordPoint] | None = None) -> s
              "std over seeds; val top-1 %: on the validation split, which every choice reads "
              "(\"no val\": runs recorded before the split existed); Δ = paired per-seed "
              "difference in test points, ± the 95 % t interval; "
-             "wall s/run: mean wall-clock seconds of one run (2-core CPU, shared with other "
-             "work, so a guide only).",
+             "train s/run: mean seconds of one run's training epochs, resumed ones counted "
+             "whole (2-core CPU, shared with other work, so a guide only).",
              "",
              "Δ vs CE and Δ vs KD pair each run with the CE and KD runs of the same settings "
              "(recorded in any setting: they do not depend on QuEST's knobs). " + SPAN_LEGEND,
              "",
              "| setting | method | seeds | val top-1 % | top-1 % | Δ vs CE | Δ vs KD "
-             "| wall s/run |",
+             "| train s/run |",
              "|---|---|---|---|---|---|---|---|",
              *_setting_rows(study, data, baselines(study, root))]
     rows = _best_rows(study, root, data)
