@@ -25,11 +25,12 @@ for _var in THREAD_VARS:
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Every Prefect server the tests start (a module's `prefect server start`, the test harness, the
-# temporary server of a fan-out) inherits these. Its loop services poll the database every 5-20 s,
-# about 6 CPU-s a minute per idle server, and no test needs them: no scheduled or late runs, no
-# paused or cancelled runs, no automations, no dashboard. The services that record task states
-# and persist events stay on. A value already in the environment wins.
+# A full Prefect server (`prefect server start`, as tests/test_prefect.py runs one for its module)
+# inherits these. Its loop services poll the database every 5-20 s, about 6 CPU-s a minute while
+# idle, and no test needs them: no scheduled or late runs, no paused or cancelled runs, no
+# automations, no dashboard. The services that record task states and persist events stay on.
+# (Temporary servers, the test harness's and a fan-out's, run only those already.) A value
+# already in the environment wins.
 PREFECT_TEST_SERVICES_OFF = ("CANCELLATION_CLEANUP", "FOREMAN", "LATE_RUNS", "SCHEDULER",
                              "PAUSE_EXPIRATIONS", "REPOSSESSOR", "CLEANUP_RECONCILER", "TRIGGERS")
 for _service in PREFECT_TEST_SERVICES_OFF:
