@@ -19,6 +19,7 @@ from scipy import stats
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "main-job-val"
 KD = "kd-T4"
+QUEST = "q-l3l2-K256-w10"  # the main job's default
 
 
 def load(folder: Path) -> dict[tuple[str, int], dict]:
@@ -54,6 +55,18 @@ def summary(recs: dict[tuple[str, int], dict], setting: str) -> dict:
     }
 
 
+def paired(recs: dict[tuple[str, int], dict], a: str, b: str,
+           key: str = "top1") -> tuple[list[float], tuple[float, float | None]]:
+    """Per-seed differences a − b in points on the seeds both have (key: top1 or val_top1),
+    and their mean with its 95 % t half-width (None for one seed)."""
+    seeds = sorted(s for (name, s) in recs if name == a and (b, s) in recs)
+    diffs = [100 * (recs[(a, s)][key] - recs[(b, s)][key]) for s in seeds]
+    if len(diffs) < 2:
+        return diffs, (diffs[0] if diffs else float("nan"), None)
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return diffs, (statistics.mean(diffs), half)
+
+
 def cell(pair: tuple[float, float | None], signed: bool = False) -> str:
     """'79.15 ± 0.57' (one seed: '79.15'); signed: '+14.52 ± 1.78', with a true minus sign."""
     mean, spread = pair
@@ -70,6 +83,13 @@ def main(argv: list[str]) -> int:
         delta = cell(row["delta_kd"], signed=True) if row["delta_kd"] else ""
         print(f"{setting:18s} seeds {row['seeds']}  val {cell(row['val'])}  "
               f"test {cell(row['test'])}  Δ vs KD {delta}  cpu {row['cpus']} code {row['code']}")
+    print(f"\n{QUEST} against every setting, paired per seed (points):")
+    for setting in sorted({s for s, _ in recs} - {QUEST}):
+        test_diffs, test = paired(recs, QUEST, setting)
+        if len(test_diffs) > 1:
+            _, val = paired(recs, QUEST, setting, "val_top1")
+            print(f"  − {setting:16s} test {cell(test, signed=True)} "
+                  f"({', '.join(f'{d:+.2f}' for d in test_diffs)})  val {cell(val, signed=True)}")
     return 0
 
 
