@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 ROWS = {
     "CE": ["ce"],
     "KD (RepDistiller's 0.1 CE + 0.9 KD, T = 4)": ["kd-T4"],
-    "FitNets (hint at stage 2, weight 100)": ["fitnet-l2-w100"],
+    "FitNets, chosen on validation (hint at stage 3, weight 10)": ["fitnet-l3-w10"],
+    "FitNets at its published setting (hint at stage 2, weight 100)": ["fitnet-l2-w100"],
     "QuEST, two levels (the default)": ["q-l3l2-K256-w10"],
     "seed 0 only: attention transfer": ["at"],
     "seed 0 only: QuEST, one level (layer3)": ["q-l3-K256-w10"],
@@ -64,3 +65,26 @@ def test_the_readme_headline_table_is_recomputed_from_the_records() -> None:
     every = [hl.summary(recs, s) for ss in ROWS.values() for s in ss]
     assert len({c for g in every for c in g["cpus"]}) == 1
     assert len({c for g in every for c in g["code"]}) == 1
+
+
+def test_the_readme_quest_against_fitnets_is_recomputed_from_the_records() -> None:
+    """The prose's paired differences between two-level QuEST and FitNets (chosen on validation,
+    and at its published setting), test and validation, with their per-seed values."""
+    hl = _headline()
+    recs = hl.load(REPO / "results" / "main-job-val")
+    text = " ".join((REPO / "README.md").read_text().split())
+    chosen, published = "fitnet-l3-w10", "fitnet-l2-w100"
+    test_diffs, test = hl.paired(recs, hl.QUEST, chosen)
+    val_diffs, val = hl.paired(recs, hl.QUEST, chosen, "val_top1")
+    per_seed = ", ".join(f"{d:+.2f}" for d in test_diffs)
+    assert f"**{hl.cell(test, signed=True)} points on test** ({per_seed})" in text
+    per_seed = ", ".join(f"{d:+.2f}" for d in val_diffs)
+    assert f"**{hl.cell(val, signed=True)} on validation** ({per_seed})" in text
+    # the chosen setting is validation's pick among FitNets' seed-0 grid
+    grid = {s: r["val_top1"] for (s, seed), r in recs.items()
+            if s.startswith("fitnet-") and seed == 0}
+    assert len(grid) == 9 and max(grid, key=grid.get) == chosen
+    _, test = hl.paired(recs, hl.QUEST, published)
+    _, val = hl.paired(recs, hl.QUEST, published, "val_top1")
+    assert (f"{hl.cell(test, signed=True)} on test, {hl.cell(val, signed=True)} on validation"
+            in text)
