@@ -19,7 +19,7 @@ ROWS = {
     "QuEST, two levels (the default)": ["q-l3l2-K256-w10"],
     "seed 0 only: attention transfer": ["at"],
     "seed 0 only: QuEST, one level (layer3)": ["q-l3-K256-w10"],
-    "seed 0 only: DKD (β 8) / CRD (0.8·CRD), untuned": ["dkd", "crd"],
+    "DKD (β 8) / CRD (0.8·CRD), untuned": ["dkd", "crd"],
 }
 
 
