@@ -38,20 +38,14 @@ def summary(recs: dict[tuple[str, int], dict], setting: str) -> dict:
     seeds = sorted(runs)
     test = [100 * runs[s]["top1"] for s in seeds]
     val = [100 * runs[s]["val_top1"] for s in seeds]
-    paired = [100 * (runs[s]["top1"] - recs[(KD, s)]["top1"]) for s in seeds if (KD, s) in recs]
-    delta = None
-    if len(paired) > 1:
-        half = stats.t.ppf(0.975, len(paired) - 1) * statistics.stdev(paired) / len(paired) ** 0.5
-        delta = (statistics.mean(paired), half)
-    elif paired:
-        delta = (paired[0], None)
+    diffs, delta = paired(recs, setting, KD)
     return {
         "seeds": seeds,
         "cpus": sorted({r["machine"]["cpu_id"] for r in runs.values()}),
         "code": sorted({r["code_fingerprint"] for r in runs.values()}),
         "val": (statistics.mean(val), statistics.stdev(val) if len(val) > 1 else None),
         "test": (statistics.mean(test), statistics.stdev(test) if len(test) > 1 else None),
-        "delta_kd": delta,
+        "delta_kd": delta if diffs else None,
     }
 
 
@@ -65,6 +59,11 @@ def paired(recs: dict[tuple[str, int], dict], a: str, b: str,
         return diffs, (diffs[0] if diffs else float("nan"), None)
     half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
     return diffs, (statistics.mean(diffs), half)
+
+
+def per_seed(diffs: list[float]) -> str:
+    """'+1.73, +1.70, +3.20': per-seed differences as the README lists them."""
+    return ", ".join(f"{d:+.2f}" for d in diffs)
 
 
 def cell(pair: tuple[float, float | None], signed: bool = False) -> str:
@@ -89,7 +88,7 @@ def main(argv: list[str]) -> int:
         if len(test_diffs) > 1:
             _, val = paired(recs, QUEST, setting, "val_top1")
             print(f"  − {setting:16s} test {cell(test, signed=True)} "
-                  f"({', '.join(f'{d:+.2f}' for d in test_diffs)})  val {cell(val, signed=True)}")
+                  f"({per_seed(test_diffs)})  val {cell(val, signed=True)}")
     return 0
 
 

@@ -76,10 +76,8 @@ def test_the_readme_quest_against_fitnets_is_recomputed_from_the_records() -> No
     chosen, published = "fitnet-l3-w10", "fitnet-l2-w100"
     test_diffs, test = hl.paired(recs, hl.QUEST, chosen)
     val_diffs, val = hl.paired(recs, hl.QUEST, chosen, "val_top1")
-    per_seed = ", ".join(f"{d:+.2f}" for d in test_diffs)
-    assert f"**{hl.cell(test, signed=True)} points on test** ({per_seed})" in text
-    per_seed = ", ".join(f"{d:+.2f}" for d in val_diffs)
-    assert f"**{hl.cell(val, signed=True)} on validation** ({per_seed})" in text
+    assert f"**{hl.cell(test, signed=True)} points on test** ({hl.per_seed(test_diffs)})" in text
+    assert f"**{hl.cell(val, signed=True)} on validation** ({hl.per_seed(val_diffs)})" in text
     # the chosen setting is validation's pick among FitNets' seed-0 grid
     grid = {s: r["val_top1"] for (s, seed), r in recs.items()
             if s.startswith("fitnet-") and seed == 0}
