@@ -17,7 +17,7 @@ ROWS = {
     "FitNets, chosen on validation (hint at stage 3, weight 10)": ["fitnet-l3-w10"],
     "FitNets at its published setting (hint at stage 2, weight 100)": ["fitnet-l2-w100"],
     "QuEST, two levels (the default)": ["q-l3l2-K256-w10"],
-    "seed 0 only: attention transfer": ["at"],
+    "attention transfer": ["at"],
     "seed 0 only: QuEST, one level (layer3)": ["q-l3-K256-w10"],
     "DKD (β 8) / CRD (0.8·CRD), untuned": ["dkd", "crd"],
 }
