@@ -37,13 +37,59 @@ REPO = Path(__file__).resolve().parents[1]
     ({"data": {"channels": 2}}, "data.channels is '2': choose one of 1, 3"),
     ({"codebook": 5}, "codebook must be a mapping, got 5"),
     ({"student": {"methods": "quest"}}, "student.methods must be list of str, got 'quest'"),
-    ({"codebook": {"k": 0}}, "codebook.k must be positive, got 0"),
+    ({"codebook": {"k": 0}}, "codebook.k is 0: use a value greater than 0"),
 ])
 def test_bad_values_are_one_line_errors_naming_key_and_fix(raw: dict, message: str) -> None:
     with pytest.raises(QuestError) as err:
         build_config(raw)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def _ranged_keys() -> list[tuple[str, str, float]]:
+    """(dotted key, bound, value) of every range the settings declare (Field(gt=..., le=...)),
+    a mapping's sections under the level name l2; the method sections are checked elsewhere."""
+    from quest.apps.config_doc import schema_keys
+    from quest.core.methods import sections
+
+    METHOD_SECTIONS = dict(sections())  # noqa: N806
+    out = []
+    for key, field, _ in schema_keys():
+        if key.split(".")[:2] in [["student", m] for m in METHOD_SECTIONS]:
+            continue
+        for meta in field.metadata:
+            for bound in ("gt", "ge", "lt", "le"):
+                if getattr(meta, bound, None) is not None:
+                    out.append((key.replace(".NAME.", ".l2."), bound, getattr(meta, bound)))
+    return out
+
+
+def _nested(key: str, value: object) -> dict:
+    """Raw settings holding one dotted key (an extra level gets its two layers too)."""
+    raw: dict = {}
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    if ".extra_levels." in key:
+        node.update(teacher_layer="layer2", student_layer="layer2")
+    return raw
+
+
+def test_every_declared_range_refuses_the_value_just_outside_it_in_one_line() -> None:
+    """A value outside a field's range (a share of 50 meant as 50 %, a K of 0) is refused before
+    any work, in one line naming the key, the value and the bound."""
+    ranged = _ranged_keys()
+    assert {"codebook.k", "validation.data.min_class_share", "report.gallery_words",
+            "student.quest.extra_levels.l2.weight",
+            "promotion.min_top1"} <= {k for k, _, _ in ranged}
+    for key, bound, limit in ranged:
+        outside = limit - 1 if bound in ("gt", "ge") else limit + 1
+        with pytest.raises(QuestError) as err:
+            build_config(_nested(key, outside))
+        msg = str(err.value)
+        assert msg.startswith(f"{key} is {outside}: use a value") and "\n" not in msg, msg
 
 
 def test_types_are_kept_and_an_int_is_a_float_where_a_float_is_expected() -> None:

@@ -51,7 +51,7 @@ def test_levels_inherit_the_first_levels_settings() -> None:
     ("{l2: {student_layer: layer2}}", "teacher_layer is missing"),
     ("{l2: {teacher_layer: layer9, student_layer: layer2}}", "unknown layer 'layer9'"),
     ("{'a b': {teacher_layer: layer2, student_layer: layer2}}", "letters, digits"),
-    ("{l2: {teacher_layer: layer2, student_layer: layer2, k: 0}}", "k must be positive"),
+    ("{l2: {teacher_layer: layer2, student_layer: layer2, k: 0}}", "k is 0: use a value greater"),
     ("{l2: {teacher_layer: layer2, student_layer: layer2, predictor: soft}}", "predictor"),
     ("[layer2]", "must be a mapping"),
 ])

@@ -267,3 +267,26 @@ def test_a_malformed_scheduler_address_is_one_line() -> None:
     with pytest.raises(QuestError, match=r"cannot reach the Dask scheduler at nonsense "
                                          r"\(missing port number"):
         _check_scheduler("nonsense")
+
+
+def test_a_local_cluster_s_workers_run_without_the_profiler_or_work_stealing() -> None:
+    """A fan-out's own cluster turns off what long single-run tasks do not need (the worker's
+    stack profiler, work stealing) in the worker processes themselves; a cluster named by
+    --dask-address keeps its settings."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from quest.apps.study.fanout import LOCAL_CLUSTER_CONFIG, _local_cluster_config
+
+    keys = list(LOCAL_CLUSTER_CONFIG)
+    assert [dask.config.get(k) for k in keys] == [True, True]  # Dask's defaults
+    with _local_cluster_config("tcp://127.0.0.1:8786"):
+        assert [dask.config.get(k) for k in keys] == [True, True]
+    with _local_cluster_config(None), LocalCluster(n_workers=1, threads_per_worker=1,
+                                                   processes=True, dashboard_address=None) as c:
+        with Client(c) as client:
+            seen = client.run(lambda: [dask.config.get(k) for k in keys])
+            assert list(seen.values()) == [[False, False]]
+            assert not client.run_on_scheduler(
+                lambda dask_scheduler: "stealing" in dask_scheduler.extensions)
+    assert [dask.config.get(k) for k in keys] == [True, True]

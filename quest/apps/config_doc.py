@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from quest.infra.config import Config, StudentConfig
 from quest.infra.io_utils import write_text_atomic
@@ -108,10 +109,11 @@ def _mapped_section(tp: Any) -> type[BaseModel] | None:
     return None
 
 
-def schema_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, annotation, default) of every leaf setting, sections walked depth first;
-    a mapping of sections is walked under the placeholder NAME."""
-    out: list[tuple[str, Any, Any]] = []
+def schema_keys(model: type[BaseModel] = Config,
+                prefix: str = "") -> list[tuple[str, FieldInfo, Any]]:
+    """(dotted key, field, default) of every leaf setting, sections walked depth first; a
+    mapping of sections is walked under the placeholder NAME."""
+    out: list[tuple[str, FieldInfo, Any]] = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         sub = _section_of(field.annotation)
@@ -119,11 +121,10 @@ def schema_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple
         if sub is not None:
             out += schema_keys(sub, f"{key}.")
         elif mapped is not None:
-            out.append((key, field.annotation, {}))
+            out.append((key, field, {}))
             out += schema_keys(mapped, f"{key}.NAME.")
         else:
-            default = field.get_default(call_default_factory=True)
-            out.append((key, field.annotation, default))
+            out.append((key, field, field.get_default(call_default_factory=True)))
     if model is StudentConfig:
         # the methods' own sections (student.kd, ...): each model lives in its method's module
         for name, section in _method_sections().items():
@@ -204,6 +205,17 @@ def _default_text(value: Any) -> str:
     return f"`{value}`"
 
 
+# a field's declared range (Field(gt=..., le=...)), as the reference's type column shows it
+_BOUNDS = (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
+
+
+def range_text(field: FieldInfo) -> str:
+    """The range a field declares, e.g. "> 0" or "≥ 0, ≤ 1"; "" when it declares none."""
+    parts = [f"{sign} {getattr(m, attr)}" for m in field.metadata for attr, sign in _BOUNDS
+             if getattr(m, attr, None) is not None]
+    return ", ".join(parts)
+
+
 def _escape(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -224,7 +236,7 @@ def configuration_markdown(params_text: str) -> str:
         "",
     ]
     section = None
-    for key, annotation, default in schema_keys():
+    for key, field, default in schema_keys():
         top = key.split(".", 1)[0]
         if top != section:
             section = top
@@ -232,7 +244,9 @@ def configuration_markdown(params_text: str) -> str:
             lines += ["", f"## `{top}`", "", " ".join(doc.split()), "",
                       "| key | type | default | meaning |", "|---|---|---|---|"]
         meaning = meaning_of(key, comments)
-        lines.append(f"| `{key}` | {_escape(_type_name(annotation))} | "
+        bounds = range_text(field)
+        kind = _type_name(field.annotation) + (f" ({bounds})" if bounds else "")
+        lines.append(f"| `{key}` | {_escape(kind)} | "
                      f"{_escape(_default_text(default))} | {_escape(meaning)} |")
     return "\n".join(lines).rstrip() + "\n"
 

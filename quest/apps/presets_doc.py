@@ -20,46 +20,30 @@ from quest.infra.errors import QuestError
 OFFICIAL_FILE = "official.yaml"
 DOC_PATH = Path("docs") / "presets.md"
 
-# RepDistiller's README (HobbitLong/RepDistiller, "Benchmark Results on CIFAR-100"), top-1 %:
-# (teacher, student alone, KD, FitNet, AT, CRD) per (teacher arch, student arch) of the zoo.
-REPDISTILLER_CIFAR100: dict[tuple[str, str], tuple[float, float, float, float, float, float]] = {
-    ("wrn_40_2", "wrn_16_2"): (75.61, 73.26, 74.92, 73.58, 74.08, 75.48),
-    ("wrn_40_2", "wrn_40_1"): (75.61, 71.98, 73.54, 72.24, 72.77, 74.14),
-    ("resnet56", "resnet20"): (72.34, 69.06, 70.66, 69.21, 70.55, 71.16),
-    ("resnet110", "resnet20"): (74.31, 69.06, 70.67, 68.99, 70.22, 71.46),
-    ("resnet110", "resnet32"): (74.31, 71.14, 73.08, 71.06, 72.31, 73.48),
-    ("resnet32x4", "resnet8x4"): (79.42, 72.50, 73.33, 73.50, 73.44, 75.51),
-    ("vgg13", "vgg8"): (74.64, 70.36, 72.98, 71.02, 71.43, 73.94),
-    ("vgg13", "mobilenetv2_half"): (74.64, 64.60, 67.37, 64.14, 59.40, 69.73),
-    ("resnet50_cifar", "mobilenetv2_half"): (79.34, 64.60, 67.35, 63.16, 58.58, 69.11),
-    ("resnet50_cifar", "vgg8"): (79.34, 70.36, 73.81, 70.69, 71.84, 74.30),
-    ("resnet32x4", "shufflev1"): (79.42, 70.50, 74.07, 73.59, 71.73, 75.11),
-    ("resnet32x4", "shufflev2"): (79.42, 71.82, 74.45, 73.54, 72.73, 75.65),
-    ("wrn_40_2", "shufflev1"): (75.61, 70.50, 74.83, 73.73, 73.32, 76.05),
-}
+# The published top-1 % the presets are read against, with where each table is copied from:
+# RepDistiller's CIFAR-100 table (teacher, student alone, KD, FitNet, AT, CRD per teacher ->
+# student pair) and mdistiller's DKD (per dataset and pair).
+ANCHORS_PATH = Path(__file__).resolve().parent / "published_anchors.yaml"
 
-# mdistiller's README (megvii-research/mdistiller, "Decoupled Knowledge Distillation", "Main
-# Benchmark Results"), DKD top-1 % per (dataset, teacher arch, student arch) of the zoo. It gives
-# none for resnet110 -> resnet20 or ResNet50 -> vgg8. Its ImageNet "ResNet50 -> MobileNet-V1"
-# student is the network of the official RN50_MNv2 config (the zoo's mobilenet_v1).
-MDISTILLER_DKD: dict[tuple[str, str, str], float] = {
-    ("cifar100", "resnet56", "resnet20"): 71.97,
-    ("cifar100", "resnet110", "resnet32"): 74.11,
-    ("cifar100", "resnet32x4", "resnet8x4"): 76.32,
-    ("cifar100", "wrn_40_2", "wrn_16_2"): 76.23,
-    ("cifar100", "wrn_40_2", "wrn_40_1"): 74.81,
-    ("cifar100", "vgg13", "vgg8"): 74.68,
-    ("cifar100", "resnet32x4", "shufflev1"): 76.45,
-    ("cifar100", "wrn_40_2", "shufflev1"): 76.70,
-    ("cifar100", "vgg13", "mobilenetv2_half"): 69.71,
-    ("cifar100", "resnet50_cifar", "mobilenetv2_half"): 70.35,
-    # the README heads this column "ResNet32x4 / MobileNet-V2", but its KD figure (74.45) is
-    # RepDistiller's resnet32x4 -> ShuffleNetV2 one, and mdistiller ships a DKD config for
-    # res32x4 -> shuv2 (configs/cifar100/dkd/res32x4_shuv2.yaml) and none for res32x4 -> mv2
-    ("cifar100", "resnet32x4", "shufflev2"): 77.07,
-    ("imagenet", "resnet34", "resnet18"): 71.70,
-    ("imagenet", "resnet50", "mobilenet_v1"): 72.05,
-}
+
+def _pair(key: str) -> tuple[str, str]:
+    teacher, student = (part.strip() for part in key.split("->"))
+    return teacher, student
+
+
+def load_anchors(path: Path = ANCHORS_PATH) -> tuple[dict[tuple[str, str], list[float]],
+                                                     dict[tuple[str, str, str], float]]:
+    """RepDistiller's CIFAR-100 rows per (teacher, student) and mdistiller's DKD per (dataset,
+    teacher, student), from the published-numbers file."""
+    data = yaml.safe_load(path.read_text())
+    repdistiller = {_pair(k): [float(x) for x in v]
+                    for k, v in data["repdistiller_cifar100"].items()}
+    dkd = {(dataset, *_pair(k)): float(v)
+           for dataset, pairs in data["mdistiller_dkd"].items() for k, v in pairs.items()}
+    return repdistiller, dkd
+
+
+REPDISTILLER_CIFAR100, MDISTILLER_DKD = load_anchors()
 # pairs whose DKD cell carries a footnote mark (see the note under the table)
 _DKD_RELABELLED = {("cifar100", "resnet32x4", "shufflev2")}
 

@@ -38,6 +38,8 @@ UNKNOWN = "unknown"
 EQUIVALENT_CODE: dict[str, str] = {
     # 2026-12-07: one data interface, tap_shapes, build_distiller in methods, split functions
     "15a329b05e8793eb": "08e067efb3f417c3",
+    # 2026-12-08: the loaders' shared Batching, one stream fault path, the ShuffleNets' stem
+    "8885e287bfd6b912": "15a329b05e8793eb",
 }
 
 # ISA extensions that decide which float kernels oneDNN, OpenBLAS and FAISS pick.

@@ -80,16 +80,16 @@ class DataConfig(Section):
     # images per class held out of training to choose on (defaults, best-of rows, the MLflow
     # champion): drawn with their own seed from the training pool outside the training subset,
     # or carved out of it when the training subset is the whole pool; 0: no validation split
-    validation_per_class: int = 0
+    validation_per_class: int = Field(0, ge=0)
     validation_seed: int = 0
 
 
 class OptimConfig(Section):
     """SGD recipe shared by teacher and student training."""
 
-    epochs: int = 240
-    batch_size: int = 64
-    lr: float = 0.05
+    epochs: int = Field(240, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(0.05, gt=0)
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
@@ -100,7 +100,7 @@ class OptimConfig(Section):
     seed: int = 0
     # passes over the training set per epoch, each a fresh shuffle (the official few-images
     # sampler: a small subset repeated so that an epoch keeps the full set's step count)
-    repeat: int = 1
+    repeat: int = Field(1, gt=0)
     # false: an epoch ends with its partial batch, as the official transfer-learning sampler
     # (valeoai/QuEST's DataloaderSampler) does: 42 steps, not 41, at 10 images per class
     drop_last: bool = True
@@ -118,20 +118,20 @@ class FeaturesConfig(Section):
     """Which teacher layer to quantize and how many of its spatial vectors to keep."""
 
     layer: str | None = None
-    max_vectors: int | None = None
+    max_vectors: int | None = Field(None, gt=0)
     dtype: FeatureDtype = "float32"
     batch_size: int = 256
     seed: int = 0
     # teacher-side average pooling (kernel = stride = pool) before k-means and in training alike:
     # the official "downscale" of the cross-architecture pairs is 2
-    pool: int = 1
+    pool: int = Field(1, ge=1)
 
 
 class CodebookConfig(Section):
     """k-means over the teacher's spatial vectors."""
 
-    k: int = 4096
-    iterations: int = 20
+    k: int = Field(4096, gt=0)
+    iterations: int = Field(20, gt=0)
     seed: int = 0
     backend: Backend = "auto"
     max_points_per_centroid: int = 256
@@ -143,12 +143,12 @@ class QuestLevelConfig(Section):
 
     teacher_layer: str = ""
     student_layer: str = ""
-    k: int | None = None  # None: codebook.k
-    temperature: float | None = None  # None: student.quest.temperature, and so on
-    weight: float | None = None
-    init_scale: float | None = None
+    k: int | None = Field(None, gt=0)  # None: codebook.k
+    temperature: float | None = Field(None, gt=0)  # None: student.quest.temperature, and so on
+    weight: float | None = Field(None, ge=0)
+    init_scale: float | None = Field(None, gt=0)
     predictor: Predictor | None = None
-    pool: int | None = None  # None: 1 (features.pool is the first level's)
+    pool: int | None = Field(None, gt=0)  # None: 1 (features.pool is the first level's)
 
 
 class QuestConfig(Section):
@@ -191,49 +191,49 @@ class RuntimeConfig(Section):
 class PromotionConfig(Section):
     """Gates for moving the registry's champion alias to a new student."""
 
-    min_top1: float = 0.0
+    min_top1: float = Field(0.0, ge=0, le=1)
     model_name: str = "quest-student"
 
 
 class ReportConfig(Section):
     """What `quest report` shows: the visual-word gallery's size and sample."""
 
-    gallery_words: int = 8
-    gallery_patches: int = 16
-    gallery_images: int = 500
-    patch_scale: float = 3.0
+    gallery_words: int = Field(8, gt=0)
+    gallery_patches: int = Field(16, gt=0)
+    gallery_images: int = Field(500, gt=0)
+    patch_scale: float = Field(3.0, gt=0)
     seed: int = 0
 
 
 class DataChecksConfig(Section):
     """Thresholds of the prepared-data suite (run after prepare, before the teacher)."""
 
-    min_class_share: float = 0.5
-    max_duplicate_share: float = 0.01
-    pixel_mean_min: float = 20.0
-    pixel_mean_max: float = 235.0
-    pixel_std_min: float = 10.0
+    min_class_share: float = Field(0.5, ge=0, le=1)
+    max_duplicate_share: float = Field(0.01, ge=0, le=1)
+    pixel_mean_min: float = Field(20.0, ge=0, le=255)  # and <= pixel_mean_max (_validate_checks)
+    pixel_mean_max: float = Field(235.0, ge=0, le=255)
+    pixel_std_min: float = Field(10.0, ge=0)
 
 
 class FeatureChecksConfig(Section):
     """Thresholds of the teacher-feature suite (run after features, before the codebook)."""
 
-    norm_min: float = 0.01
+    norm_min: float = Field(0.01, ge=0)  # and <= norm_max (_validate_checks)
     norm_max: float = 1000.0
 
 
 class CodebookChecksConfig(Section):
     """Thresholds of the codebook suite (run after codebook, before the students)."""
 
-    max_dead_share: float = 0.05
-    min_perplexity_share: float = 0.1
+    max_dead_share: float = Field(0.05, ge=0, le=1)
+    min_perplexity_share: float = Field(0.1, ge=0, le=1)
 
 
 class PredictionChecksConfig(Section):
     """Thresholds of the students' test-set predictions suite (run after evaluate)."""
 
-    sum_tolerance: float = 0.001
-    min_top1_over_chance: float = 1.0
+    sum_tolerance: float = Field(0.001, gt=0)
+    min_top1_over_chance: float = Field(1.0, ge=0)
 
 
 class ValidationConfig(Section):
@@ -527,11 +527,6 @@ def load_config(
                                     preset_dir=Path(path).parent / PROJECT_PRESETS_DIR))
 
 
-def _positive(value: float | None, key: str) -> None:
-    if value is not None and value <= 0:
-        raise QuestError(f"{key} must be positive, got {value}")
-
-
 def _validate_levels(cfg: Config) -> None:
     """Each extra QuEST level: a file-name-safe name, both layer names given, sane values (the
     layers themselves are checked against the networks when a stage starts)."""
@@ -547,71 +542,34 @@ def _validate_levels(cfg: Config) -> None:
             if not layer:
                 raise QuestError(f"{key}.{side} is missing: name the layer to quantize "
                                  f"(`quest models --layers {arch}` lists them)")
-        for field_name in ("k", "temperature", "init_scale", "pool"):
-            _positive(getattr(lv, field_name), f"{key}.{field_name}")
-        if lv.weight is not None and lv.weight < 0:
-            raise QuestError(f"{key}.weight must be 0 or more, got {lv.weight}")
 
 
 def validate(cfg: Config) -> None:
     """Check values that types alone do not: ranges and consistency. Names that only the core
     knows (architectures, methods, layers) are checked when a stage starts
     (`quest.core.checks.check_runnable`)."""
-    if cfg.features.pool < 1:
-        raise QuestError(f"features.pool must be 1 (no pooling) or more, got {cfg.features.pool}: "
-                         "fix it in params.yaml")
     for key, vec in (("data.mean", cfg.data.mean), ("data.std", cfg.data.std)):
         if vec is not None and len(vec) != cfg.data.channels:
             raise QuestError(f"{key} needs {cfg.data.channels} values, got {len(vec)}")
-    if cfg.data.validation_per_class < 0:
-        raise QuestError(f"data.validation_per_class must be 0 (no validation split) or more, "
-                         f"got {cfg.data.validation_per_class}: fix it in params.yaml")
     _validate_levels(cfg)
-    _positive(cfg.codebook.k, "codebook.k")
-    _positive(cfg.codebook.iterations, "codebook.iterations")
-    _positive(cfg.features.max_vectors, "features.max_vectors")
     if not cfg.student.methods:
         raise QuestError("student.methods is empty: list at least one method "
                          "(`quest methods` lists them)")
-    for name, opt in (("teacher.train", cfg.teacher.train), ("student.train", cfg.student.train)):
-        _positive(opt.epochs, f"{name}.epochs")
-        _positive(opt.batch_size, f"{name}.batch_size")
-        _positive(opt.lr, f"{name}.lr")
-        _positive(opt.repeat, f"{name}.repeat")
-    for key in ("gallery_words", "gallery_patches", "gallery_images", "patch_scale"):
-        _positive(getattr(cfg.report, key), f"report.{key}")
-    if not 0.0 <= cfg.promotion.min_top1 <= 1.0:
-        raise QuestError(f"promotion.min_top1 is {cfg.promotion.min_top1}: use a value in [0, 1]")
     if cfg.runtime.device not in ("auto", "cpu") and not cfg.runtime.device.startswith("cuda"):
         raise QuestError(f"runtime.device is '{cfg.runtime.device}': use auto, cpu or cuda[:N]")
     _validate_checks(cfg.validation)
 
 
-def _unit(value: float, key: str) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise QuestError(f"{key} is {value}: use a value in [0, 1]")
-
-
 def _validate_checks(v: ValidationConfig) -> None:
-    """Ranges of the validation thresholds: shares in [0, 1], bounds in order."""
+    """The validation thresholds' bounds in order (each one's own range is its field's)."""
     d = v.data
-    _unit(d.min_class_share, "validation.data.min_class_share")
-    _unit(d.max_duplicate_share, "validation.data.max_duplicate_share")
-    if not 0.0 <= d.pixel_mean_min <= d.pixel_mean_max <= 255.0:
+    if d.pixel_mean_min > d.pixel_mean_max:
         raise QuestError(f"validation.data.pixel_mean_min/max are {d.pixel_mean_min}/"
                          f"{d.pixel_mean_max}: use 0 <= min <= max <= 255")
-    if d.pixel_std_min < 0:
-        raise QuestError(f"validation.data.pixel_std_min is {d.pixel_std_min}: use a value >= 0")
     f = v.features
-    if not 0.0 <= f.norm_min <= f.norm_max:
+    if f.norm_min > f.norm_max:
         raise QuestError(f"validation.features.norm_min/norm_max are {f.norm_min}/{f.norm_max}: "
                          "use 0 <= norm_min <= norm_max")
-    _unit(v.codebook.max_dead_share, "validation.codebook.max_dead_share")
-    _unit(v.codebook.min_perplexity_share, "validation.codebook.min_perplexity_share")
-    _positive(v.predictions.sum_tolerance, "validation.predictions.sum_tolerance")
-    if v.predictions.min_top1_over_chance < 0:
-        raise QuestError("validation.predictions.min_top1_over_chance is "
-                         f"{v.predictions.min_top1_over_chance}: use a value >= 0")
 
 
 def config_hash(section: Any) -> str:

@@ -14,6 +14,15 @@ def method_slug(method: str) -> str:
     return method
 
 
+def _under(folder: str, *parts: str, doc: str) -> property:
+    """A read-only path property: `parts` below the Paths attribute `folder`."""
+
+    def get(self: Paths) -> Path:
+        return Path(getattr(self, folder), *parts)
+
+    return property(get, doc=doc)
+
+
 @dataclass(frozen=True)
 class Paths:
     """The project's file layout: data/ and models/ (DVC outs), metrics/ and plots/."""
@@ -36,35 +45,22 @@ class Paths:
             return self.root / "models" / "levels" / self.level
         return self.root / "models" / "codebook"
 
-    @property
-    def prepared(self) -> Path:
-        """Prepared dataset directory."""
-        return self.root / "data" / "prepared"
-
-    @property
-    def features(self) -> Path:
-        """Teacher spatial feature vectors (.npy, memory-mappable)."""
-        return self._features_dir / "teacher_features.npy"
-
-    @property
-    def features_meta(self) -> Path:
-        """Metadata of the extracted features."""
-        return self._features_dir / "teacher_features.json"
-
-    @property
-    def teacher_model(self) -> Path:
-        """The teacher's model file."""
-        return self.root / "models" / "teacher" / "teacher.pt"
-
-    @property
-    def codebook(self) -> Path:
-        """The visual-word vocabulary (K x C .npy)."""
-        return self._codebook_dir / "codebook.npy"
-
-    @property
-    def codebook_meta(self) -> Path:
-        """Metadata of the codebook."""
-        return self._codebook_dir / "codebook.json"
+    # the fixed files and folders (a level's features and codebook under its own folders)
+    prepared = _under("root", "data", "prepared", doc="Prepared dataset directory.")
+    features = _under("_features_dir", "teacher_features.npy",
+                      doc="Teacher spatial feature vectors (.npy, memory-mappable).")
+    features_meta = _under("_features_dir", "teacher_features.json",
+                           doc="Metadata of the extracted features.")
+    teacher_model = _under("root", "models", "teacher", "teacher.pt",
+                           doc="The teacher's model file.")
+    codebook = _under("_codebook_dir", "codebook.npy",
+                      doc="The visual-word vocabulary (K x C .npy).")
+    codebook_meta = _under("_codebook_dir", "codebook.json", doc="Metadata of the codebook.")
+    metrics = _under("root", "metrics", doc="Metrics directory (small JSON files DVC shows).")
+    plots = _under("root", "plots", doc="Plots directory (CSV curves).")
+    logs = _under("root", "logs", doc="Per-run log files.")
+    reports = _under("root", "reports",
+                     doc="The HTML and Markdown report of a finished run (quest report).")
 
     @property
     def codebook_metrics(self) -> Path:
@@ -83,11 +79,6 @@ class Paths:
         """A trained student's model file (the plain architecture)."""
         return self.root / "models" / "students" / f"{method_slug(method)}.pt"
 
-    @property
-    def metrics(self) -> Path:
-        """Metrics directory (small JSON files DVC shows)."""
-        return self.root / "metrics"
-
     def student_metrics(self, method: str) -> Path:
         """Per-epoch history and final numbers of one student."""
         return self.metrics / "students" / f"{method_slug(method)}.json"
@@ -95,11 +86,6 @@ class Paths:
     def student_curve(self, method: str) -> Path:
         """Per-epoch CSV of one student, for plots."""
         return self.root / "plots" / "students" / f"{method_slug(method)}.csv"
-
-    @property
-    def plots(self) -> Path:
-        """Plots directory (CSV curves)."""
-        return self.root / "plots"
 
     def checkpoint(self, name: str) -> Path:
         """Resumable training checkpoint (kept outside DVC outs so repro does not delete it)."""
@@ -111,12 +97,3 @@ class Paths:
         results/runs/ (not committed), a study's runs in results/<study>/ (committed)."""
         return self.results_dir or self.root / "results" / RUNS_DIR
 
-    @property
-    def logs(self) -> Path:
-        """Per-run log files."""
-        return self.root / "logs"
-
-    @property
-    def reports(self) -> Path:
-        """The HTML and Markdown report of a finished run (quest report)."""
-        return self.root / "reports"

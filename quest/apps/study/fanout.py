@@ -34,6 +34,15 @@ from quest.infra.errors import QuestError
 from quest.infra.malloc import keep_freed_memory
 from quest.infra.progress import log, setup_logging
 
+# Dask's defaults suit many short tasks; a study gives each single-threaded worker one run for
+# minutes. The worker's statistical profiler samples every thread's stack 100 times a second on
+# its event loop, and the scheduler rebalances queued tasks by work stealing every 100 ms: neither
+# helps a run that holds its worker, and both take CPU from it on a small machine
+# (benchmarks/dask_worker_overhead.py). Applied to the local cluster only; a cluster of one's own
+# (--dask-address) keeps its own settings.
+LOCAL_CLUSTER_CONFIG: dict[str, Any] = {"distributed.worker.profile.enabled": False,
+                                        "distributed.scheduler.work-stealing": False}
+
 
 def make_study_runner(workers: int | None, address: str | None) -> Any:
     """The DaskTaskRunner of a fan-out: `address`'s scheduler, or a local cluster of `workers`
@@ -101,6 +110,18 @@ def _own_console() -> Iterator[None]:
         yield
     finally:
         logger.propagate = before
+
+
+@contextlib.contextmanager
+def _local_cluster_config(address: str | None) -> Iterator[None]:
+    """LOCAL_CLUSTER_CONFIG while the flow makes (and its nannies configure) a local cluster."""
+    if address:
+        yield
+        return
+    import dask
+
+    with dask.config.set(LOCAL_CLUSTER_CONFIG):
+        yield
 
 
 def _train_on_worker(job: RunJob, label: str, runner_pid: int) -> Any:
@@ -201,7 +222,7 @@ def fan_out_runs(study: str, jobs: list[RunJob], workers: int | None,
         _check_scheduler(address)
     where = address or f"a local Dask cluster of {workers} worker process(es)"
     log.info("study %s: %d runs on %s", study, len(jobs), where)
-    with _prefect_api(), _own_console():
+    with _prefect_api(), _own_console(), _local_cluster_config(address):
         results = study_flow(jobs)
     failed = [r["error"] for r in results if "error" in r]
     if failed:

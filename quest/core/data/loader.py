@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -10,6 +11,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a loader batches and augments one split: the keywords both loaders take
+    (InMemoryLoader and make_dataloader), with one set of defaults. `drop_last` None: drop an
+    epoch's partial last batch in training only; `repeat`: shuffles of the images per training
+    epoch; padding and flip apply in training only."""
+
+    batch_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    train: bool
+    padding: int = 4
+    flip: bool = True
+    seed: int = 0
+    repeat: int = 1
+    padding_mode: str = "constant"
+    drop_last: bool | None = None
+
+    @property
+    def drops_last(self) -> bool:
+        """Whether an epoch drops its partial last batch."""
+        return self.train if self.drop_last is None else self.drop_last
 
 
 def normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -67,43 +92,29 @@ class InMemoryLoader:
     the official transfer-learning sampler keeps it (train.drop_last false).
     """
 
-    def __init__(
-        self,
-        images: np.ndarray | Tensor,
-        labels: np.ndarray | Tensor,
-        *,
-        batch_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        train: bool,
-        padding: int = 4,
-        flip: bool = True,
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-        drop_last: bool | None = None,
-        channels_last: bool = False,
-        repeat: int = 1,
-        padding_mode: str = "constant",
-    ) -> None:
+    def __init__(self, images: np.ndarray | Tensor, labels: np.ndarray | Tensor, *,
+                 device: str | torch.device = "cpu", channels_last: bool = False,
+                 **batching: Any) -> None:
+        b = Batching(**batching)  # batch_size, mean, std, train, ... (see Batching)
         self.device = torch.device(device)
         arr = images if isinstance(images, Tensor) else np.asarray(images)
         if isinstance(arr, np.ndarray) and not arr.flags.writeable:
             arr = np.array(arr)  # memory-mapped input: copy into RAM once
         self.images = torch.as_tensor(arr).to(self.device)
         self.labels = torch.as_tensor(np.array(labels), dtype=torch.long).to(self.device)
-        self.batch_size = int(batch_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self.train = train
-        self.padding = padding if train else 0
-        self.padding_mode = padding_mode
-        self.flip = flip and train
-        self.seed = int(seed)
+        self.batch_size = int(b.batch_size)
+        self.mean = torch.tensor(b.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(b.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.train = b.train
+        self.padding = b.padding if b.train else 0
+        self.padding_mode = b.padding_mode
+        self.flip = b.flip and b.train
+        self.seed = int(b.seed)
         self.epoch = 0
         self.channels_last = channels_last
         # a training epoch is `repeat` consecutive shuffles of the images
-        self.repeat = int(repeat) if train else 1
-        self.drop_last = train if drop_last is None else drop_last
+        self.repeat = int(b.repeat) if b.train else 1
+        self.drop_last = b.drops_last
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffling and augmentation the next iteration reproduces."""
@@ -183,38 +194,26 @@ class ArrayDataset(Dataset):
         return self.transform(img), int(self.labels[i])
 
 
-def make_dataloader(
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    batch_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    train: bool,
-    padding: int = 4,
-    flip: bool = True,
-    seed: int = 0,
-    num_workers: int = 0,
-    repeat: int = 1,
-    padding_mode: str = "constant",
-    drop_last: bool | None = None,
-) -> DataLoader:
-    """A torch DataLoader with per-sample transforms, for datasets that do not fit in memory.
+def make_dataloader(images: np.ndarray, labels: np.ndarray, *, num_workers: int = 0,
+                    **batching: Any) -> DataLoader:
+    """A torch DataLoader with per-sample transforms, for datasets that do not fit in memory;
+    `batching` holds InMemoryLoader's keywords (see Batching).
 
     A training epoch is `repeat` consecutive shuffles of the images (RandomSampler without
     replacement draws whole permutations back to back); training batches are (images, labels,
-    indices). `drop_last` defaults to `train`."""
-    ds = ArrayDataset(images, labels, mean, std, train, padding, flip, padding_mode)
-    gen = torch.Generator().manual_seed(seed)
+    indices)."""
+    b = Batching(**batching)
+    ds = ArrayDataset(images, labels, b.mean, b.std, b.train, b.padding, b.flip, b.padding_mode)
+    gen = torch.Generator().manual_seed(b.seed)
     sampler = None
-    if train and repeat > 1:
-        sampler = RandomSampler(ds, num_samples=len(ds) * repeat, generator=gen)
+    if b.train and b.repeat > 1:
+        sampler = RandomSampler(ds, num_samples=len(ds) * b.repeat, generator=gen)
     return DataLoader(
         ds,
-        batch_size=batch_size,
-        shuffle=train and sampler is None,
+        batch_size=b.batch_size,
+        shuffle=b.train and sampler is None,
         sampler=sampler,
-        drop_last=train if drop_last is None else drop_last,
+        drop_last=b.drops_last,
         num_workers=num_workers,
         generator=gen,
         persistent_workers=num_workers > 0,

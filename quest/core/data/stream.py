@@ -22,7 +22,7 @@ import io
 import os
 import random
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -328,17 +328,28 @@ class FolderDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[Any, ...]:
         i, seed = item
-        fault = ""
-        try:
-            img, label = self._load(i)
-        except QuestError as err:
-            if not self.faults:
-                raise
-            fault = f"{self.root / str(self.paths[i])}\t{_reason(err.__cause__ or err)}"
-            img, label = _replacement(self._load, i, len(self), self.channels,
-                                      int(self.labels[i]))
+        img, label, fault = _load_or_replace(
+            lambda: self._load(i), self.faults, str(self.root / str(self.paths[i])),
+            lambda: _replacement(self._load, i, len(self), self.channels, int(self.labels[i])))
         out = (_seeded(self.transform, img, seed), label, i)
         return (*out, fault) if self.faults else out
+
+
+def _load_or_replace(load: Callable[[], tuple[Image.Image, int]], faults: bool, where: str,
+                     replace: Callable[[], tuple[Image.Image, int]]) -> tuple[Any, int, str]:
+    """`load()` and no fault; for an image that fails to decode, `replace()` and the fault line
+    naming `where` and why when `faults` is set, else the error itself."""
+    try:
+        return (*load(), "")
+    except QuestError as err:
+        if not faults:
+            raise
+        return (*replace(), f"{where}\t{_reason(err.__cause__ or err)}")
+
+
+def _black(channels: int) -> Image.Image:
+    """The constant image that stands in where no decodable replacement was found."""
+    return Image.new("RGB" if channels == 3 else "L", (8, 8))
 
 
 def _replacement(load: Any, i: int, n: int, channels: int, label: int) -> tuple[Any, int]:
@@ -349,7 +360,7 @@ def _replacement(load: Any, i: int, n: int, channels: int, label: int) -> tuple[
             return load((i + step) % n)
         except QuestError:
             continue
-    return Image.new("RGB" if channels == 3 else "L", (8, 8)), label
+    return _black(channels), label
 
 
 class RankSampler(Sampler):
@@ -473,26 +484,26 @@ class ShardStream(IterableDataset):
                              "each sample as KEY.jpg plus KEY.cls")
         return decode(data, self.channels, where), int(sample["cls"])
 
+    def _replacement(self, sample: dict[str, Any]) -> tuple[Image.Image, int]:
+        """The sample before a broken one in its shard, else a black image keeping the broken
+        sample's label (0 where that is unreadable too)."""
+        prev = sample.get("__prev__")
+        try:
+            if prev is None:
+                raise QuestError("no sample before it in its shard")
+            return self._image(prev)
+        except QuestError:
+            try:
+                label = int(sample.get("cls", b"0"))
+            except ValueError:
+                label = 0
+            return _black(self.channels), label
+
     def _decode(self, sample: dict[str, Any], epoch: int) -> tuple[Any, ...]:
         key = sample["__key__"]
-        fault = ""
-        try:
-            img, label = self._image(sample)
-        except QuestError as err:
-            if not self.faults:
-                raise
-            fault = f"{sample.get('__url__', '?')}:{key}\t{_reason(err.__cause__ or err)}"
-            prev = sample.get("__prev__")
-            try:
-                if prev is None:
-                    raise QuestError("no sample before it in its shard")
-                img, label = self._image(prev)
-            except QuestError:
-                img = Image.new("RGB" if self.channels == 3 else "L", (8, 8))
-                try:
-                    label = int(sample.get("cls", b"0"))
-                except ValueError:
-                    label = 0
+        img, label, fault = _load_or_replace(
+            lambda: self._image(sample), self.faults, f"{sample.get('__url__', '?')}:{key}",
+            lambda: self._replacement(sample))
         digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=6).digest(), "big")
         out = (_seeded(self.transform, img, sample_seed(self.seed, epoch, digest)), label,
                int(sample["__index__"]))

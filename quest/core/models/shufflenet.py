@@ -79,27 +79,38 @@ class Bottleneck(nn.Module):
         return F.relu(self.preact(merged))
 
 
-class ShuffleNetV1(nn.Module):
+class _ShuffleNet(nn.Module):
+    """What both ShuffleNets share: a 1x1 stem (conv1, bn1, relu1; 24 channels) and three stages
+    (layer1-3) that each subclass's `_make_layer(out, blocks)` builds."""
+
+    def _stem_and_stages(self, widths: tuple[int, ...], blocks: tuple[int, int, int]) -> None:
+        self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.relu1 = nn.ReLU()
+        self.in_planes = 24
+        for i in range(3):
+            setattr(self, f"layer{i + 1}", self._make_layer(widths[i], blocks[i]))
+
+    def _make_layer(self, out_planes: int, blocks: int) -> nn.Sequential:
+        raise NotImplementedError
+
+
+class ShuffleNetV1(_ShuffleNet):
     """1x1 stem (24 channels), three stages of v1 units, 4x4 average pool, `linear`."""
 
     def __init__(self, widths: tuple[int, int, int], blocks: tuple[int, int, int], groups: int,
                  num_classes: int = 10) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(24)
-        self.relu1 = nn.ReLU()
-        self.in_planes = 24
-        self.layer1 = self._make_layer(widths[0], blocks[0], groups)
-        self.layer2 = self._make_layer(widths[1], blocks[1], groups)
-        self.layer3 = self._make_layer(widths[2], blocks[2], groups)
+        self.groups = groups
+        self._stem_and_stages(widths, blocks)
         self.avgpool = nn.AvgPool2d(4)
         self.linear = nn.Linear(widths[2], num_classes)
         # RepDistiller keeps PyTorch's default initialisation for both ShuffleNets
 
-    def _make_layer(self, out_planes: int, blocks: int, groups: int) -> nn.Sequential:
+    def _make_layer(self, out_planes: int, blocks: int) -> nn.Sequential:
         """A stride-2 unit that concatenates its input, then stride-1 units that add it."""
-        units = [Bottleneck(self.in_planes, out_planes - self.in_planes, 2, groups)]
-        units += [Bottleneck(out_planes, out_planes, 1, groups) for _ in range(blocks - 1)]
+        units = [Bottleneck(self.in_planes, out_planes - self.in_planes, 2, self.groups)]
+        units += [Bottleneck(out_planes, out_planes, 1, self.groups) for _ in range(blocks - 1)]
         self.in_planes = out_planes
         return nn.Sequential(*units)
 
@@ -183,31 +194,25 @@ class DownBlock(nn.Module):
         return self.shuffle(torch.cat([left, right], 1))
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(_ShuffleNet):
     """1x1 stem (24 channels), three stages (a down block, then basic blocks), 1x1 head conv2 with
     BN and ReLU, 4x4 average pool, `linear`."""
 
     def __init__(self, widths: tuple[int, int, int, int], blocks: tuple[int, int, int],
                  num_classes: int = 10) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 24, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(24)
-        self.relu1 = nn.ReLU()
-        self.in_channels = 24
-        self.layer1 = self._make_layer(widths[0], blocks[0])
-        self.layer2 = self._make_layer(widths[1], blocks[1])
-        self.layer3 = self._make_layer(widths[2], blocks[2])
+        self._stem_and_stages(widths, blocks)
         self.conv2 = nn.Conv2d(widths[2], widths[3], kernel_size=1, bias=False)
         self.bn2 = nn.BatchNorm2d(widths[3])
         self.relu2 = nn.ReLU()
         self.avgpool = nn.AvgPool2d(4)
         self.linear = nn.Linear(widths[3], num_classes)
 
-    def _make_layer(self, out_channels: int, blocks: int) -> nn.Sequential:
-        """A down block to `out_channels`, then `blocks` basic blocks."""
-        units: list[nn.Module] = [DownBlock(self.in_channels, out_channels)]
-        units += [BasicBlock(out_channels) for _ in range(blocks)]
-        self.in_channels = out_channels
+    def _make_layer(self, out_planes: int, blocks: int) -> nn.Sequential:
+        """A down block to `out_planes` channels, then `blocks` basic blocks."""
+        units: list[nn.Module] = [DownBlock(self.in_planes, out_planes)]
+        units += [BasicBlock(out_planes) for _ in range(blocks)]
+        self.in_planes = out_planes
         return nn.Sequential(*units)
 
     def forward(self, x: Tensor) -> Tensor:
