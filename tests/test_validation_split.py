@@ -124,7 +124,8 @@ def test_records_carry_val_and_keep_the_hash_when_training_is_unchanged() -> Non
     carved = load_config(REPO / "params.yaml", overrides=whole)
     assert params_hash(carved, "ce") != params_hash(load_config(
         REPO / "params.yaml", overrides=[*whole, "data.validation_per_class=0"]), "ce")
-    with pytest.raises(QuestError, match="data.validation_per_class must be 0"):
+    with pytest.raises(QuestError, match="data.validation_per_class is -1: use a value greater "
+                                         "than or equal to 0"):
         load_config(REPO / "params.yaml", overrides=["data.validation_per_class=-1"])
     metrics = {"method": "kd", "top1": 0.6, "top5": 0.9, "val_top1": 0.62, "val_top5": 0.93,
                "val_images": 1000}
