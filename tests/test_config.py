@@ -49,19 +49,13 @@ def test_bad_values_are_one_line_errors_naming_key_and_fix(raw: dict, message: s
 def _ranged_keys() -> list[tuple[str, str, float]]:
     """(dotted key, bound, value) of every range the settings declare (Field(gt=..., le=...)),
     a mapping's sections under the level name l2; the method sections are checked elsewhere."""
-    from quest.apps.config_doc import schema_keys
+    from quest.apps.config_doc import field_bounds, schema_keys
     from quest.core.methods import sections
 
-    METHOD_SECTIONS = dict(sections())  # noqa: N806
-    out = []
-    for key, field, _ in schema_keys():
-        if key.split(".")[:2] in [["student", m] for m in METHOD_SECTIONS]:
-            continue
-        for meta in field.metadata:
-            for bound in ("gt", "ge", "lt", "le"):
-                if getattr(meta, bound, None) is not None:
-                    out.append((key.replace(".NAME.", ".l2."), bound, getattr(meta, bound)))
-    return out
+    method_sections = [["student", m] for m in dict(sections())]
+    return [(key.replace(".NAME.", ".l2."), bound, value)
+            for key, field, _ in schema_keys() if key.split(".")[:2] not in method_sections
+            for bound, value in field_bounds(field)]
 
 
 def _nested(key: str, value: object) -> dict:

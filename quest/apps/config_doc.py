@@ -209,11 +209,16 @@ def _default_text(value: Any) -> str:
 _BOUNDS = (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤"))
 
 
+def field_bounds(field: FieldInfo) -> list[tuple[str, Any]]:
+    """The bounds a field declares, as (gt|ge|lt|le, value) pairs; [] when it declares none."""
+    return [(attr, getattr(m, attr)) for m in field.metadata for attr, _ in _BOUNDS
+            if getattr(m, attr, None) is not None]
+
+
 def range_text(field: FieldInfo) -> str:
     """The range a field declares, e.g. "> 0" or "≥ 0, ≤ 1"; "" when it declares none."""
-    parts = [f"{sign} {getattr(m, attr)}" for m in field.metadata for attr, sign in _BOUNDS
-             if getattr(m, attr, None) is not None]
-    return ", ".join(parts)
+    signs = dict(_BOUNDS)
+    return ", ".join(f"{signs[attr]} {value}" for attr, value in field_bounds(field))
 
 
 def _escape(text: str) -> str:
