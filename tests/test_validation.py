@@ -308,3 +308,43 @@ def test_a_low_codebook_perplexity_fails_the_codebook_suite(chain: dict[str, Any
     cfg = _cfg(chain["cfg"].teacher.checkpoint, f"validation.codebook.min_perplexity_share={share}")
     msg = _fails("codebook", cfg, paths)
     assert "usage perplexity >=" in msg and "dead" not in msg, msg
+
+
+def _pages(docs: Path) -> dict[str, str]:
+    """Every page of a Data Docs site, keyed and stripped of run times and ids."""
+    import re
+
+    stamp = re.compile(r"\d{8}T\d{6}(\.\d+)?Z"  # run names and the logo's ?d=
+                       r"|\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d+)?(\+\d\d:\d\d| UTC|Z)?"
+                       r"|\b\d{10}(\.\d+)?\b"  # sort keys: seconds since 1970
+                       r"|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+    return {stamp.sub("~", p.relative_to(docs).as_posix()): stamp.sub("~", p.read_text())
+            for p in sorted(docs.rglob("*.html"))}
+
+
+@pytest.mark.slow
+def test_data_docs_render_as_gx_s_own_views_with_templates_compiled_once(
+        chain: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """quest's views keep one jinja2 Environment per process (GX makes one per page): the pages
+    they write are GX's own, byte for byte once run times and ids are masked."""
+    import difflib
+
+    import quest.apps.validation.runner as runner
+    from quest.apps.stage_table import report_files
+    from quest.apps.validation.docs_views import IndexPageView, PageView
+
+    rels = ("models/codebook", "metrics/codebook.json", "data/features")
+    ours = _copy(chain, tmp_path / "ours", *rels)
+    runner.validate("codebook", chain["cfg"], ours)
+    assert PageView().env is PageView().env and IndexPageView().env is IndexPageView().env
+    gx_site = runner.site_config
+    monkeypatch.setattr(runner, "site_config", lambda base: {
+        key: value for key, value in gx_site(base).items()
+        if key in ("class_name", "store_backend")})  # GX's default views and index
+    theirs = _copy(chain, tmp_path / "theirs", *rels)
+    runner.validate("codebook", chain["cfg"], theirs)
+    mine, gx = (_pages(report_files(p, "codebook")["docs"]) for p in (ours, theirs))
+    assert len(mine) >= 3 and mine.keys() == gx.keys()
+    for page, html in mine.items():
+        assert html == gx[page], "\n".join(difflib.unified_diff(
+            gx[page].splitlines(), html.splitlines(), lineterm="", n=0))

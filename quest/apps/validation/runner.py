@@ -16,6 +16,7 @@ import numpy as np
 
 from quest.apps.stage_table import report_files
 from quest.apps.validation import SUITES
+from quest.apps.validation.docs_views import site_config
 from quest.apps.validation.suites import BUILDERS, Suite, Table
 from quest.infra.config import Config
 from quest.infra.errors import QuestError
@@ -133,12 +134,7 @@ def run_suite(what: str, suite: Suite, paths: Paths, thresholds: dict[str, Any])
     context.variables.progress_bars = {"globally": False}
     tmp_docs = Path(tempfile.mkdtemp(prefix=f".{what}.", suffix=".tmp", dir=files["docs"].parent))
     try:
-        context.add_data_docs_site(_SITE, {
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                              "base_directory": str(tmp_docs)},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        })
+        context.add_data_docs_site(_SITE, site_config(str(tmp_docs)))
         records: list[dict[str, Any]] = []
         for table in suite.tables:
             records += _run_table(context, what, table)
