@@ -21,9 +21,11 @@ def run_cli(root: Path, *args: str) -> int:
 
 @pytest.mark.slow
 def test_smoke_chain_end_to_end(smoke_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # prepare is covered by the session fixture; run the remaining stages through the CLI
+    # prepare is covered by the session fixture; run the remaining stages through the CLI.
+    # One student epoch: the chain's plumbing is what is checked here (the resume and study
+    # tests train several epochs); it halves the test's CPU time
     for stage in ("teacher", "features", "codebook", "student", "evaluate"):
-        assert run_cli(smoke_root, stage) == 0, stage
+        assert run_cli(smoke_root, stage, "--set", "student.train.epochs=1") == 0, stage
     out = capsys.readouterr().out
     for name in ("teacher", "ce", "kd", "quest", "quest+kd"):
         assert name in out
@@ -49,7 +51,7 @@ def test_smoke_chain_end_to_end(smoke_root: Path, capsys: pytest.CaptureFixture[
         assert key in last, key
     assert 0 < last["teacher_perplexity"] <= 64
     curve = (smoke_root / "plots" / "students" / "quest+kd.csv").read_text().splitlines()
-    assert curve[0].startswith("epoch") and "kd" in curve[0] and len(curve) == 3
+    assert curve[0].startswith("epoch") and "kd" in curve[0] and len(curve) == 2
     # the exported student is the plain architecture: no predictor weights inside
     import torch
 
