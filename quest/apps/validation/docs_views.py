@@ -1,7 +1,8 @@
 """Data Docs views that compile GX's page templates once per process.
 
 GX builds a new jinja2 Environment, and so recompiles every template, for each page it renders:
-about 50 compiles per suite, most of a validation's CPU time on small tables. These views render
+about 50 compiles per validated table, most of a suite's CPU time on small tables
+(benchmarks/data_docs.py). These views render
 exactly as GX's own (same classes, same templates, same filters) but keep one Environment per
 view class, so a template is compiled the first time it is used and reused afterwards. The
 filters GX binds to the first instance read no per-instance state except the custom style and
