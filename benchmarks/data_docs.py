@@ -30,14 +30,6 @@ from quest.infra.io_utils import write_json_atomic  # noqa: E402
 SUITES = ("data", "features", "codebook", "predictions")
 
 
-def gx_site(base_directory: str) -> dict[str, Any]:
-    """GX's default site: its own page and index views (a new Environment per page)."""
-    return {"class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                              "base_directory": base_directory},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}}
-
-
 def one_pass(runner: Any, site: Any, cfg: Any, paths: Any) -> float:
     """CPU seconds of the four suites with the given site configuration."""
     runner.site_config = site
@@ -59,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import quest.apps.validation.runner as runner
-    from quest.apps.validation.docs_views import site_config
+    from quest.apps.validation.docs_views import gx_site, site_config
     from quest.infra.config import load_config
     from quest.infra.paths import Paths
 

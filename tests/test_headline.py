@@ -97,7 +97,7 @@ def test_the_readme_kd_is_validation_s_pick_and_its_prose_is_recomputed() -> Non
     hl = _headline()
     recs = hl.load(REPO / "results" / "main-job-val")
     text = " ".join((REPO / "README.md").read_text().split())
-    kd = {s: hl.summary(recs, s) for (s, _) in recs if s.startswith("kd-")}
+    kd = {s: hl.summary(recs, s) for s in {s for s, _ in recs if s.startswith("kd-")}}
     most = max(len(g["seeds"]) for g in kd.values())
     val = {s: g["val"][0] for s, g in kd.items() if len(g["seeds"]) == most}
     assert max(val, key=val.get) == hl.KD

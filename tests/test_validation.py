@@ -331,16 +331,13 @@ def test_data_docs_render_as_gx_s_own_views_with_templates_compiled_once(
 
     import quest.apps.validation.runner as runner
     from quest.apps.stage_table import report_files
-    from quest.apps.validation.docs_views import IndexPageView, PageView
+    from quest.apps.validation.docs_views import IndexPageView, PageView, gx_site
 
     rels = ("models/codebook", "metrics/codebook.json", "data/features")
     ours = _copy(chain, tmp_path / "ours", *rels)
     runner.validate("codebook", chain["cfg"], ours)
     assert PageView().env is PageView().env and IndexPageView().env is IndexPageView().env
-    gx_site = runner.site_config
-    monkeypatch.setattr(runner, "site_config", lambda base: {
-        key: value for key, value in gx_site(base).items()
-        if key in ("class_name", "store_backend")})  # GX's default views and index
+    monkeypatch.setattr(runner, "site_config", gx_site)  # GX's default views and index
     theirs = _copy(chain, tmp_path / "theirs", *rels)
     runner.validate("codebook", chain["cfg"], theirs)
     mine, gx = (_pages(report_files(p, "codebook")["docs"]) for p in (ours, theirs))
